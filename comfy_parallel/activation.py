@@ -1,0 +1,30 @@
+"""Turn the multi-device server on inside an imported ComfyUI, from the launcher or from the custom node."""
+
+from __future__ import annotations
+
+import logging
+from types import ModuleType
+
+from .comfy_adapter import Adapter, Comfy, active
+from .multigpu import MultiDeviceServer
+from .settings import Settings
+
+log = logging.getLogger("comfy_parallel")
+
+
+def activate(settings: Settings, main_module: ModuleType | None = None) -> Adapter | None:
+    """Patch ComfyUI for ``settings``; with the switch off or one device, patch nothing (stock ComfyUI)."""
+    if not settings.enabled:
+        log.info("comfy-parallel: COMFY_MULTI_GPU_SCHED is off; running stock ComfyUI (no patches)")
+        return None
+    if len(settings.devices) <= 1:
+        label = settings.devices[0].label if settings.devices else "none"
+        log.info("comfy-parallel: one device (%s); running stock ComfyUI (no patches)", label)
+        return None
+    if active() is not None:
+        log.info("comfy-parallel: already active in this process")
+        return active()
+    comfy = Comfy.from_sys_modules(main_module)
+    adapter = Adapter(comfy, MultiDeviceServer(settings)).apply()
+    log.info("comfy-parallel: ComfyUI %s patched (%s)", comfy.version, ", ".join(adapter.applied))
+    return adapter

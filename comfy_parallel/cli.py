@@ -1,0 +1,238 @@
+"""``comfy-parallel``: serve, doctor, provision, install-node.
+
+Everything after ``--`` on the ``serve`` command line goes to ComfyUI unchanged (``--listen``, ``--port``,
+``--highvram``...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from . import provision
+from .settings import (Settings, SettingsError, default_devices, env_enabled, parse_default_route,
+                       parse_devices, parse_entry_ports)
+
+log = logging.getLogger("comfy_parallel")
+
+SERVE_EPILOG = """\
+routing (one process, one queue and one worker per device):
+  X-TARGET-GPU: N header      send this request to device N
+  entry ports (8181, 8182..)  every request on port 8181+N goes to device N
+  /gpuN/ path prefix          every ComfyUI route (web UI, /ws, /api/...) under /gpuN/ goes to device N
+  no target                   --default-route (auto = shortest queue, ties to the lowest index)
+A bad target is answered with HTTP 400 and a JSON body listing the valid targets.
+
+environment:
+  COMFYUI_DIR            ComfyUI folder (same as --comfyui)
+  COMFY_MULTI_GPU_SCHED  0 = stock ComfyUI, no patches (the launcher defaults to 1)
+  COMFY_NUM_GPUS         N = devices 0..N-1 (same as --devices 0,..,N-1)
+  COMFY_PARALLEL_HOME    where provisioned ComfyUI releases are cached (~/.cache/comfy-parallel)
+
+examples:
+  comfy-parallel serve                                   # provisioned ComfyUI, every GPU (or 2 CPU workers)
+  comfy-parallel serve --comfyui ~/ComfyUI --devices 0,1,2,3 -- --listen 0.0.0.0 --port 8188
+  comfy-parallel serve --devices cpu,cpu --entry-ports none
+"""
+
+
+def _split_comfy_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="comfy-parallel",
+                                     description="One ComfyUI process serving N GPUs in parallel.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start ComfyUI with one worker per device",
+                           description="Start ComfyUI with one prompt queue and one worker per device. "
+                                       "Arguments after -- go to ComfyUI unchanged.",
+                           epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _comfy_location_args(serve)
+    serve.add_argument("--devices", help="CUDA ordinals (0,1,2,3) or CPU workers (cpu,cpu or cpu*3); "
+                                         "default: every visible CUDA device, else 2 CPU workers")
+    serve.add_argument("--entry-ports", default="auto",
+                       help="one listener per device: 'auto' (8181, 8182, ..), a first port, a list, or 'none' "
+                            "(default: auto when there is more than one device)")
+    serve.add_argument("--default-route", default="auto",
+                       help="where untargeted prompts go: 'auto' (shortest queue) or a device index")
+
+    doctor = sub.add_parser("doctor", help="check ComfyUI, devices, packages and which patches apply")
+    _comfy_location_args(doctor)
+
+    prov = sub.add_parser("provision", help="download and extract pinned ComfyUI releases")
+    prov.add_argument("--versions", default=provision.DEFAULT_VERSION)
+
+    node = sub.add_parser("install-node", help="link this package into a ComfyUI custom_nodes folder (drop-in mode)")
+    _comfy_location_args(node)
+    node.add_argument("--copy", action="store_true", help="copy instead of symlinking")
+    return parser
+
+
+def _comfy_location_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--comfyui", default=os.environ.get("COMFYUI_DIR"),
+                   help="ComfyUI folder (default: $COMFYUI_DIR, else the provisioned release)")
+    p.add_argument("--comfyui-version", default=provision.DEFAULT_VERSION, choices=sorted(provision.RELEASES),
+                   help="provisioned release to use when no folder is given (default %(default)s)")
+
+
+def resolve_comfyui(args: argparse.Namespace) -> Path:
+    if args.comfyui:
+        return Path(args.comfyui).expanduser().resolve()
+    return provision.ensure_comfyui(args.comfyui_version)
+
+
+def serve_settings(args: argparse.Namespace, env: dict[str, str] | None = None) -> Settings:
+    env = dict(os.environ) if env is None else env
+    enabled = env_enabled(env) if "COMFY_MULTI_GPU_SCHED" in env else True
+    if args.devices:
+        devices = parse_devices(args.devices)
+    elif env.get("COMFY_NUM_GPUS"):
+        n = env["COMFY_NUM_GPUS"].strip()
+        if not n.isdigit() or int(n) < 1:
+            raise SettingsError(f"COMFY_NUM_GPUS={n!r} is not a positive integer")
+        devices = parse_devices(",".join(str(i) for i in range(int(n))))
+    else:
+        devices = default_devices()
+    entry_text = args.entry_ports if len(devices) > 1 and enabled else "none"
+    return Settings(devices=devices, entry_ports=parse_entry_ports(entry_text, len(devices)),
+                    default_route=parse_default_route(args.default_route, len(devices)), enabled=enabled)
+
+
+def cmd_serve(args: argparse.Namespace, comfy_args: list[str]) -> int:
+    try:
+        settings = serve_settings(args)
+        comfy_dir = resolve_comfyui(args)
+    except (SettingsError, ValueError, FileNotFoundError) as err:
+        print(f"comfy-parallel serve: {err}", file=sys.stderr)
+        return 2
+    if settings.cpu_mode and "--cpu" not in comfy_args:
+        comfy_args = [*comfy_args, "--cpu"]
+    if settings.enabled and not settings.cpu_mode and len(settings.devices) > 1 and "--cuda-device" in comfy_args:
+        print("comfy-parallel serve: --cuda-device selects one GPU; use --devices instead", file=sys.stderr)
+        return 2
+    from .activation import activate
+    from .comfy_adapter import AdapterError, load_comfyui
+
+    try:
+        main_module = load_comfyui(comfy_dir, comfy_args)
+    except FileNotFoundError as err:
+        print(f"comfy-parallel serve: {err}", file=sys.stderr)
+        return 2
+    log.info("comfy-parallel %s: ComfyUI at %s", __import__("comfy_parallel").__version__, comfy_dir)
+    try:
+        activate(settings, main_module)
+    except AdapterError as err:
+        log.critical("comfy-parallel: %s", err)
+        return 3
+    return run_comfyui(main_module)
+
+
+def run_comfyui(main_module) -> int:  # type: ignore[no-untyped-def]
+    """Start ComfyUI as ``python main.py`` does."""
+    # WARNING: mirrors the end of main.py's __main__ block (0.3.52-0.3.75).
+    import comfyui_version  # type: ignore[import-not-found]
+
+    log.info("Python version: %s", sys.version)
+    log.info("ComfyUI version: %s", comfyui_version.__version__)
+    event_loop, _, start_all = main_module.start_comfyui()
+    try:
+        coro = start_all()
+        app_logger = sys.modules.get("app.logger")
+        if app_logger is not None and hasattr(app_logger, "print_startup_warnings"):
+            app_logger.print_startup_warnings()
+        event_loop.run_until_complete(coro)
+    except KeyboardInterrupt:
+        log.info("Stopped server")
+    main_module.cleanup_temp()
+    return 0
+
+
+REQUIRED_MODULES = ("torch", "torchvision", "torchsde", "aiohttp", "yarl", "safetensors", "transformers",
+                    "einops", "PIL", "scipy", "psutil", "av", "kornia", "spandrel", "sqlalchemy", "alembic",
+                    "pydantic", "pydantic_settings", "comfyui_frontend_package", "prometheus_client")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .settings import cuda_device_count
+
+    problems: list[str] = []
+    print(f"comfy-parallel {__import__('comfy_parallel').__version__}, Python {sys.version.split()[0]}")
+    missing = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
+    print(f"packages: {'all present' if not missing else 'MISSING ' + ', '.join(missing)}")
+    problems += [f"package {m} is missing" for m in missing]
+    n_cuda = cuda_device_count()
+    print(f"devices: {n_cuda} CUDA device(s) visible" + ("" if n_cuda else "; serve would use 2 CPU workers"))
+    try:
+        comfy_dir = resolve_comfyui(args)
+    except (ValueError, OSError) as err:
+        print(f"ComfyUI: not available ({err})")
+        return 1
+    from .comfy_adapter import Comfy, load_comfyui, read_version, report
+
+    print(f"ComfyUI: {read_version(comfy_dir)} at {comfy_dir}")
+    if missing:
+        print("patches: not checked (install the missing packages first)")
+        return 1
+    cpu = [] if n_cuda else ["--cpu"]
+    load_comfyui(comfy_dir, [*cpu, "--disable-all-custom-nodes", "--dont-print-server"])
+    comfy = Comfy.from_sys_modules()
+    print("patches:")
+    for status in report(comfy, hooks=_NoHooks()):
+        state = "ok" if status.problem is None else f"DOES NOT APPLY: {status.problem}"
+        checked = "checked on " + ", ".join(status.checked_on)
+        print(f"  {status.name:32} {state} ({checked})\n      replaces {status.replaces}")
+        if status.problem:
+            problems.append(f"patch {status.name}: {status.problem}")
+    if comfy.version not in __import__("comfy_parallel.comfy_adapter", fromlist=["CHECKED"]).CHECKED:
+        print(f"note: ComfyUI {comfy.version} is not among the checked versions")
+    print("result: " + ("ready" if not problems else f"{len(problems)} problem(s)"))
+    return 0 if not problems else 1
+
+
+class _NoHooks:
+    """``doctor`` only checks patch points; it never starts a server."""
+
+
+def cmd_install_node(args: argparse.Namespace) -> int:
+    comfy_dir = resolve_comfyui(args)
+    target = comfy_dir / "custom_nodes" / "comfy_parallel"
+    source = Path(__file__).resolve().parent
+    if target.exists() or target.is_symlink():
+        print(f"{target} already exists; remove it first to reinstall", file=sys.stderr)
+        return 1
+    if args.copy:
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        target.symlink_to(source, target_is_directory=True)
+    print(f"installed {target} -> {source}\n"
+          "start ComfyUI with COMFY_MULTI_GPU_SCHED=1 COMFY_NUM_GPUS=<n> python main.py to turn it on")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ours, comfy_args = _split_comfy_args(argv)
+    args = build_parser().parse_args(ours)
+    if args.command == "serve":
+        return cmd_serve(args, comfy_args)
+    if args.command == "doctor":
+        return cmd_doctor(args)
+    if args.command == "provision":
+        return provision.main(["--versions", args.versions])
+    if args.command == "install-node":
+        return cmd_install_node(args)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

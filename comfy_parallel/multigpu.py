@@ -1,0 +1,118 @@
+"""The multi-device server: what happens at each of ComfyUI's entry points (the adapter calls these hooks).
+
+A prompt's path, top to bottom:
+  HTTP request -> ``routing`` middleware decides the target (header | entry port | /gpuN prefix | none)
+  -> ComfyUI's own /prompt handler -> ``DeviceQueues.put`` (target, or the shortest queue)
+  -> that device's ``DeviceQueue`` -> its ``DeviceWorker`` thread running ComfyUI's prompt_worker
+  -> ComfyUI's PromptExecutor on that device -> ``DeviceQueue.task_done`` -> the shared history.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any, Callable
+
+from aiohttp import web
+
+from . import http_api, routing
+from .queues import DeviceQueues
+from .routing import RequestRoute
+from .settings import Settings
+from .workers import DeviceWorker, start_workers
+
+log = logging.getLogger("comfy_parallel")
+
+
+class MultiDeviceServer:
+    """Implements ``comfy_adapter.patches.ServerHooks`` for one ComfyUI process serving several devices."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port_map: dict[int, int] = {port: i for i, port in enumerate(settings.entry_ports)}
+        self.queues = DeviceQueues(len(settings.devices), routing.current_route, settings.default_route,
+                                   on_change=self._queue_changed)
+        self.workers: list[DeviceWorker] = []
+        self.prompt_server: Any = None
+        self.ws_targets: dict[str, int] = {}
+
+    @property
+    def n_devices(self) -> int:
+        return len(self.settings.devices)
+
+    # -- ComfyUI entry points -----------------------------------------------------------------------------------
+    def before_routes(self, prompt_server: Any) -> None:
+        self.prompt_server = prompt_server
+        prompt_server.prompt_queue = self.queues
+        http_api.add_routes(self, prompt_server.routes)
+
+    def after_routes(self, prompt_server: Any) -> None:
+        app: web.Application = prompt_server.app
+        app.middlewares.insert(0, routing.make_middleware(self.n_devices, self.port_map, self._handle))
+        routing.register_prefixes(app, self.n_devices)
+
+    def start_workers(self, prompt_server: Any, prompt_worker: Callable[[Any, Any], None]) -> None:
+        self.workers = start_workers(self.settings.devices, self.queues.devices, prompt_server, prompt_worker)
+        self.log_startup()
+
+    def listen_addresses(self, addresses: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        hosts = list(dict.fromkeys(host for host, _ in addresses))
+        return addresses + [(host, port) for port in self.settings.entry_ports for host in hosts]
+
+    def queue_updated(self, prompt_server: Any) -> None:
+        """Send each websocket the queue length of the device it is bound to (the total if unbound)."""
+        infos: dict[int | None, dict] = {}
+        for sid in list(prompt_server.sockets):
+            target = self.ws_targets.get(sid)
+            if target not in infos:
+                token = routing.use_route(RequestRoute(target, "socket"))
+                try:
+                    infos[target] = prompt_server.get_queue_info()
+                finally:
+                    routing.reset_route(token)
+            prompt_server.send_sync("status", {"status": infos[target]}, sid)
+
+    # -- per request --------------------------------------------------------------------------------------------
+    async def _handle(self, request: web.Request, route: RequestRoute,
+                      handler: routing.Handler) -> web.StreamResponse:
+        if http_api.is_route(request, "POST", "/interrupt"):
+            return await http_api.interrupt(self, request)
+        if http_api.is_route(request, "GET", "/ws"):
+            return await self._websocket(request, route, handler)
+        response = await handler(request)
+        if route.assigned is not None and http_api.is_route(request, "POST", "/prompt"):
+            response = await routing.add_json_field(response, gpu_id=route.assigned)
+        return response
+
+    async def _websocket(self, request: web.Request, route: RequestRoute,
+                         handler: routing.Handler) -> web.StreamResponse:
+        if route.target is None:
+            return await handler(request)
+        # Name the socket ourselves (ComfyUI would pick a random id) so its status messages can be scoped.
+        sid = request.query.get("clientId") or uuid.uuid4().hex
+        if "clientId" not in request.query:
+            request = request.clone(rel_url=request.rel_url.update_query(clientId=sid))
+        self.ws_targets[sid] = route.target
+        try:
+            return await handler(request)
+        finally:
+            if self.ws_targets.get(sid) == route.target:
+                self.ws_targets.pop(sid, None)
+
+    def _queue_changed(self, index: int | None) -> None:
+        if self.prompt_server is not None:
+            self.prompt_server.queue_updated()
+
+    def log_startup(self) -> None:
+        devices = ", ".join(f"[{s.index}] {s.label}" for s in self.settings.devices)
+        log.info("comfy-parallel: multi-device mode with %d workers: %s", self.n_devices, devices)
+        if self.settings.cpu_mode:
+            log.info("comfy-parallel: no CUDA device in use; CPU workers stand in for GPUs")
+        log.info("comfy-parallel: routing by %s header, /gpuN/ path prefix%s; untargeted requests go to %s",
+                 routing.HEADER, ", entry ports" if self.port_map else "",
+                 "the shortest queue" if self.settings.default_route == "auto"
+                 else f"device {self.settings.default_route}")
+        for port, index in self.port_map.items():
+            log.info("comfy-parallel: entry port %d -> device %d (%s)", port, index,
+                     self.settings.devices[index].label)
+

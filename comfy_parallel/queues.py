@@ -1,0 +1,334 @@
+"""One ComfyUI-compatible prompt queue per device, one shared history.
+
+ComfyUI's HTTP handlers and its ``prompt_worker`` talk to ``PromptServer.prompt_queue`` through a small
+interface (put/get/task_done, views of the queue, history, flags). ``DeviceQueue`` implements that interface
+for one device; ``DeviceQueues`` implements it for the whole server and forwards each call to the device the
+current request targets (or to all of them, merged, when the request has no target).
+
+An item is ComfyUI's tuple ``(number, prompt_id, prompt, extra_data, outputs_to_execute[, sensitive])``; a
+history entry is ComfyUI's dict plus ``gpu_id``, the index of the device that ran it.
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from . import worker_context
+
+MAXIMUM_HISTORY_SIZE = 10000  # ComfyUI's execution.MAXIMUM_HISTORY_SIZE
+
+
+class QueueStats(NamedTuple):
+    gpu_id: int
+    queued: int
+    running: int
+
+
+class History:
+    """The one history all device queues write to, in completion order (ComfyUI's dict semantics)."""
+
+    def __init__(self, lock: threading.RLock) -> None:
+        self.lock = lock
+        self.entries: dict[str, dict] = {}
+
+    def record(self, prompt_id: str, entry: dict) -> None:
+        with self.lock:
+            if len(self.entries) > MAXIMUM_HISTORY_SIZE:
+                self.entries.pop(next(iter(self.entries)))
+            self.entries[prompt_id] = entry
+
+    def get(self, prompt_id: str | None = None, max_items: int | None = None, offset: int = -1,
+            map_function: Callable[[dict], dict] | None = None) -> dict:
+        # WARNING: mirrors execution.PromptQueue.get_history (ComfyUI 0.3.52-0.3.75) so /history pages alike.
+        with self.lock:
+            if prompt_id is None:
+                out = {}
+                i = 0
+                if offset < 0 and max_items is not None:
+                    offset = len(self.entries) - max_items
+                for k, entry in self.entries.items():
+                    if i >= offset:
+                        out[k] = map_function(entry) if map_function is not None else entry
+                        if max_items is not None and len(out) >= max_items:
+                            break
+                    i += 1
+                return out
+            if prompt_id in self.entries:
+                entry = self.entries[prompt_id]
+                return {prompt_id: copy.deepcopy(entry) if map_function is None else map_function(entry)}
+            return {}
+
+    def wipe(self) -> None:
+        with self.lock:
+            self.entries.clear()
+
+    def delete(self, prompt_id: str) -> None:
+        with self.lock:
+            self.entries.pop(prompt_id, None)
+
+
+class DeviceQueue:
+    """ComfyUI's PromptQueue contract for one device; the device's worker is its only consumer."""
+
+    def __init__(self, index: int, lock: threading.RLock, history: History,
+                 on_change: Callable[[], None]) -> None:
+        self.index = index
+        self.mutex = lock
+        self.not_empty = threading.Condition(lock)
+        self.history_store = history
+        self.on_change = on_change
+        self.task_counter = 0
+        self.queue: list[tuple] = []
+        self.currently_running: dict[int, tuple] = {}
+        self.started_at: dict[int, float] = {}
+        self.enqueued_at: dict[str, float] = {}
+        self.flags: dict[str, Any] = {}
+        self.listeners: list[Any] = []
+
+    @property
+    def history(self) -> dict:
+        return self.history_store.entries
+
+    # -- producer side (HTTP) -------------------------------------------------------------------------------
+    def put(self, item: tuple) -> None:
+        with self.mutex:
+            heapq.heappush(self.queue, item)
+            self.enqueued_at[item[1]] = time.monotonic()
+            self.on_change()
+            self.not_empty.notify()
+
+    # -- consumer side (the device's worker, through ComfyUI's prompt_worker) ---------------------------------
+    def get(self, timeout: float | None = None) -> tuple[tuple, int] | None:
+        with self.not_empty:
+            while len(self.queue) == 0:
+                self.not_empty.wait(timeout=timeout)
+                if timeout is not None and len(self.queue) == 0:
+                    return None
+            item = heapq.heappop(self.queue)
+            i = self.task_counter
+            self.currently_running[i] = copy.deepcopy(item)
+            self.task_counter += 1
+            now = time.monotonic()
+            self.started_at[i] = now
+            waited = now - self.enqueued_at.pop(item[1], now)
+            for listener in self.listeners:
+                listener.on_start(self.index, item[1], waited)
+            self.on_change()
+            return item, i
+
+    def task_done(self, item_id: int, history_result: dict, status: Any = None,
+                  process_item: Callable[[tuple], tuple] | None = None) -> None:
+        with self.mutex:
+            prompt = self.currently_running.pop(item_id)
+            started = self.started_at.pop(item_id, time.monotonic())
+            status_dict = copy.deepcopy(status._asdict()) if status is not None else None
+            if process_item is not None:
+                prompt = process_item(prompt)
+            entry = {"prompt": prompt, "outputs": {}, "status": status_dict}
+            entry.update(history_result)
+            entry["gpu_id"] = self.index
+            self.history_store.record(prompt[1], entry)
+            for listener in self.listeners:
+                listener.on_done(self.index, prompt[1], status_dict, time.monotonic() - started)
+            self.on_change()
+
+    # -- views and edits -------------------------------------------------------------------------------------
+    def get_current_queue(self) -> tuple[list, list]:
+        with self.mutex:
+            return list(self.currently_running.values()), copy.deepcopy(self.queue)
+
+    def get_current_queue_volatile(self) -> tuple[list, list]:
+        with self.mutex:
+            return list(self.currently_running.values()), copy.copy(self.queue)
+
+    def get_tasks_remaining(self) -> int:
+        with self.mutex:
+            return len(self.queue) + len(self.currently_running)
+
+    def running_prompt_ids(self) -> list[str]:
+        with self.mutex:
+            return [item[1] for item in self.currently_running.values()]
+
+    def stats(self) -> QueueStats:
+        with self.mutex:
+            return QueueStats(self.index, len(self.queue), len(self.currently_running))
+
+    def wipe_queue(self) -> None:
+        with self.mutex:
+            for item in self.queue:
+                self.enqueued_at.pop(item[1], None)
+            self.queue = []
+            self.on_change()
+
+    def delete_queue_item(self, function: Callable[[tuple], bool]) -> bool:
+        with self.mutex:
+            for x in range(len(self.queue)):
+                if function(self.queue[x]):
+                    item = self.queue.pop(x)
+                    heapq.heapify(self.queue)
+                    self.enqueued_at.pop(item[1], None)
+                    self.on_change()
+                    return True
+        return False
+
+    def get_history(self, *args: Any, **kwargs: Any) -> dict:
+        return self.history_store.get(*args, **kwargs)
+
+    def wipe_history(self) -> None:
+        self.history_store.wipe()
+
+    def delete_history_item(self, id_to_delete: str) -> None:
+        self.history_store.delete(id_to_delete)
+
+    def set_flag(self, name: str, data: Any) -> None:
+        with self.mutex:
+            self.flags[name] = data
+            self.not_empty.notify()
+
+    def get_flags(self, reset: bool = True) -> dict:
+        with self.mutex:
+            if not reset:
+                return self.flags.copy()
+            ret, self.flags = self.flags, {}
+        ctx = worker_context.current()
+        if ret and ctx is not None:
+            # /free asked this device to release memory: let the next soft_empty_cache really empty it.
+            ctx.allow_empty_cache = True
+        return ret
+
+
+class DeviceQueues:
+    """The server's ``prompt_queue``: routes each call to the request's target device, or merges all devices.
+
+    ``current_route`` returns the routing decision of the HTTP request being handled (an object with
+    ``target: int | None`` and ``assigned: int | None``), or ``None`` outside a request.
+    ``choose_device`` picks a device for an untargeted ``put``.
+    """
+
+    def __init__(self, n_devices: int, current_route: Callable[[], Any],
+                 default_route: str | int = "auto", on_change: Callable[[int | None], None] | None = None,
+                 ) -> None:
+        self.mutex = threading.RLock()
+        self.history_store = History(self.mutex)
+        self._on_change = on_change or (lambda _index: None)
+        self.devices = [DeviceQueue(i, self.mutex, self.history_store, self._changed_callback(i))
+                        for i in range(n_devices)]
+        self.current_route = current_route
+        self.default_route = default_route
+
+    def _target(self) -> int | None:
+        route = self.current_route()
+        return None if route is None else route.target
+
+    def _changed_callback(self, index: int) -> Callable[[], None]:
+        return lambda: self._on_change(index)
+
+    def add_listener(self, listener: Any) -> None:
+        for q in self.devices:
+            q.listeners.append(listener)
+
+    def _scope(self) -> list[DeviceQueue]:
+        target = self._target()
+        return self.devices if target is None else [self.devices[target]]
+
+    def choose_device(self) -> int:
+        """Shortest queue (queued + running), ties to the lowest index; or the fixed default route."""
+        if self.default_route != "auto":
+            return int(self.default_route)
+        with self.mutex:
+            return min(range(len(self.devices)), key=lambda i: (self.devices[i].get_tasks_remaining(), i))
+
+    # -- the PromptQueue interface that ComfyUI's server.py uses --------------------------------------------
+    def put(self, item: tuple) -> int:
+        with self.mutex:
+            target = self._target()
+            index = self.choose_device() if target is None else target
+            self.devices[index].put(item)
+        route = self.current_route()
+        if route is not None:
+            route.assigned = index
+        return index
+
+    def get_current_queue(self) -> tuple[list, list]:
+        running: list = []
+        queued: list = []
+        with self.mutex:
+            for q in self._scope():
+                r, p = q.get_current_queue()
+                running += r
+                queued += p
+        return running, queued
+
+    def get_current_queue_volatile(self) -> tuple[list, list]:
+        running: list = []
+        queued: list = []
+        with self.mutex:
+            for q in self._scope():
+                r, p = q.get_current_queue_volatile()
+                running += r
+                queued += p
+        return running, queued
+
+    def get_tasks_remaining(self) -> int:
+        with self.mutex:
+            return sum(q.get_tasks_remaining() for q in self._scope())
+
+    def wipe_queue(self) -> None:
+        with self.mutex:
+            for q in self._scope():
+                q.wipe_queue()
+
+    def delete_queue_item(self, function: Callable[[tuple], bool]) -> bool:
+        with self.mutex:
+            return any(q.delete_queue_item(function) for q in self._scope())
+
+    def get_history(self, *args: Any, **kwargs: Any) -> dict:
+        return self.history_store.get(*args, **kwargs)
+
+    def wipe_history(self) -> None:
+        self.history_store.wipe()
+
+    def delete_history_item(self, id_to_delete: str) -> None:
+        self.history_store.delete(id_to_delete)
+
+    def set_flag(self, name: str, data: Any) -> None:
+        for q in self._scope():
+            q.set_flag(name, data)
+
+    def get_flags(self, reset: bool = True) -> dict:
+        merged: dict = {}
+        for q in self._scope():
+            merged.update(q.get_flags(reset))
+        return merged
+
+    # -- attributes some custom nodes read directly -----------------------------------------------------------
+    @property
+    def history(self) -> dict:
+        return self.history_store.entries
+
+    @property
+    def queue(self) -> list:
+        return self.get_current_queue_volatile()[1]
+
+    @property
+    def currently_running(self) -> dict:
+        with self.mutex:
+            return {f"{q.index}:{k}": v for q in self.devices for k, v in q.currently_running.items()}
+
+    # -- multi-device views -----------------------------------------------------------------------------------
+    def stats(self) -> list[QueueStats]:
+        with self.mutex:
+            return [q.stats() for q in self.devices]
+
+    def device_running(self, prompt_id: str) -> int | None:
+        """The device whose worker is running ``prompt_id`` now, if any."""
+        with self.mutex:
+            for q in self.devices:
+                if prompt_id in q.running_prompt_ids():
+                    return q.index
+        return None

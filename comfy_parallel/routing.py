@@ -1,0 +1,215 @@
+"""Decide which device an HTTP request targets: ``X-TARGET-GPU`` header, entry port, or ``/gpuN/`` prefix.
+
+Every request passes through :func:`make_middleware`. It resolves the target once, rejects bad targets with a
+JSON 400 that names the valid ones, and stores the decision in a context variable that the queues and the
+adapter read while the request is handled (including the whole life of a websocket).
+
+Path prefixes are served by :class:`DevicePrefixResource`, an aiohttp resource registered for ``/gpuN`` that
+resolves the rest of the path against the app's own router, so every route (``/ws``, ``/api/...``, the web UI,
+routes that custom nodes add) works under the prefix without being registered twice.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractResource, UrlMappingMatchInfo
+from yarl import URL
+
+HEADER = "X-TARGET-GPU"
+_PREFIX_LIKE_RE = re.compile(r"^/gpu([^/]*)(/.*)?$")
+
+
+class RoutingError(Exception):
+    def __init__(self, message: str, valid: list[int]) -> None:
+        super().__init__(message)
+        self.message = message
+        self.valid = valid
+
+    def response(self) -> web.Response:
+        body = {
+            "error": {"type": "invalid_target", "message": self.message},
+            "valid_targets": self.valid,
+            "how": {"header": f"{HEADER}: <index>", "prefix": "/gpu<index>/...", "auto": f"omit {HEADER}"},
+        }
+        return web.json_response(body, status=400)
+
+
+@dataclass
+class RequestRoute:
+    """The routing decision for one request; ``assigned`` is set when a prompt is queued on a device."""
+
+    target: int | None
+    source: str  # "header", "port", "prefix" or "none"
+    assigned: int | None = None
+
+
+_current: contextvars.ContextVar[RequestRoute | None] = contextvars.ContextVar("comfy_parallel_route",
+                                                                               default=None)
+
+
+def current_route() -> RequestRoute | None:
+    return _current.get()
+
+
+def use_route(route: RequestRoute | None) -> contextvars.Token:
+    return _current.set(route)
+
+
+def reset_route(token: contextvars.Token) -> None:
+    _current.reset(token)
+
+
+def parse_index(text: str, n_devices: int, what: str) -> int:
+    valid = list(range(n_devices))
+    stripped = text.strip()
+    if not re.fullmatch(r"-?\d+", stripped):
+        raise RoutingError(f"{what} {text!r} is not a device index; valid targets are {valid}", valid)
+    index = int(stripped)
+    if not 0 <= index < n_devices:
+        raise RoutingError(f"{what} {index} is out of range; valid targets are {valid}", valid)
+    return index
+
+
+def prefix_of(path: str) -> tuple[str, str] | None:
+    """Split ``/gpu1/api/prompt`` into (``1``, ``/api/prompt``); ``None`` if the path has no device prefix."""
+    m = _PREFIX_LIKE_RE.match(path)
+    if m is None:
+        return None
+    return m.group(1), m.group(2) or "/"
+
+
+def is_device_prefix(rest: str) -> bool:
+    """``/gpu1``, ``/gpu-1``, ``/gpu``, ``/gpu1.5`` are device prefixes (valid or not); ``/gpu_stats`` is not."""
+    return rest == "" or not (rest[0].isalpha() or rest[0] == "_")
+
+
+def resolve(headers: Any, path: str, local_port: int | None, n_devices: int,
+            port_map: dict[int, int]) -> RequestRoute:
+    """Combine header, entry port and path prefix; they must agree when more than one is given."""
+    valid = list(range(n_devices))
+    found: list[tuple[str, int]] = []
+    if local_port is not None and local_port in port_map:
+        found.append(("port", port_map[local_port]))
+    prefix = prefix_of(path)
+    if prefix is not None and is_device_prefix(prefix[0]):
+        found.append(("prefix", parse_index(prefix[0], n_devices, "path prefix /gpu<N>")))
+    header_value = headers.get(HEADER)
+    if header_value is not None and header_value.strip().lower() != "auto":
+        found.append(("header", parse_index(header_value, n_devices, f"{HEADER} header")))
+    if not found:
+        return RequestRoute(None, "none")
+    if len({index for _, index in found}) > 1:
+        parts = ", ".join(f"{source}={index}" for source, index in found)
+        raise RoutingError(f"conflicting targets ({parts}); give one target or matching ones", valid)
+    source, index = found[0]
+    return RequestRoute(index, "+".join(s for s, _ in found) if len(found) > 1 else source)
+
+
+def local_port_of(request: web.BaseRequest) -> int | None:
+    transport = request.transport
+    if transport is None:
+        return None
+    sockname = transport.get_extra_info("sockname")
+    if isinstance(sockname, (tuple, list)) and len(sockname) >= 2:
+        return int(sockname[1])
+    return None
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def make_middleware(n_devices: int, port_map: dict[int, int],
+                    on_route: Callable[[web.Request, RequestRoute, Handler], Awaitable[web.StreamResponse]]
+                    ) -> Callable:
+    """The outermost middleware: resolve the target, then let ``on_route`` run the request under it."""
+
+    @web.middleware
+    async def comfy_parallel_routing(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            route = resolve(request.headers, request.path, local_port_of(request), n_devices, port_map)
+        except RoutingError as err:
+            return err.response()
+        prefix = prefix_of(request.path)
+        if route.source.endswith("prefix") and prefix is not None and request.path == f"/gpu{prefix[0]}":
+            raise web.HTTPMovedPermanently(location=str(request.rel_url.with_path(request.path + "/")))
+        token = use_route(route)
+        try:
+            return await on_route(request, route, handler)
+        finally:
+            reset_route(token)
+
+    return comfy_parallel_routing
+
+
+class DevicePrefixResource(AbstractResource):
+    """``/gpuN/<rest>``: resolves ``<rest>`` with the app's router, so every route exists under the prefix."""
+
+    def __init__(self, index: int, router: web.UrlDispatcher) -> None:
+        super().__init__(name=None)
+        self._index = index
+        self._prefix = f"/gpu{index}"
+        self._router = router
+
+    @property
+    def canonical(self) -> str:
+        return self._prefix
+
+    def url_for(self, **kwargs: str) -> URL:
+        return URL.build(path=self._prefix + "/")
+
+    async def resolve(self, request: web.Request) -> tuple[UrlMappingMatchInfo | None, set[str]]:
+        path = request.rel_url.path
+        if path != self._prefix and not path.startswith(self._prefix + "/"):
+            return None, set()
+        rest = path[len(self._prefix):] or "/"
+        inner = request.clone(rel_url=request.rel_url.with_path(rest))
+        match = await self._router.resolve(inner)
+        exc = match.http_exception
+        if exc is not None:
+            allowed = getattr(exc, "allowed_methods", None) or set()
+            return None, set(allowed)
+        return match, set()
+
+    def add_prefix(self, prefix: str) -> None:
+        raise RuntimeError("device prefixes cannot be nested in a sub-application")
+
+    def get_info(self) -> dict[str, Any]:
+        return {"prefix": self._prefix, "device": self._index}
+
+    def raw_match(self, path: str) -> bool:
+        return path == self._prefix
+
+    def __len__(self) -> int:
+        return 0
+
+    def __iter__(self):  # type: ignore[override]
+        return iter(())
+
+
+def register_prefixes(app: web.Application, n_devices: int) -> None:
+    for index in range(n_devices):
+        app.router.register_resource(DevicePrefixResource(index, app.router))
+
+
+async def add_json_field(response: web.StreamResponse, **fields: Any) -> web.StreamResponse:
+    """Return ``response`` with ``fields`` added to its JSON object body (used for ``gpu_id`` on /prompt)."""
+    if not isinstance(response, web.Response) or response.content_type != "application/json":
+        return response
+    try:
+        body = json.loads(response.body)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return response
+    if not isinstance(body, dict):
+        return response
+    body.update(fields)
+    new = web.json_response(body, status=response.status)
+    for key, value in response.headers.items():
+        if key.lower() not in ("content-length", "content-type"):
+            new.headers[key] = value
+    return new

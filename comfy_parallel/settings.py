@@ -1,0 +1,159 @@
+"""Settings for the multi-device server, read from the command line or from the environment.
+
+The environment names are the seed's (``COMFY_MULTI_GPU_SCHED``, ``COMFY_NUM_GPUS``) plus ``COMFY_PARALLEL_*``
+for everything else, so the launcher and the drop-in custom node read the same switches.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping, Union
+
+DefaultRoute = Union[str, int]  # "auto" or a device index
+
+
+class SettingsError(ValueError):
+    """A setting has a value we cannot use; the message says which and what is valid."""
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One worker slot: a CUDA ordinal, or a CPU worker standing in for a GPU."""
+
+    index: int
+    kind: str  # "cuda" or "cpu"
+    ordinal: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"cuda:{self.ordinal}" if self.kind == "cuda" else f"cpu#{self.index}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    devices: tuple[DeviceSpec, ...]
+    entry_ports: tuple[int, ...] = ()
+    default_route: DefaultRoute = "auto"
+    enabled: bool = True
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def multi_device(self) -> bool:
+        return self.enabled and len(self.devices) > 1
+
+    @property
+    def cpu_mode(self) -> bool:
+        return any(d.kind == "cpu" for d in self.devices)
+
+
+def parse_devices(text: str) -> tuple[DeviceSpec, ...]:
+    """Parse ``0,1,2`` (CUDA ordinals), ``cpu,cpu`` or ``cpu*3`` (CPU workers)."""
+    items: list[str] = []
+    for raw in text.split(","):
+        raw = raw.strip().lower()
+        if not raw:
+            continue
+        if "*" in raw:
+            name, _, count = raw.partition("*")
+            if not count.isdigit() or int(count) < 1:
+                raise SettingsError(f"--devices: bad repeat count in {raw!r}; write e.g. cpu*3")
+            items.extend([name.strip()] * int(count))
+        else:
+            items.append(raw)
+    if not items:
+        raise SettingsError("--devices is empty; give CUDA ordinals like 0,1 or CPU workers like cpu,cpu")
+    specs: list[DeviceSpec] = []
+    seen: set[int] = set()
+    for i, item in enumerate(items):
+        if item == "cpu":
+            specs.append(DeviceSpec(i, "cpu"))
+            continue
+        ordinal_text = item[len("cuda:"):] if item.startswith("cuda:") else item
+        if not ordinal_text.isdigit():
+            raise SettingsError(f"--devices: {item!r} is neither a CUDA ordinal (0, 1, cuda:2) nor 'cpu'")
+        ordinal = int(ordinal_text)
+        if ordinal in seen:
+            raise SettingsError(f"--devices: CUDA device {ordinal} is listed twice")
+        seen.add(ordinal)
+        specs.append(DeviceSpec(i, "cuda", ordinal))
+    kinds = {s.kind for s in specs}
+    if len(kinds) > 1:
+        raise SettingsError("--devices: mixing CUDA devices and CPU workers in one process is not supported")
+    return tuple(specs)
+
+
+def parse_entry_ports(text: str, n_devices: int) -> tuple[int, ...]:
+    """``none``/empty: no entry ports; ``auto``: 8181.. one per device; ``8181`` or ``8181,8182,..``."""
+    text = text.strip().lower()
+    if text in ("", "none", "off", "0"):
+        return ()
+    if text == "auto":
+        return tuple(8181 + i for i in range(n_devices))
+    try:
+        ports = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise SettingsError(f"--entry-ports: {text!r} is not a comma-separated list of ports, 'auto' or 'none'")
+    if len(ports) == 1 and n_devices > 1:
+        ports = [ports[0] + i for i in range(n_devices)]
+    if len(ports) != n_devices:
+        raise SettingsError(f"--entry-ports: {len(ports)} ports given for {n_devices} devices; give one per "
+                            "device, a single first port, 'auto' or 'none'")
+    if any(not 0 < p < 65536 for p in ports) or len(set(ports)) != len(ports):
+        raise SettingsError(f"--entry-ports: ports must be distinct and in 1..65535, got {ports}")
+    return tuple(ports)
+
+
+def parse_default_route(text: str, n_devices: int) -> DefaultRoute:
+    text = text.strip().lower()
+    if text == "auto":
+        return "auto"
+    if text.isdigit() and int(text) < n_devices:
+        return int(text)
+    raise SettingsError(f"--default-route: {text!r} is not valid; use 'auto' or a device index 0..{n_devices - 1}")
+
+
+def cuda_device_count() -> int:
+    """Visible CUDA devices, asked of the driver directly so torch is not imported before ComfyUI sets it up."""
+    import ctypes
+
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if libcuda.cuInit(0) != 0 or libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def default_devices(cpu_workers: int = 2) -> tuple[DeviceSpec, ...]:
+    """Every visible CUDA device, or ``cpu_workers`` CPU workers when there is none."""
+    count = cuda_device_count()
+    if count:
+        return tuple(DeviceSpec(i, "cuda", i) for i in range(count))
+    return tuple(DeviceSpec(i, "cpu") for i in range(cpu_workers))
+
+
+def env_enabled(env: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    return env.get("COMFY_MULTI_GPU_SCHED", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def from_env(env: Mapping[str, str] | None = None, cpu_mode: bool = False) -> Settings:
+    """Settings for drop-in mode: ``COMFY_NUM_GPUS=N`` means devices 0..N-1 (CPU workers in CPU mode)."""
+    env = os.environ if env is None else env
+    enabled = env_enabled(env)
+    if env.get("COMFY_PARALLEL_DEVICES"):
+        devices = parse_devices(env["COMFY_PARALLEL_DEVICES"])
+    elif env.get("COMFY_NUM_GPUS"):
+        text = env["COMFY_NUM_GPUS"].strip()
+        if not text.isdigit() or int(text) < 1:
+            raise SettingsError(f"COMFY_NUM_GPUS={text!r} is not a positive integer")
+        n = int(text)
+        devices = tuple(DeviceSpec(i, "cpu") if cpu_mode else DeviceSpec(i, "cuda", i) for i in range(n))
+    else:
+        devices = default_devices() if not cpu_mode else tuple(DeviceSpec(i, "cpu") for i in range(2))
+    entry = parse_entry_ports(env.get("COMFY_PARALLEL_ENTRY_PORTS", "none"), len(devices))
+    route = parse_default_route(env.get("COMFY_PARALLEL_DEFAULT_ROUTE", "auto"), len(devices))
+    return Settings(devices=devices, entry_ports=entry, default_route=route, enabled=enabled)

@@ -1,0 +1,76 @@
+"""Per-worker state that ComfyUI keeps in process globals.
+
+ComfyUI assumes one worker thread: the client id of the running prompt, the node being executed, the progress
+registry, the interrupt flag and the list of loaded models are process globals. The adapter patches redirect
+each of them here, to the context of the worker thread that touches it. Threads that are not workers (the
+HTTP event loop) get ``None`` and the patches fall back to ComfyUI's own globals.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from .settings import DeviceSpec
+
+
+@dataclass
+class WorkerContext:
+    spec: DeviceSpec
+    client_id: str | None = None
+    last_node_id: str | None = None
+    last_prompt_id: str | None = None
+    progress_registry: Any = None
+    loaded_models: list = field(default_factory=list)
+    running_prompt_id: str | None = None
+    allow_empty_cache: bool = False
+    _interrupt: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def index(self) -> int:
+        return self.spec.index
+
+    def set_interrupt(self, value: bool) -> None:
+        if value:
+            self._interrupt.set()
+        else:
+            self._interrupt.clear()
+
+    def interrupted(self) -> bool:
+        return self._interrupt.is_set()
+
+
+_local = threading.local()
+_registry: dict[int, WorkerContext] = {}
+_registry_lock = threading.Lock()
+
+
+def bind(ctx: WorkerContext) -> None:
+    """Make ``ctx`` the context of the calling thread and list it among all workers."""
+    _local.ctx = ctx
+    with _registry_lock:
+        _registry[ctx.index] = ctx
+
+
+def unbind() -> None:
+    _local.ctx = None
+
+
+def current() -> WorkerContext | None:
+    return getattr(_local, "ctx", None)
+
+
+def get(index: int) -> WorkerContext | None:
+    with _registry_lock:
+        return _registry.get(index)
+
+
+def all_contexts() -> list[WorkerContext]:
+    with _registry_lock:
+        return [_registry[k] for k in sorted(_registry)]
+
+
+def clear_registry() -> None:
+    with _registry_lock:
+        _registry.clear()

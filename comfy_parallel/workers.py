@@ -1,0 +1,92 @@
+"""One worker thread per device, each running ComfyUI's own ``prompt_worker`` loop on its device's queue.
+
+Running ComfyUI's loop (rather than a copy of it) keeps each ComfyUI version's own executor set-up, history
+bookkeeping and memory housekeeping. The thread binds its :class:`WorkerContext` first, so the adapter's
+patches give that loop its own client id, progress registry, interrupt flag and model list, and it selects its
+CUDA device, so ``comfy.model_management.get_torch_device()`` answers that device on this thread.
+
+If the loop dies, the prompt it held is recorded in history as an error (never silently lost) and the loop is
+started again with a fresh executor.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from typing import Any, Callable, NamedTuple
+
+from . import worker_context
+from .queues import DeviceQueue
+from .settings import DeviceSpec
+from .worker_context import WorkerContext
+
+log = logging.getLogger("comfy_parallel.workers")
+PromptWorker = Callable[[Any, Any], None]
+
+
+class Status(NamedTuple):
+    """Same fields as ComfyUI's PromptQueue.ExecutionStatus."""
+
+    status_str: str
+    completed: bool
+    messages: list
+
+
+class DeviceWorker(threading.Thread):
+    RESTART_DELAY_S = 1.0
+
+    def __init__(self, spec: DeviceSpec, queue: DeviceQueue, prompt_server: Any, prompt_worker: PromptWorker
+                 ) -> None:
+        super().__init__(name=f"comfy-parallel-worker-{spec.index}", daemon=True)
+        self.spec = spec
+        self.queue = queue
+        self.prompt_server = prompt_server
+        self.prompt_worker = prompt_worker
+        self.context = worker_context.get(spec.index) or WorkerContext(spec)
+        self.restarts = 0
+        self.ready = threading.Event()
+
+    def _select_device(self) -> None:
+        if self.spec.kind == "cuda":
+            import torch
+
+            torch.cuda.set_device(self.spec.ordinal)
+
+    def run(self) -> None:
+        worker_context.bind(self.context)
+        self._select_device()
+        log.info("[GPU %d] worker started on %s", self.spec.index, self.spec.label)
+        self.ready.set()
+        while True:
+            try:
+                self.prompt_worker(self.queue, self.prompt_server)
+                log.error("[GPU %d] prompt_worker returned; starting it again", self.spec.index)
+            except BaseException as exc:  # a dying worker must never take its prompt with it
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+                self.restarts += 1
+                log.error("[GPU %d] worker crashed (%s: %s); restart %d\n%s", self.spec.index,
+                          type(exc).__name__, exc, self.restarts, traceback.format_exc())
+                self._fail_running(exc)
+                time.sleep(self.RESTART_DELAY_S)
+
+    def _fail_running(self, exc: BaseException) -> None:
+        with self.queue.mutex:
+            held = list(self.queue.currently_running)
+        for item_id in held:
+            message = f"worker on device {self.spec.index} crashed: {type(exc).__name__}: {exc}"
+            status = Status("error", False, [("execution_error", {"exception_type": type(exc).__name__,
+                                                                   "exception_message": message})])
+            self.queue.task_done(item_id, {"outputs": {}, "meta": {}}, status)
+
+
+def start_workers(specs: tuple[DeviceSpec, ...], queues: list[DeviceQueue], prompt_server: Any,
+                  prompt_worker: PromptWorker, timeout_s: float = 60.0) -> list[DeviceWorker]:
+    workers = [DeviceWorker(spec, q, prompt_server, prompt_worker) for spec, q in zip(specs, queues)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.ready.wait(timeout_s)
+    return workers
