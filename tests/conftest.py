@@ -1,0 +1,36 @@
+"""Fixtures: provisioned ComfyUI per version (a matrix), and real servers started on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Server  # noqa: E402
+
+from comfy_parallel import provision  # noqa: E402
+
+VERSIONS = [v.strip() for v in os.environ.get("COMFY_TEST_VERSIONS", "0.3.75,0.3.52").split(",") if v.strip()]
+
+
+@pytest.fixture(scope="session", params=VERSIONS, ids=lambda v: f"comfyui-{v}")
+def comfy_dir(request: pytest.FixtureRequest) -> Path:
+    return provision.ensure_comfyui(request.param, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def multi(comfy_dir: Path):
+    """Three CPU workers standing in for GPUs, entry ports on, launched with ``comfy-parallel serve``."""
+    server = Server(comfy_dir, mode="multi", devices="cpu,cpu,cpu", name=f"multi-{comfy_dir.name}").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def idle_multi(multi: Server) -> Server:
+    multi.wait_idle()
+    return multi

@@ -1,0 +1,127 @@
+"""Every routing mode (header, entry port, path prefix, auto) and every bad target, over real HTTP."""
+
+from __future__ import annotations
+
+import pytest
+from harness import Server, record_of, sleep_prompt
+
+
+def _history_ids(server: Server) -> set[str]:
+    return set(server.get("/history").json())
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_header_routes_to_device(idle_multi: Server, index: int) -> None:
+    resp = idle_multi.submit(sleep_prompt(0.05, 1), headers={"X-TARGET-GPU": str(index)})
+    assert resp["gpu_id"] == index
+    entry = idle_multi.wait_history(resp["prompt_id"])
+    assert entry["gpu_id"] == index
+    assert entry["status"]["status_str"] == "success"
+    assert record_of(entry)["thread"] == f"comfy-parallel-worker-{index}"
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_entry_port_routes_to_device(idle_multi: Server, index: int) -> None:
+    resp = idle_multi.submit(sleep_prompt(0.05, 1), base=idle_multi.entry_url(index))
+    assert resp["gpu_id"] == index
+    entry = idle_multi.wait_history(resp["prompt_id"])
+    assert record_of(entry)["thread"] == f"comfy-parallel-worker-{index}"
+    # the entry port serves every route, not only /prompt
+    assert idle_multi.get("/history/" + resp["prompt_id"], base=idle_multi.entry_url(index)).json()
+
+
+@pytest.mark.parametrize("path", ["/gpu{i}/prompt", "/gpu{i}/api/prompt"])
+def test_prefix_routes_to_device(idle_multi: Server, path: str) -> None:
+    for index in range(3):
+        resp = idle_multi.submit(sleep_prompt(0.05, 1), path=path.format(i=index))
+        assert resp["gpu_id"] == index
+        assert record_of(idle_multi.wait_history(resp["prompt_id"]))["thread"] == f"comfy-parallel-worker-{index}"
+
+
+def test_prefix_serves_every_route(idle_multi: Server) -> None:
+    ui = idle_multi.get("/gpu1/")
+    assert ui.status == 200 and b"<html" in ui.body.lower()
+    stock_ui = idle_multi.get("/")
+    assert ui.body == stock_ui.body
+    assert idle_multi.get("/gpu2/object_info/CPSleep").json() == idle_multi.get("/object_info/CPSleep").json()
+    assert idle_multi.get("/gpu0/api/queue").status == 200
+    redirect = idle_multi.get("/gpu1")  # urllib follows the redirect to /gpu1/
+    assert redirect.status == 200 and redirect.body == ui.body
+    assert idle_multi.get("/gpu1/no/such/route").status == 404
+
+
+def test_auto_routes_to_shortest_queue_ties_to_lowest(idle_multi: Server) -> None:
+    first = idle_multi.submit(sleep_prompt(0.05, 1))
+    assert first["gpu_id"] == 0  # all idle: lowest index
+    idle_multi.wait_history(first["prompt_id"])
+    busy0 = idle_multi.submit(sleep_prompt(3, 30), headers={"X-TARGET-GPU": "0"})
+    busy2 = idle_multi.submit(sleep_prompt(3, 30), headers={"X-TARGET-GPU": "2"})
+    auto = idle_multi.submit(sleep_prompt(3, 30))
+    assert auto["gpu_id"] == 1
+    auto2 = idle_multi.submit(sleep_prompt(0.05, 1))
+    assert auto2["gpu_id"] == 0  # 0, 1 and 2 each hold one now: tie, lowest index
+    assert idle_multi.post("/interrupt").status == 200
+    for p in (busy0, busy2, auto, auto2):
+        idle_multi.wait_history(p["prompt_id"])
+
+
+BAD_HEADERS = ["x", "-1", "3", "1.5", "", " ", "0x1", "99999999999999999999"]
+
+
+@pytest.mark.parametrize("value", BAD_HEADERS)
+def test_bad_header_is_rejected_and_changes_nothing(idle_multi: Server, value: str) -> None:
+    before = _history_ids(idle_multi)
+    resp = idle_multi.post("/prompt", {"prompt": sleep_prompt(0.05, 1)}, headers={"X-TARGET-GPU": value})
+    assert resp.status == 400
+    body = resp.json()
+    assert body["valid_targets"] == [0, 1, 2]
+    assert "X-TARGET-GPU" in body["error"]["message"]
+    assert idle_multi.get("/debug/queues").json() == {
+        "queues": [{"gpu_id": i, "queued": 0, "running": 0} for i in range(3)]}
+    assert _history_ids(idle_multi) == before
+
+
+@pytest.mark.parametrize("path", ["/gpu3/prompt", "/gpu-1/prompt", "/gpu/prompt", "/gpu1.5/prompt",
+                                  "/gpu3/api/prompt", "/gpu07x/queue"])
+def test_bad_prefix_is_rejected(idle_multi: Server, path: str) -> None:
+    resp = idle_multi.post(path, {"prompt": sleep_prompt(0.05, 1)})
+    assert resp.status == 400
+    assert resp.json()["valid_targets"] == [0, 1, 2]
+    assert all(q["queued"] == 0 and q["running"] == 0 for q in idle_multi.get("/debug/queues").json()["queues"])
+
+
+def test_bad_target_on_get_routes_too(idle_multi: Server) -> None:
+    assert idle_multi.get("/queue", headers={"X-TARGET-GPU": "7"}).status == 400
+    assert idle_multi.get("/gpu9/").status == 400
+    assert idle_multi.get("/gpu9/ws").status == 400
+
+
+def test_conflicting_targets_are_rejected(idle_multi: Server) -> None:
+    prompt = {"prompt": sleep_prompt(0.05, 1)}
+    cases = [
+        dict(base=idle_multi.entry_url(0), headers={"X-TARGET-GPU": "1"}, path="/prompt"),
+        dict(base=None, headers={"X-TARGET-GPU": "2"}, path="/gpu1/prompt"),
+        dict(base=idle_multi.entry_url(0), headers=None, path="/gpu1/prompt"),
+    ]
+    for case in cases:
+        resp = idle_multi.post(case["path"], prompt, headers=case["headers"], base=case["base"])
+        assert resp.status == 400, case
+        assert "conflicting" in resp.json()["error"]["message"]
+    # agreeing sources are fine
+    ok = idle_multi.submit(sleep_prompt(0.05, 1), base=idle_multi.entry_url(2), headers={"X-TARGET-GPU": "2"},
+                           path="/gpu2/prompt")
+    assert ok["gpu_id"] == 2
+    idle_multi.wait_history(ok["prompt_id"])
+
+
+def test_debug_queues_format(idle_multi: Server) -> None:
+    busy = idle_multi.submit(sleep_prompt(2, 20), headers={"X-TARGET-GPU": "1"})
+    queued = idle_multi.submit(sleep_prompt(0.05, 1), headers={"X-TARGET-GPU": "1"})
+    idle_multi.wait_running(busy["prompt_id"])
+    assert idle_multi.get("/debug/queues").json() == {"queues": [
+        {"gpu_id": 0, "queued": 0, "running": 0},
+        {"gpu_id": 1, "queued": 1, "running": 1},
+        {"gpu_id": 2, "queued": 0, "running": 0},
+    ]}
+    for p in (busy, queued):
+        idle_multi.wait_history(p["prompt_id"])
