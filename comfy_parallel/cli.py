@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     node = sub.add_parser("install-node", help="link this package into a ComfyUI custom_nodes folder (drop-in mode)")
     _comfy_location_args(node)
     node.add_argument("--copy", action="store_true", help="copy instead of symlinking")
+    node.add_argument("--custom-nodes-dir", help="install here instead of <ComfyUI>/custom_nodes")
     return parser
 
 
@@ -204,8 +205,8 @@ class _NoHooks:
 
 
 def cmd_install_node(args: argparse.Namespace) -> int:
-    comfy_dir = resolve_comfyui(args)
-    target = comfy_dir / "custom_nodes" / "comfy_parallel"
+    nodes_dir = Path(args.custom_nodes_dir) if args.custom_nodes_dir else resolve_comfyui(args) / "custom_nodes"
+    target = nodes_dir / "comfy_parallel"
     source = Path(__file__).resolve().parent
     if target.exists() or target.is_symlink():
         print(f"{target} already exists; remove it first to reinstall", file=sys.stderr)

@@ -121,7 +121,8 @@ class Server:
             cmd = [sys.executable, str(self.comfy_dir / "main.py"), "--cpu", *comfy_args]
             if self.mode == "dropin":
                 env.setdefault("COMFY_MULTI_GPU_SCHED", "1")
-                env.setdefault("COMFY_PARALLEL_DEVICES", self.devices)
+                if "COMFY_NUM_GPUS" not in env:
+                    env.setdefault("COMFY_PARALLEL_DEVICES", self.devices)
                 env.setdefault("COMFY_PARALLEL_ENTRY_PORTS",
                                ",".join(map(str, self.ports)) if self.entry_ports else "none")
         self.log_path = work / "server.log"

@@ -137,11 +137,11 @@ class Patch:
         self.applied = False
 
 
-def require_attrs(obj: Any, *names: str) -> str | None:
-    missing = [n for n in names if not hasattr(obj, n)]
+def require_callables(obj: Any, *names: str) -> str | None:
+    missing = [n for n in names if not callable(getattr(obj, n, None))]
     if missing:
         label = getattr(obj, "__name__", type(obj).__name__)
-        return f"{label} has no {', '.join(missing)}"
+        return f"{label} has no callable {', '.join(missing)}"
     return None
 
 

@@ -14,7 +14,7 @@ from collections.abc import MutableSequence
 from typing import Any, Callable, Iterable, Protocol
 
 from .. import worker_context
-from .base import Comfy, Patch, first_problem, require_attrs
+from .base import Comfy, Patch, first_problem, require_callables
 
 CHECKED = ("0.3.52", "0.3.75")
 log = logging.getLogger("comfy_parallel.adapter")
@@ -79,8 +79,8 @@ class ServerWorkerAttrs(Patch):
 
     def check(self, comfy: Comfy) -> str | None:
         return first_problem(
-            lambda: require_attrs(comfy.server, "PromptServer"),
-            lambda: require_attrs(comfy.execution, "PromptExecutor"),
+            lambda: require_callables(comfy.server, "PromptServer"),
+            lambda: require_callables(comfy.execution, "PromptExecutor"),
             lambda: _uses(comfy.server.PromptServer.__init__, "client_id", "last_node_id"),
             lambda: _uses(comfy.main.prompt_worker, "last_prompt_id"),
         )
@@ -100,7 +100,7 @@ class ProgressRegistryPerWorker(Patch):
         if comfy.progress is None:
             return "comfy_execution.progress is not imported"
         return first_problem(
-            lambda: require_attrs(comfy.progress, "get_progress_state", "reset_progress_state", "ProgressRegistry"),
+            lambda: require_callables(comfy.progress, "get_progress_state", "reset_progress_state", "ProgressRegistry"),
             lambda: _uses(comfy.progress.reset_progress_state, "global_progress_registry"),
         )
 
@@ -144,7 +144,7 @@ class InterruptPerWorker(Patch):
     FUNCS = ("interrupt_current_processing", "processing_interrupted", "throw_exception_if_processing_interrupted")
 
     def check(self, comfy: Comfy) -> str | None:
-        return require_attrs(comfy.model_management, *self.FUNCS, "InterruptProcessingException")
+        return require_callables(comfy.model_management, *self.FUNCS, "InterruptProcessingException")
 
     def _apply(self, comfy: Comfy) -> None:
         mm = comfy.model_management
@@ -242,7 +242,7 @@ class EmptyCachePerDevice(Patch):
     checked_on = CHECKED
 
     def check(self, comfy: Comfy) -> str | None:
-        return require_attrs(comfy.model_management, "soft_empty_cache")
+        return require_callables(comfy.model_management, "soft_empty_cache")
 
     def _apply(self, comfy: Comfy) -> None:
         mm = comfy.model_management
@@ -280,7 +280,7 @@ class DeviceWorkers(_HookedPatch):
 
     def check(self, comfy: Comfy) -> str | None:
         return first_problem(
-            lambda: require_attrs(comfy.main, "prompt_worker", "start_comfyui"),
+            lambda: require_callables(comfy.main, "prompt_worker", "start_comfyui"),
             lambda: _uses(comfy.main.start_comfyui, "prompt_worker"),
         )
 
@@ -304,7 +304,7 @@ class ServerSetup(_HookedPatch):
 
     def check(self, comfy: Comfy) -> str | None:
         return first_problem(
-            lambda: require_attrs(comfy.server.PromptServer, "add_routes"),
+            lambda: require_callables(comfy.server.PromptServer, "add_routes"),
             lambda: _uses(comfy.server.PromptServer.__init__, "routes", "app", "prompt_queue"),
             lambda: _uses(comfy.server.PromptServer.add_routes, "app", "routes"),
         )
@@ -328,7 +328,7 @@ class EntryPorts(_HookedPatch):
     checked_on = CHECKED
 
     def check(self, comfy: Comfy) -> str | None:
-        return require_attrs(comfy.server.PromptServer, "start_multi_address")
+        return require_callables(comfy.server.PromptServer, "start_multi_address")
 
     def _apply(self, comfy: Comfy) -> None:
         original = comfy.server.PromptServer.start_multi_address
@@ -348,7 +348,7 @@ class ScopedQueueStatus(_HookedPatch):
     checked_on = CHECKED
 
     def check(self, comfy: Comfy) -> str | None:
-        return require_attrs(comfy.server.PromptServer, "queue_updated", "get_queue_info", "send_sync")
+        return require_callables(comfy.server.PromptServer, "queue_updated", "get_queue_info", "send_sync")
 
     def _apply(self, comfy: Comfy) -> None:
         hooks = self.hooks

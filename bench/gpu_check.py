@@ -1,0 +1,337 @@
+"""GPU check: stock ComfyUI vs ``comfy-parallel serve`` over HTTP, W1-style txt2img prompts, one table.
+
+Runs each server in turn (never both at once): starts it, waits for /system_stats, warms up, submits N prompts to
+/prompt, polls /history until all are done, and measures images/s, submit->history latency (p50/p95), the
+server's host RSS (VmRSS now, VmHWM peak, from /proc/PID/status) and, from history, which device ran each prompt.
+
+usage (device machine, from the repo root, PYTHONPATH holding the repo and the carried wheels):
+    python3 bench/gpu_check.py --comfyui /tmp/comfyui --ckpt sd15_rand.safetensors --out $OUT
+local smoke test on CPU (tiny settings):
+    python bench/gpu_check.py --comfyui DIR --ckpt X.safetensors --cpu-workers 2 --width 64 --steps 2 --per-gpu 1
+
+Standard library only (plus comfy_parallel.settings for counting CUDA devices without importing torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def workflow(ckpt: str, width: int, height: int, steps: int, seed: int) -> dict:
+    """The API-format prompt of tools/wf_sd.py (W1 when 512x512, 20 steps, euler, batch 1)."""
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
+        "3": {"class_type": "KSampler", "inputs": {"seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
+                                                   "scheduler": "normal", "denoise": 1.0, "model": ["4", 0],
+                                                   "positive": ["6", 0], "negative": ["7", 0],
+                                                   "latent_image": ["5", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "gpucheck", "images": ["8", 0]}},
+    }
+
+
+# ---------------------------------------------------------------- HTTP
+
+def http(port: int, path: str, body: dict | None = None, timeout: float = 30) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.load(resp)
+
+
+def submit(port: int, prompt: dict) -> tuple[str, float, dict]:
+    t = time.monotonic()
+    try:
+        reply = http(port, "/prompt", {"prompt": prompt, "client_id": "gpu-check"})
+    except urllib.error.HTTPError as err:
+        raise RuntimeError(f"/prompt answered {err.code}: {err.read()[:2000]!r}") from None
+    return reply["prompt_id"], t, reply
+
+
+def wait_all(port: int, submitted: dict[str, float], timeout: float, proc: subprocess.Popen) -> dict[str, dict]:
+    """Poll /history until every submitted prompt is there; returns {prompt_id: {"done_t": t, "entry": entry}}."""
+    done: dict[str, dict] = {}
+    deadline = time.monotonic() + timeout
+    while len(done) < len(submitted):
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} while prompts were pending")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out: {len(done)}/{len(submitted)} prompts done after {timeout:.0f}s")
+        hist = http(port, "/history")
+        now = time.monotonic()
+        for pid in submitted:
+            if pid not in done and pid in hist:
+                entry = hist[pid]
+                status = entry.get("status") or {}
+                if status.get("completed") or status.get("status_str") in ("success", "error"):
+                    done[pid] = {"done_t": now, "entry": entry}
+        time.sleep(0.05)
+    return done
+
+
+# ---------------------------------------------------------------- process memory
+
+def proc_status_kib(pid: int, field: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+class RssSampler(threading.Thread):
+    """Samples VmRSS every 0.25 s (VmHWM gives the kernel's own peak; this one is a cross-check)."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak_kib, self.stop_flag = pid, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_flag.is_set():
+            v = proc_status_kib(self.pid, "VmRSS")
+            if v:
+                self.peak_kib = max(self.peak_kib, v)
+            self.stop_flag.wait(0.25)
+
+
+def gpu_memory_used() -> list[int] | None:
+    """MiB used per GPU, from nvidia-smi (None where it is missing)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20).stdout
+        return [int(x) for x in out.split()]
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+# ---------------------------------------------------------------- stats
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def exec_seconds(entry: dict) -> float | None:
+    """Server-side execution time from the history entry's status messages (ms timestamps)."""
+    msgs = {m[0]: m[1] for m in (entry.get("status") or {}).get("messages", []) if isinstance(m, list) and len(m) == 2}
+    start, end = msgs.get("execution_start", {}), msgs.get("execution_success", {})
+    if "timestamp" in start and "timestamp" in end:
+        return (end["timestamp"] - start["timestamp"]) / 1000
+    return None
+
+
+# ---------------------------------------------------------------- one server
+
+def run_server(name: str, cmd: list[str], port: int, args: argparse.Namespace, ndev: int, out: Path) -> dict:
+    log_path = out / f"{args.label}_{name}.log"
+    res: dict = {"server": name, "cmd": cmd, "devices": ndev, "log": log_path.name}
+    env = dict(os.environ, PYTHONUNBUFFERED="1", NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
+               NVSHMEM_DISABLE_NVLS="1")
+    print(f"[{name}] starting: {' '.join(cmd)}", flush=True)
+    log = open(log_path, "w")
+    t_start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+    sampler = RssSampler(proc.pid)
+    sampler.start()
+    try:
+        deadline = time.monotonic() + args.start_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode} before answering")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not answer /system_stats in {args.start_timeout}s")
+            try:
+                stats = http(port, "/system_stats", timeout=5)
+                break
+            except (OSError, urllib.error.URLError, ValueError):
+                time.sleep(0.5)
+        res["startup_s"] = round(time.monotonic() - t_start, 2)
+        res["system_stats_devices"] = [d.get("name") for d in stats.get("devices", [])]
+        res["rss_idle_gib"] = round((proc_status_kib(proc.pid, "VmRSS") or 0) / 2**20, 3)
+        print(f"[{name}] up in {res['startup_s']}s; devices {res['system_stats_devices']}", flush=True)
+
+        # warm-up: max(warmup, ndev) prompts at once, so every device loads the model and compiles its kernels.
+        n_warm = max(args.warmup, ndev)
+        t0 = time.monotonic()
+        warm = {}
+        for i in range(n_warm):
+            pid, t, _ = submit(port, workflow(args.ckpt, args.width, args.width, args.steps, 10_000 + i))
+            warm[pid] = t
+        wdone = wait_all(port, warm, args.prompt_timeout, proc)
+        res["warmup_prompts"] = n_warm
+        res["warmup_s"] = round(time.monotonic() - t0, 2)
+        bad = [p for p, d in wdone.items() if (d["entry"].get("status") or {}).get("status_str") != "success"]
+        if bad:
+            raise RuntimeError(f"warm-up prompt failed: {json.dumps(wdone[bad[0]]['entry'].get('status'))[:3000]}")
+        print(f"[{name}] warm-up: {n_warm} prompts in {res['warmup_s']}s", flush=True)
+
+        # measured run
+        n = args.per_gpu * ndev
+        prompts = [workflow(args.ckpt, args.width, args.width, args.steps, 1 + i) for i in range(n)]
+        submitted: dict[str, float] = {}
+        assigned: dict[str, int] = {}
+        for p in prompts:
+            pid, t, reply = submit(port, p)
+            submitted[pid] = t
+            if "gpu_id" in reply:
+                assigned[pid] = reply["gpu_id"]
+        t_first = min(submitted.values())
+        done = wait_all(port, submitted, args.prompt_timeout, proc)
+        wall = max(d["done_t"] for d in done.values()) - t_first
+        lat = [done[p]["done_t"] - submitted[p] for p in submitted]
+        execs = [e for e in (exec_seconds(d["entry"]) for d in done.values()) if e is not None]
+        statuses = [(d["entry"].get("status") or {}).get("status_str") for d in done.values()]
+        per_dev: dict[str, int] = {}
+        for d in done.values():
+            key = str(d["entry"].get("gpu_id", "-"))
+            per_dev[key] = per_dev.get(key, 0) + 1
+        res.update({
+            "images": n, "ok": statuses.count("success"), "errors": n - statuses.count("success"),
+            "wall_s": round(wall, 3), "img_per_s": round(n / wall, 4),
+            "latency_p50_s": round(percentile(lat, 50), 3), "latency_p95_s": round(percentile(lat, 95), 3),
+            "latency_max_s": round(max(lat), 3),
+            "exec_mean_s": round(sum(execs) / len(execs), 3) if execs else None,
+            "per_device": dict(sorted(per_dev.items())),
+            "assigned_at_submit": {str(k): list(assigned.values()).count(k) for k in sorted(set(assigned.values()))},
+            "rss_gib": round((proc_status_kib(proc.pid, "VmRSS") or 0) / 2**20, 3),
+            "rss_peak_gib": round((proc_status_kib(proc.pid, "VmHWM") or 0) / 2**20, 3),
+            "rss_peak_sampled_gib": round(sampler.peak_kib / 2**20, 3),
+            "gpu_mem_used_mib": gpu_memory_used(),
+        })
+        if res["errors"]:
+            first_bad = next(d for d in done.values() if (d["entry"].get("status") or {}).get("status_str") != "success")
+            res["first_error"] = json.dumps(first_bad["entry"].get("status"))[:3000]
+        print(f"[{name}] {n} images in {wall:.2f}s = {n / wall:.3f} img/s; p50 {res['latency_p50_s']}s "
+              f"p95 {res['latency_p95_s']}s; RSS {res['rss_gib']} GiB (peak {res['rss_peak_gib']}); "
+              f"per device {res['per_device']}", flush=True)
+    except Exception as err:  # noqa: BLE001 - reported in the table, the other server still runs
+        res["failed"] = f"{type(err).__name__}: {err}"
+        print(f"[{name}] FAILED: {res['failed']}", flush=True)
+    finally:
+        sampler.stop_flag.set()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # ComfyUI stops on KeyboardInterrupt
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        res["exit_code"] = proc.returncode
+        log.close()
+        if "failed" in res:
+            tail = log_path.read_text(errors="replace").splitlines()[-40:]
+            print(f"[{name}] last log lines:\n  " + "\n  ".join(tail), flush=True)
+    return res
+
+
+# ---------------------------------------------------------------- table
+
+def table(results: list[dict]) -> str:
+    head = ("| server | devices | images | ok | wall s | img/s | p50 s | p95 s | exec mean s | RSS GiB | peak RSS GiB "
+            "| per-device (history gpu_id) | startup s | warm-up s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        if "failed" in r and "img_per_s" not in r:
+            lines.append(f"| {r['server']} | {r['devices']} | FAILED: {r['failed'][:200]} |" + " |" * 11)
+            continue
+        per = ", ".join(f"{k}:{v}" for k, v in r["per_device"].items())
+        lines.append(f"| {r['server']} | {r['devices']} | {r['images']} | {r['ok']} | {r['wall_s']:.2f} "
+                     f"| {r['img_per_s']:.3f} | {r['latency_p50_s']:.2f} | {r['latency_p95_s']:.2f} "
+                     f"| {r['exec_mean_s'] if r['exec_mean_s'] is not None else '-'} "
+                     f"| {r['rss_gib']:.2f} | {r['rss_peak_gib']:.2f} | {per} | {r['startup_s']} | {r['warmup_s']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--comfyui", default="/tmp/comfyui")
+    ap.add_argument("--frontend", default=str(REPO / ".device" / "frontend"))
+    ap.add_argument("--ckpt", default="sd15_rand.safetensors", help="name under ComfyUI's models/checkpoints")
+    ap.add_argument("--label", default="W1", help="workload label for the table and JSON")
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--per-gpu", type=int, default=8, help="measured prompts per device")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--devices", help="CUDA ordinals for comfy-parallel (default: every visible GPU)")
+    ap.add_argument("--cpu-workers", type=int, default=0, help="local smoke test: no GPU, N CPU workers")
+    ap.add_argument("--servers", default="stock,parallel")
+    ap.add_argument("--port", type=int, default=8288)
+    ap.add_argument("--start-timeout", type=float, default=240)
+    ap.add_argument("--prompt-timeout", type=float, default=600)
+    ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results/local")
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.cpu_workers:
+        devices_arg = ",".join(["cpu"] * args.cpu_workers)
+        ndev = args.cpu_workers
+    else:
+        if args.devices:
+            devices_arg = args.devices
+        else:
+            sys.path.insert(0, str(REPO))
+            from comfy_parallel.settings import cuda_device_count
+            count = cuda_device_count()
+            if not count:
+                print("no CUDA device visible (use --cpu-workers N for a CPU smoke test)", file=sys.stderr)
+                return 2
+            devices_arg = ",".join(str(i) for i in range(count))
+        ndev = len(devices_arg.split(","))
+    comfy_common = ["--listen", "127.0.0.1", "--disable-auto-launch", "--disable-api-nodes",
+                    "--front-end-root", str(Path(args.frontend).resolve())]
+    cpu = ["--cpu"] if args.cpu_workers else []
+    main_py = str(Path(args.comfyui) / "main.py")
+    servers = {
+        # stock ComfyUI drives one device, whatever is visible
+        "stock": ([sys.executable, main_py, *comfy_common, *cpu, "--port", str(args.port)], 1),
+        "parallel": ([sys.executable, "-m", "comfy_parallel", "serve", "--comfyui", args.comfyui,
+                      "--devices", devices_arg, "--entry-ports", "none", "--",
+                      *comfy_common, "--port", str(args.port + 1)], ndev),
+    }
+    meta = {
+        "label": args.label, "width": args.width, "height": args.width, "steps": args.steps, "sampler": "euler",
+        "batch": 1, "per_gpu": args.per_gpu, "ckpt": args.ckpt, "devices_arg": devices_arg,
+        "python": sys.version.split()[0], "host": platform.node(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    # a SIGTERM (e.g. from `timeout`) unwinds through run_server's finally, which stops the server it started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    results: list[dict] = []
+    for name in args.servers.split(","):
+        cmd, n = servers[name]
+        port = args.port if name == "stock" else args.port + 1
+        results.append(run_server(name, cmd, port, args, n, out))
+        (out / f"{args.label}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    md = (f"{args.label}: {args.width}x{args.width}, {args.steps} steps, euler, batch 1, {args.per_gpu} prompts per "
+          f"device, ckpt {args.ckpt}; comfy-parallel --devices {devices_arg}\n\n" + table(results))
+    print("\nTABLE " + args.label + "\n" + md, flush=True)
+    return 0 if all("failed" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

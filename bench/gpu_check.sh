@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# GPU check, ON the device machine, from the repo root, with `.device` carried (bench/prepare_device_payload.sh):
+#   installs the carried wheels into /tmp/site, extracts ComfyUI 0.3.75 to /tmp/comfyui, writes random-weight
+#   SD1.5 (and, time permitting, SDXL) checkpoints, then runs bench/gpu_check.py (stock ComfyUI, then
+#   comfy-parallel serve on every visible GPU). Everything it prints is in $OUT/gpu_check.log; per-server logs
+#   and one JSON per workload land in $OUT too (7 files at most: the device tool brings back 8).
+# Keeps the whole call under ~9 minutes: W2 (SDXL) only runs when W1 finished inside the first 4 minutes.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_check_out}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+W2_AFTER_S=${W2_AFTER_S:-240}    # start W2 only if this many seconds have not passed yet
+BUDGET_S=${BUDGET_S:-530}        # hard stop for the last step
+step() { echo; echo "=== [$SECONDS s] $*"; }
+
+main() {
+
+step "machine"
+nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv || true
+nproc; free -g | head -2
+python3 -c 'import sys, torch; print("python", sys.version.split()[0], sys.executable); print("torch", torch.__version__, "cuda", torch.version.cuda, "devices", torch.cuda.device_count())'
+
+step "wheels -> /tmp/site"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .device/*.whl || {
+  echo "wheel install failed"; return 1; }
+export PYTHONPATH=/tmp/site:$PWD
+python3 - <<'PY'
+import importlib.metadata as md
+for n in ["torch", "transformers", "tokenizers", "safetensors", "aiohttp", "yarl", "prometheus-client", "psutil",
+          "av", "kornia", "spandrel", "SQLAlchemy", "alembic", "pydantic", "torchsde", "numpy", "einops", "scipy"]:
+    try:
+        print(f"  {n} {md.version(n)}")
+    except md.PackageNotFoundError:
+        print(f"  {n} MISSING")
+PY
+
+step "ComfyUI -> /tmp/comfyui"
+rm -rf /tmp/comfyui && tar -xzf .device/comfyui-0.3.75.tar.gz -C /tmp || { echo "extract failed"; return 1; }
+python3 -c 'import sys; sys.path.insert(0, "/tmp/comfyui"); import comfyui_version; print("ComfyUI", comfyui_version.__version__)'
+
+step "SD1.5-shaped random checkpoint"
+CK=/tmp/comfyui/models/checkpoints
+timeout 120 python3 tools/make_rand_ckpt.py /tmp/comfyui sd15 $CK/sd15_rand.safetensors 2>&1 | grep -v '^WARNING' || {
+  echo "checkpoint failed"; return 1; }
+ls -la $CK
+
+step "W1: SD1.5-shaped, 512x512, 20 steps"
+timeout $((BUDGET_S - SECONDS)) python3 bench/gpu_check.py --comfyui /tmp/comfyui --frontend .device/frontend \
+  --ckpt sd15_rand.safetensors --label W1 --width 512 --steps 20 --per-gpu "${PER_GPU:-8}" --out "$OUT"
+rc=$?
+
+if [ "$SECONDS" -lt "$W2_AFTER_S" ] && [ "${SKIP_W2:-0}" != 1 ]; then
+  step "SDXL-shaped random checkpoint"
+  rm -f $CK/sd15_rand.safetensors   # only one checkpoint on disk at a time
+  if timeout 150 python3 tools/make_rand_ckpt.py /tmp/comfyui sdxl $CK/sdxl_rand.safetensors 2>&1 | grep -v '^WARNING'; then
+    step "W2: SDXL-shaped, 1024x1024, 20 steps"
+    timeout $((BUDGET_S - SECONDS)) python3 bench/gpu_check.py --comfyui /tmp/comfyui --frontend .device/frontend \
+      --ckpt sdxl_rand.safetensors --label W2 --width 1024 --steps 20 --per-gpu "${PER_GPU:-8}" --out "$OUT" \
+      --prompt-timeout 240
+    rc2=$?
+    [ $rc -ne 0 ] || rc=$rc2
+  else
+    echo "SDXL checkpoint failed; W2 skipped"
+  fi
+else
+  echo "W2 skipped (${SECONDS}s used)"
+fi
+step "done rc=$rc"
+ls -la "$OUT"
+return $rc
+}
+
+main 2>&1 | tee "$OUT/gpu_check.log"
+exit "${PIPESTATUS[0]}"

@@ -1,0 +1,75 @@
+"""Run in a subprocess by test_adapter.py: import a real ComfyUI, patch it, undo, and report what happened.
+
+usage: python adapter_probe.py COMFYUI_DIR [break]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+class Hooks:
+    def before_routes(self, ps):  # pragma: no cover - never called, nothing is started
+        raise AssertionError
+
+    after_routes = start_workers = listen_addresses = queue_updated = before_routes
+
+
+def snapshot(comfy) -> dict:
+    """Identity of every attribute the patches may touch, in every module that holds it."""
+    mm, progress, server, main = comfy.model_management, comfy.progress, comfy.server, comfy.main
+    names = {
+        (mm, "current_loaded_models"), (mm, "soft_empty_cache"), (mm, "interrupt_current_processing"),
+        (mm, "processing_interrupted"), (mm, "throw_exception_if_processing_interrupted"),
+        (progress, "get_progress_state"), (progress, "reset_progress_state"),
+        (comfy.execution, "get_progress_state"), (comfy.execution, "reset_progress_state"),
+        (main, "get_progress_state"), (main, "prompt_worker"),
+    }
+    out = {f"{mod.__name__}.{attr}": id(getattr(mod, attr)) for mod, attr in names if hasattr(mod, attr)}
+    for attr in ("client_id", "last_node_id", "last_prompt_id", "add_routes", "start_multi_address",
+                 "queue_updated"):
+        out[f"PromptServer.{attr}"] = id(server.PromptServer.__dict__.get(attr))
+    return out
+
+
+def main() -> None:
+    comfy_dir = sys.argv[1]
+    breaking = len(sys.argv) > 2 and sys.argv[2] == "break"
+    from comfy_parallel.comfy_adapter import Adapter, AdapterError, Comfy, load_comfyui
+
+    load_comfyui(comfy_dir, ["--cpu", "--disable-all-custom-nodes"])
+    comfy = Comfy.from_sys_modules()
+    result: dict = {"version": comfy.version}
+    if breaking:
+        del comfy.model_management.soft_empty_cache  # as if a newer ComfyUI had renamed it
+        comfy.server.PromptServer.start_multi_address = None
+    before = snapshot(comfy)
+    adapter = Adapter(comfy, Hooks())
+    try:
+        adapter.apply()
+    except AdapterError as err:
+        result["error"] = str(err)
+        result["unchanged_after_error"] = snapshot(comfy) == before
+        print(json.dumps(result))
+        return
+    patched = snapshot(comfy)
+    result["changed"] = sorted(k for k in before if before[k] != patched[k])
+    result["applied"] = adapter.applied
+    again = Adapter(comfy, Hooks()).apply()
+    result["second_apply_is_noop"] = again is adapter and snapshot(comfy) == patched
+    import comfy.model_management as mm
+    import execution
+
+    result["loaded_models_type"] = type(mm.current_loaded_models).__name__
+    result["execution_sees_patch"] = execution.get_progress_state is comfy.progress.get_progress_state
+    adapter.undo()
+    after = snapshot(comfy)
+    result["restored"] = after == before
+    result["not_restored"] = sorted(k for k in before if before[k] != after[k])
+    result["loaded_models_type_after"] = type(mm.current_loaded_models).__name__
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The ComfyUI adapter: every patch applies to a real ComfyUI, twice is a no-op, undo restores everything,
+and a ComfyUI without a patch point fails at start with the list of patches that do not apply."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from harness import REPO
+
+PROBE = Path(__file__).with_name("adapter_probe.py")
+
+
+def probe(comfy_dir: Path, *extra: str) -> dict:
+    out = subprocess.run([sys.executable, str(PROBE), str(comfy_dir), *extra], cwd=str(REPO), capture_output=True,
+                         text=True, timeout=180, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_patches_apply_are_idempotent_and_undo(comfy_dir: Path) -> None:
+    result = probe(comfy_dir)
+    assert result["version"] == comfy_dir.name
+    assert set(result["applied"]) == {
+        "server-worker-attrs", "progress-registry-per-worker", "interrupt-per-worker", "loaded-models-per-worker",
+        "empty-cache-per-device", "device-workers", "server-setup", "entry-ports", "scoped-queue-status"}
+    for name in ("comfy.model_management.current_loaded_models", "comfy.model_management.soft_empty_cache",
+                 "execution.get_progress_state", "main.get_progress_state", "main.prompt_worker",
+                 "PromptServer.client_id", "PromptServer.add_routes"):
+        assert name in result["changed"], name
+    assert result["loaded_models_type"] == "PerWorkerList"
+    assert result["execution_sees_patch"] is True
+    assert result["second_apply_is_noop"] is True
+    assert result["restored"] is True, result["not_restored"]
+    assert result["loaded_models_type_after"] == "list"
+
+
+def test_missing_patch_point_fails_loudly_and_changes_nothing(comfy_dir: Path) -> None:
+    result = probe(comfy_dir, "break")
+    assert "empty-cache-per-device" in result["error"]
+    assert "entry-ports" in result["error"]
+    assert "do not apply" in result["error"]
+    assert result["unchanged_after_error"] is True
