@@ -46,7 +46,8 @@ ls -la $CK
 
 step "W1: SD1.5-shaped, 512x512, 20 steps"
 timeout $((BUDGET_S - SECONDS)) python3 bench/gpu_check.py --comfyui /tmp/comfyui --frontend .device/frontend \
-  --ckpt sd15_rand.safetensors --label W1 --width 512 --steps 20 --per-gpu "${PER_GPU:-8}" --out "$OUT"
+  --ckpt sd15_rand.safetensors --label W1 --width 512 --steps 20 --per-gpu "${PER_GPU:-8}" --out "$OUT" \
+  --servers "${SERVERS_W1:-stock,parallel}"
 rc=$?
 
 if [ "$SECONDS" -lt "$W2_AFTER_S" ] && [ "${SKIP_W2:-0}" != 1 ]; then
@@ -56,7 +57,7 @@ if [ "$SECONDS" -lt "$W2_AFTER_S" ] && [ "${SKIP_W2:-0}" != 1 ]; then
     step "W2: SDXL-shaped, 1024x1024, 20 steps"
     timeout $((BUDGET_S - SECONDS)) python3 bench/gpu_check.py --comfyui /tmp/comfyui --frontend .device/frontend \
       --ckpt sdxl_rand.safetensors --label W2 --width 1024 --steps 20 --per-gpu "${PER_GPU:-8}" --out "$OUT" \
-      --prompt-timeout 240
+      --prompt-timeout 240 --servers "${SERVERS_W2:-stock,parallel}"
     rc2=$?
     [ $rc -ne 0 ] || rc=$rc2
   else

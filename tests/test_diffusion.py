@@ -1,0 +1,80 @@
+"""A real diffusion workflow on a random-weight SD1.5-shaped checkpoint built with ComfyUI's own classes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from harness import REPO, Server
+
+from comfy_parallel import provision
+
+
+@pytest.fixture(scope="session")
+def sd15_models() -> Path:
+    """Build (once, then cached) a 2 GiB SD1.5-shaped checkpoint with random weights; no downloads."""
+    models = provision.home() / "models"
+    ckpt = models / "sd15-rand.safetensors"
+    if not ckpt.exists():
+        tmp = models / "sd15-rand.partial.safetensors"
+        builder = provision.ensure_comfyui(provision.DEFAULT_VERSION, quiet=True)
+        subprocess.run([sys.executable, str(REPO / "tools" / "make_rand_ckpt.py"), str(builder), "sd15", str(tmp)],
+                       check=True, timeout=600, env={**os.environ, "PYTHONHASHSEED": "0"})
+        tmp.rename(ckpt)
+    return models
+
+
+def txt2img(seed: int, size: int = 64, steps: int = 2) -> dict:
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15-rand.safetensors"}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "3": {"class_type": "KSampler", "inputs": {
+            "seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
+            "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": f"cp{seed}", "images": ["8", 0]}},
+    }
+
+
+def _image(server: Server, entry: dict) -> bytes:
+    img = entry["outputs"]["9"]["images"][0]
+    resp = server.get(f"/view?filename={img['filename']}&subfolder={img['subfolder']}&type={img['type']}")
+    assert resp.status == 200 and resp.body[:8] == b"\x89PNG\r\n\x1a\n"
+    return resp.body
+
+
+def _loaded(server: Server) -> list[int]:
+    return [d["loaded_models"] for d in server.get("/multigpu/status").json()["devices"]]
+
+
+def test_sd15_on_two_workers_at_once_then_scoped_free(comfy_dir: Path, sd15_models: Path) -> None:
+    server = Server(comfy_dir, mode="multi", devices="cpu,cpu", entry_ports=False, models_dir=sd15_models,
+                    name=f"sd15-{comfy_dir.name}").start()
+    try:
+        a = server.submit(txt2img(seed=7), headers={"X-TARGET-GPU": "0"})
+        b = server.submit(txt2img(seed=7), path="/gpu1/prompt")
+        c = server.submit(txt2img(seed=8), headers={"X-TARGET-GPU": "1"})
+        ea, eb, ec = (server.wait_history(p["prompt_id"], timeout=300) for p in (a, b, c))
+        for e in (ea, eb, ec):
+            assert e["status"]["status_str"] == "success", e["status"]
+        assert (ea["gpu_id"], eb["gpu_id"], ec["gpu_id"]) == (0, 1, 1)
+        # the same seed gives the same image on either worker, even while both run; another seed differs
+        assert _image(server, ea) == _image(server, eb)
+        assert _image(server, ec) != _image(server, ea)
+
+        loaded = _loaded(server)
+        assert loaded[0] > 0 and loaded[1] > 0, loaded
+        assert server.post("/free", {"unload_models": True}, headers={"X-TARGET-GPU": "0"}).status == 200
+        deadline = time.time() + 30
+        while time.time() < deadline and _loaded(server)[0] != 0:
+            time.sleep(0.2)
+        after = _loaded(server)
+        assert after[0] == 0 and after[1] == loaded[1], (loaded, after)
+    finally:
+        server.stop()
