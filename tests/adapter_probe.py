@@ -27,6 +27,7 @@ def snapshot(comfy) -> dict:
         (main, "get_progress_state"), (main, "prompt_worker"),
     }
     out = {f"{mod.__name__}.{attr}": id(getattr(mod, attr)) for mod, attr in names if hasattr(mod, attr)}
+    out["WebUIProgressHandler._send_progress_state"] = id(progress.WebUIProgressHandler.__dict__["_send_progress_state"])
     for attr in ("client_id", "last_node_id", "last_prompt_id", "add_routes", "start_multi_address",
                  "queue_updated"):
         out[f"PromptServer.{attr}"] = id(server.PromptServer.__dict__.get(attr))

@@ -24,7 +24,7 @@ def test_patches_apply_are_idempotent_and_undo(comfy_dir: Path) -> None:
     result = probe(comfy_dir)
     assert result["version"] == comfy_dir.name
     assert set(result["applied"]) == {
-        "server-worker-attrs", "progress-registry-per-worker", "interrupt-per-worker", "loaded-models-per-worker",
+        "server-worker-attrs", "progress-registry-per-worker", "progress-state-to-submitter", "interrupt-per-worker", "loaded-models-per-worker",
         "empty-cache-per-device", "device-workers", "server-setup", "entry-ports", "scoped-queue-status"}
     for name in ("comfy.model_management.current_loaded_models", "comfy.model_management.soft_empty_cache",
                  "execution.get_progress_state", "main.get_progress_state", "main.prompt_worker",

@@ -134,6 +134,53 @@ class ProgressRegistryPerWorker(Patch):
         self.log.replace_everywhere(progress, "reset_progress_state", reset_progress_state)
 
 
+class _SubmitterOnly:
+    """Stands in for the server inside one progress-handler call: messages without a client go to the submitter."""
+
+    def __init__(self, server: Any) -> None:
+        self._server = server
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+    def send_sync(self, event: Any, data: Any, sid: Any = None) -> None:
+        self._server.send_sync(event, data, sid if sid is not None else self._server.client_id)
+
+
+class ProgressStateToSubmitter(Patch):
+    name = "progress-state-to-submitter"
+    replaces = "comfy_execution.progress.WebUIProgressHandler._send_progress_state (0.3.52 only)"
+    why = ("ComfyUI 0.3.52 broadcasts progress_state to every websocket; with several devices running, clients "
+           "see each other's prompts. 0.3.75 addresses the submitter itself; there this patch changes nothing")
+    checked_on = CHECKED
+
+    def check(self, comfy: Comfy) -> str | None:
+        if comfy.progress is None:
+            return "comfy_execution.progress is not imported"
+        return first_problem(
+            lambda: require_callables(comfy.progress, "WebUIProgressHandler"),
+            lambda: require_callables(comfy.progress.WebUIProgressHandler, "_send_progress_state"),
+        )
+
+    def _apply(self, comfy: Comfy) -> None:
+        handler = comfy.progress.WebUIProgressHandler  # type: ignore[union-attr]
+        original = handler._send_progress_state
+        if "client_id" in original.__code__.co_names:
+            return  # this ComfyUI already sends progress_state to the submitting client only
+
+        def _send_progress_state(self_: Any, prompt_id: str, nodes: Any) -> None:
+            server = self_.server_instance
+            if server is None:
+                return original(self_, prompt_id, nodes)
+            self_.server_instance = _SubmitterOnly(server)
+            try:
+                return original(self_, prompt_id, nodes)
+            finally:
+                self_.server_instance = server
+
+        self.log.replace(handler, "_send_progress_state", _send_progress_state)
+
+
 class InterruptPerWorker(Patch):
     name = "interrupt-per-worker"
     replaces = ("comfy.model_management.interrupt_current_processing / processing_interrupted / "
@@ -362,6 +409,7 @@ class ScopedQueueStatus(_HookedPatch):
 WORKER_STATE_PATCHES: tuple[type[Patch], ...] = (
     ServerWorkerAttrs,
     ProgressRegistryPerWorker,
+    ProgressStateToSubmitter,
     InterruptPerWorker,
     LoadedModelsPerWorker,
     EmptyCachePerDevice,

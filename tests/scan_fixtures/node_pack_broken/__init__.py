@@ -1,0 +1,1 @@
+from .broken_syntax import NODE_CLASS_MAPPINGS  # noqa: F401

@@ -1,0 +1,4 @@
+import torch
+
+device = "cuda"
+x = = torch.cuda.current_device()  # expect: unparsable

@@ -1,0 +1,44 @@
+"""The command line: --help explains itself, doctor reports on a real ComfyUI, bad settings exit clearly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from harness import REPO
+
+
+def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "comfy_parallel", *args], cwd=str(REPO), capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_serve_help_explains_routing() -> None:
+    out = cli("serve", "--help")
+    assert out.returncode == 0
+    for words in ("X-TARGET-GPU", "--devices", "--entry-ports", "--default-route", "COMFY_MULTI_GPU_SCHED",
+                  "COMFY_NUM_GPUS", "/gpuN/", "400"):
+        assert words in out.stdout, words
+
+
+def test_bad_settings_exit_with_a_clear_message(comfy_dir: Path) -> None:
+    out = cli("serve", "--comfyui", str(comfy_dir), "--devices", "0,0")
+    assert out.returncode == 2 and "listed twice" in out.stderr
+    out = cli("serve", "--comfyui", str(comfy_dir), "--devices", "cpu,cpu", "--default-route", "5")
+    assert out.returncode == 2 and "--default-route" in out.stderr
+    out = cli("serve", "--comfyui", "/nonexistent", "--devices", "cpu,cpu")
+    assert out.returncode == 2 and "not a ComfyUI folder" in out.stderr
+
+
+def test_doctor_reports_version_devices_and_patches(comfy_dir: Path) -> None:
+    out = cli("doctor", "--comfyui", str(comfy_dir))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"ComfyUI: {comfy_dir.name} at {comfy_dir}" in out.stdout
+    assert "devices: 0 CUDA device(s) visible" in out.stdout
+    assert "packages: all present" in out.stdout
+    for name in ("server-worker-attrs", "interrupt-per-worker", "loaded-models-per-worker", "device-workers",
+                 "entry-ports"):
+        assert f"{name}" in out.stdout
+    assert "DOES NOT APPLY" not in out.stdout and "result: ready" in out.stdout
