@@ -279,7 +279,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--devices", help="CUDA ordinals for comfy-parallel (default: every visible GPU)")
     ap.add_argument("--cpu-workers", type=int, default=0, help="local smoke test: no GPU, N CPU workers")
-    ap.add_argument("--servers", default="stock,parallel", help="comma list of stock, parallel, parallel-shim")
+    ap.add_argument("--servers", default="stock,parallel", help="comma list of stock, parallel")
     ap.add_argument("--port", type=int, default=8288)
     ap.add_argument("--start-timeout", type=float, default=240)
     ap.add_argument("--prompt-timeout", type=float, default=600)
@@ -313,10 +313,6 @@ def main() -> int:
         "parallel": ([sys.executable, "-m", "comfy_parallel", "serve", "--comfyui", args.comfyui,
                       "--devices", devices_arg, "--entry-ports", "none", "--",
                       *comfy_common, "--port", str(args.port + 1)], ndev),
-        # the same launcher through bench/cp_serve_shim.py (works around the loader's missing main.cuda_malloc)
-        "parallel-shim": ([sys.executable, str(REPO / "bench" / "cp_serve_shim.py"), "serve", "--comfyui",
-                           args.comfyui, "--devices", devices_arg, "--entry-ports", "none", "--",
-                           *comfy_common, "--port", str(args.port + 2)], ndev),
     }
     meta = {
         "label": args.label, "width": args.width, "height": args.width, "steps": args.steps, "sampler": "euler",
@@ -328,7 +324,7 @@ def main() -> int:
     results: list[dict] = []
     for name in args.servers.split(","):
         cmd, n = servers[name]
-        port = args.port + {"stock": 0, "parallel": 1, "parallel-shim": 2}[name]
+        port = args.port + {"stock": 0, "parallel": 1}[name]
         results.append(run_server(name, cmd, port, args, n, out))
         (out / f"{args.label}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     md = (f"{args.label}: {args.width}x{args.width}, {args.steps} steps, euler, batch 1, {args.per_gpu} prompts per "

@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import provision
+from . import provision, scan
 from .settings import (Settings, SettingsError, default_devices, env_enabled, parse_default_route,
                        parse_devices, parse_entry_ports)
 
@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     _comfy_location_args(node)
     node.add_argument("--copy", action="store_true", help="copy instead of symlinking")
     node.add_argument("--custom-nodes-dir", help="install here instead of <ComfyUI>/custom_nodes")
+
+    scan.add_parser(sub)
     return parser
 
 
@@ -232,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         return provision.main(["--versions", args.versions])
     if args.command == "install-node":
         return cmd_install_node(args)
+    if args.command == "scan":
+        return scan.run(args)
     return 2
 
 

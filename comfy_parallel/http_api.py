@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import worker_context
 from .routing import current_route
@@ -31,7 +32,6 @@ def debug_queues(server: "MultiDeviceServer") -> dict:
 def status(server: "MultiDeviceServer") -> dict:
     devices = []
     for spec, stats in zip(server.settings.devices, server.queues.stats()):
-        ctx = worker_context.get(spec.index)
         worker = server.workers[spec.index] if spec.index < len(server.workers) else None
         devices.append({
             "gpu_id": spec.index,
@@ -41,7 +41,7 @@ def status(server: "MultiDeviceServer") -> dict:
             "running_prompt_ids": server.queues.devices[spec.index].running_prompt_ids(),
             "alive": bool(worker is not None and worker.is_alive()),
             "restarts": worker.restarts if worker is not None else 0,
-            "loaded_models": len(ctx.loaded_models) if ctx is not None else 0,
+            "loaded_models": server.loaded_models(spec.index),
         })
     return {
         "mode": "multi-device",
@@ -93,6 +93,21 @@ def add_routes(server: "MultiDeviceServer", routes: web.RouteTableDef) -> None:
     @routes.get("/multigpu/status")
     async def get_status(request: web.Request) -> web.Response:
         return web.json_response(status(server))
+
+    @routes.get("/metrics")
+    async def get_metrics(request: web.Request) -> web.Response:
+        return web.Response(body=server.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    @routes.get("/health")
+    async def get_health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    @routes.get("/ready")
+    async def get_ready(request: web.Request) -> web.Response:
+        ready = server.ready()
+        workers = [{"gpu_id": w.spec.index, "alive": w.is_alive(), "started": w.ready.is_set()}
+                   for w in server.workers]
+        return web.json_response({"ready": ready, "workers": workers}, status=200 if ready else 503)
 
 
 def is_route(request: web.Request, method: str, path: str) -> bool:

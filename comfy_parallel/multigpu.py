@@ -10,12 +10,16 @@ A prompt's path, top to bottom:
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
+from pathlib import Path
 from typing import Any, Callable
 
 from aiohttp import web
 
-from . import http_api, routing
+from . import http_api, routing, scan, worker_context
+from .comfy_adapter import custom_node_dirs
+from .metrics import DeviceMetrics
 from .queues import DeviceQueues
 from .routing import RequestRoute
 from .settings import Settings
@@ -32,6 +36,8 @@ class MultiDeviceServer:
         self.port_map: dict[int, int] = {port: i for i, port in enumerate(settings.entry_ports)}
         self.queues = DeviceQueues(len(settings.devices), routing.current_route, settings.default_route,
                                    on_change=self._queue_changed)
+        self.metrics = DeviceMetrics(self.queues, self.loaded_models, (d.label for d in settings.devices))
+        self.queues.add_listener(self.metrics)
         self.workers: list[DeviceWorker] = []
         self.prompt_server: Any = None
         self.ws_targets: dict[str, int] = {}
@@ -52,8 +58,11 @@ class MultiDeviceServer:
         routing.register_prefixes(app, self.n_devices)
 
     def start_workers(self, prompt_server: Any, prompt_worker: Callable[[Any, Any], None]) -> None:
-        self.workers = start_workers(self.settings.devices, self.queues.devices, prompt_server, prompt_worker)
+        self.workers = start_workers(self.settings.devices, self.queues.devices, prompt_server, prompt_worker,
+                                     self.metrics.on_restart)
         self.log_startup()
+        dirs = [Path(d) for d in custom_node_dirs()]
+        threading.Thread(target=scan.startup_report, args=(dirs, log), name="comfy-parallel-scan", daemon=True).start()
 
     def listen_addresses(self, addresses: list[tuple[str, int]]) -> list[tuple[str, int]]:
         hosts = list(dict.fromkeys(host for host, _ in addresses))
@@ -98,6 +107,14 @@ class MultiDeviceServer:
         finally:
             if self.ws_targets.get(sid) == route.target:
                 self.ws_targets.pop(sid, None)
+
+    def loaded_models(self, index: int) -> int:
+        ctx = worker_context.get(index)
+        return len(ctx.loaded_models) if ctx is not None else 0
+
+    def ready(self) -> bool:
+        """Every worker thread is alive and has finished its start-up on its device."""
+        return len(self.workers) == self.n_devices and all(w.is_alive() and w.ready.is_set() for w in self.workers)
 
     def _queue_changed(self, index: int | None) -> None:
         if self.prompt_server is not None:

@@ -23,10 +23,27 @@ from . import worker_context
 MAXIMUM_HISTORY_SIZE = 10000  # ComfyUI's execution.MAXIMUM_HISTORY_SIZE
 
 
+CONSECUTIVE_FAILURES_BEFORE_REBUILD = 3
+
+
+class RebuildExecutor(BaseException):
+    """Raised from ``get`` into ComfyUI's prompt_worker loop so the device worker starts it with a new executor.
+
+    A BaseException: ComfyUI's loop must not swallow it.
+    """
+
+
 class QueueStats(NamedTuple):
     gpu_id: int
     queued: int
     running: int
+
+
+def is_oom(status: dict | None) -> bool:
+    for event, data in (status or {}).get("messages", []):
+        if event == "execution_error" and "OutOfMemoryError" in str(data.get("exception_type", "")):
+            return True
+    return False
 
 
 class History:
@@ -89,6 +106,9 @@ class DeviceQueue:
         self.enqueued_at: dict[str, float] = {}
         self.flags: dict[str, Any] = {}
         self.listeners: list[Any] = []
+        self.oom_retried: set[str] = set()
+        self.consecutive_failures = 0
+        self.rebuild_requested = False
 
     @property
     def history(self) -> dict:
@@ -105,6 +125,9 @@ class DeviceQueue:
     # -- consumer side (the device's worker, through ComfyUI's prompt_worker) ---------------------------------
     def get(self, timeout: float | None = None) -> tuple[tuple, int] | None:
         with self.not_empty:
+            if self.rebuild_requested:
+                self.rebuild_requested = False
+                raise RebuildExecutor()
             while len(self.queue) == 0:
                 self.not_empty.wait(timeout=timeout)
                 if timeout is not None and len(self.queue) == 0:
@@ -124,11 +147,13 @@ class DeviceQueue:
     def task_done(self, item_id: int, history_result: dict, status: Any = None,
                   process_item: Callable[[tuple], tuple] | None = None) -> None:
         with self.mutex:
-            prompt = self.currently_running.pop(item_id)
+            item = self.currently_running.pop(item_id)
             started = self.started_at.pop(item_id, time.monotonic())
             status_dict = copy.deepcopy(status._asdict()) if status is not None else None
-            if process_item is not None:
-                prompt = process_item(prompt)
+            if self._retry_after_oom(item, status_dict):
+                return
+            self._count_failure(status_dict)
+            prompt = process_item(item) if process_item is not None else item
             entry = {"prompt": prompt, "outputs": {}, "status": status_dict}
             entry.update(history_result)
             entry["gpu_id"] = self.index
@@ -136,6 +161,38 @@ class DeviceQueue:
             for listener in self.listeners:
                 listener.on_done(self.index, prompt[1], status_dict, time.monotonic() - started)
             self.on_change()
+
+    def _retry_after_oom(self, item: tuple, status: dict | None) -> bool:
+        """Out of memory: free this device (models and executor cache) and run the prompt once more."""
+        prompt_id = item[1]
+        if not is_oom(status):
+            self.oom_retried.discard(prompt_id)
+            return False
+        if prompt_id in self.oom_retried:
+            self.oom_retried.discard(prompt_id)
+            status["messages"].append(("comfy_parallel_oom", {  # type: ignore[index]
+                "prompt_id": prompt_id, "gpu_id": self.index,
+                "message": f"out of memory on device {self.index} again after freeing it and retrying once"}))
+            return False
+        self.oom_retried.add(item[1])
+        self.flags["free_memory"] = True  # ComfyUI's loop unloads this device's models and resets its executor
+        heapq.heappush(self.queue, item)
+        self.enqueued_at[item[1]] = time.monotonic()
+        for listener in self.listeners:
+            listener.on_oom_retry(self.index)
+        self.on_change()
+        return True
+
+    def _count_failure(self, status: dict | None) -> None:
+        if status is None or status.get("status_str") == "success":
+            self.consecutive_failures = 0
+            return
+        if any(event == "execution_interrupted" for event, _ in status.get("messages", [])):
+            return
+        self.consecutive_failures += 1
+        if self.consecutive_failures >= CONSECUTIVE_FAILURES_BEFORE_REBUILD:
+            self.consecutive_failures = 0
+            self.rebuild_requested = True
 
     # -- views and edits -------------------------------------------------------------------------------------
     def get_current_queue(self) -> tuple[list, list]:

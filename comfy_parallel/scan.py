@@ -285,8 +285,8 @@ class _Scanner(ast.NodeVisitor):
                              hint)
         elif device is None and self.import_ctx is not None:
             self.add_at_attr(func, "dot-cuda",
-                             f".cuda() runs once at import ({self.import_ctx}) on the main thread, so it lands on GPU 0 "
-                             "for every worker, outside ComfyUI's memory management", hint)
+                             f".cuda() runs once at import ({self.import_ctx}) on the main thread, so it lands on "
+                             "GPU 0 for every worker, outside ComfyUI's memory management", hint)
         elif device is None:
             self.add_at_attr(func, "dot-cuda",
                              ".cuda() reaches the worker's GPU but bypasses ComfyUI's memory management (no "

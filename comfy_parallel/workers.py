@@ -18,7 +18,7 @@ import traceback
 from typing import Any, Callable, NamedTuple
 
 from . import worker_context
-from .queues import DeviceQueue
+from .queues import CONSECUTIVE_FAILURES_BEFORE_REBUILD, DeviceQueue, RebuildExecutor
 from .settings import DeviceSpec
 from .worker_context import WorkerContext
 
@@ -37,8 +37,8 @@ class Status(NamedTuple):
 class DeviceWorker(threading.Thread):
     RESTART_DELAY_S = 1.0
 
-    def __init__(self, spec: DeviceSpec, queue: DeviceQueue, prompt_server: Any, prompt_worker: PromptWorker
-                 ) -> None:
+    def __init__(self, spec: DeviceSpec, queue: DeviceQueue, prompt_server: Any, prompt_worker: PromptWorker,
+                 on_restart: Callable[[int, str], None] = lambda index, reason: None) -> None:
         super().__init__(name=f"comfy-parallel-worker-{spec.index}", daemon=True)
         self.spec = spec
         self.queue = queue
@@ -46,6 +46,7 @@ class DeviceWorker(threading.Thread):
         self.prompt_worker = prompt_worker
         self.context = worker_context.get(spec.index) or WorkerContext(spec)
         self.restarts = 0
+        self.on_restart = on_restart
         self.ready = threading.Event()
 
     def _select_device(self) -> None:
@@ -63,10 +64,16 @@ class DeviceWorker(threading.Thread):
             try:
                 self.prompt_worker(self.queue, self.prompt_server)
                 log.error("[GPU %d] prompt_worker returned; starting it again", self.spec.index)
+            except RebuildExecutor:
+                self.restarts += 1
+                self.on_restart(self.spec.index, "rebuild")
+                log.warning("[GPU %d] %d consecutive failures: rebuilding the executor", self.spec.index,
+                            CONSECUTIVE_FAILURES_BEFORE_REBUILD)
             except BaseException as exc:  # a dying worker must never take its prompt with it
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
                 self.restarts += 1
+                self.on_restart(self.spec.index, "crash")
                 log.error("[GPU %d] worker crashed (%s: %s); restart %d\n%s", self.spec.index,
                           type(exc).__name__, exc, self.restarts, traceback.format_exc())
                 self._fail_running(exc)
@@ -83,8 +90,9 @@ class DeviceWorker(threading.Thread):
 
 
 def start_workers(specs: tuple[DeviceSpec, ...], queues: list[DeviceQueue], prompt_server: Any,
-                  prompt_worker: PromptWorker, timeout_s: float = 60.0) -> list[DeviceWorker]:
-    workers = [DeviceWorker(spec, q, prompt_server, prompt_worker) for spec, q in zip(specs, queues)]
+                  prompt_worker: PromptWorker, on_restart: Callable[[int, str], None],
+                  timeout_s: float = 60.0) -> list[DeviceWorker]:
+    workers = [DeviceWorker(spec, q, prompt_server, prompt_worker, on_restart) for spec, q in zip(specs, queues)]
     for w in workers:
         w.start()
     for w in workers:

@@ -39,9 +39,20 @@ def main() -> None:
     breaking = len(sys.argv) > 2 and sys.argv[2] == "break"
     from comfy_parallel.comfy_adapter import Adapter, AdapterError, Comfy, load_comfyui
 
-    load_comfyui(comfy_dir, ["--cpu", "--disable-all-custom-nodes"])
+    main_module = load_comfyui(comfy_dir, ["--cpu", "--disable-all-custom-nodes"])
     comfy = Comfy.from_sys_modules()
     result: dict = {"version": comfy.version}
+    # On CUDA, start_comfyui calls cuda_malloc_warning(), which reads main's ``cuda_malloc`` global.
+    mm = comfy.model_management
+    real_name = mm.get_torch_device_name
+    mm.get_torch_device_name = lambda device: "cuda:0 NVIDIA H100 80GB HBM3 : cudaMallocAsync"
+    try:
+        main_module.cuda_malloc_warning()
+        result["cuda_malloc_warning_ok"] = True
+    except Exception as err:  # reported, not raised: the test names what broke
+        result["cuda_malloc_warning_ok"] = repr(err)
+    finally:
+        mm.get_torch_device_name = real_name
     if breaking:
         del comfy.model_management.soft_empty_cache  # as if a newer ComfyUI had renamed it
         comfy.server.PromptServer.start_multi_address = None

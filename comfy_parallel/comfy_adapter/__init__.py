@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 from .base import AdapterError, Comfy, Patch
 from .loader import load_comfyui, read_version
@@ -78,5 +77,8 @@ def active() -> Adapter | None:
     return _active
 
 
-def describe(patches: Any) -> str:
-    return ", ".join(p.name for p in patches)
+def custom_node_dirs() -> list[str]:
+    """Every custom_nodes folder ComfyUI loads from (its own and those of extra_model_paths)."""
+    import folder_paths  # type: ignore[import-not-found]
+
+    return list(folder_paths.get_folder_paths("custom_nodes"))

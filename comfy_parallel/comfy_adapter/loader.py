@@ -52,6 +52,9 @@ def load_comfyui(comfy_dir: str | Path, comfy_args: list[str]) -> ModuleType:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.cuda_device)
     if getattr(args, "deterministic", False) and "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
-    if "torch" not in sys.modules:
-        importlib.import_module("cuda_malloc")
-    return importlib.import_module("main")
+    cuda_malloc = importlib.import_module("cuda_malloc") if "torch" not in sys.modules else None
+    main = importlib.import_module("main")
+    # main.py binds ``cuda_malloc`` in that block too, and cuda_malloc_warning() reads it on CUDA devices.
+    if not hasattr(main, "cuda_malloc"):
+        main.cuda_malloc = cuda_malloc or importlib.import_module("cuda_malloc")
+    return main

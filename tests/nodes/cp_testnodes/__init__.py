@@ -68,5 +68,55 @@ class CPFail:
         raise RuntimeError(message)
 
 
-NODE_CLASS_MAPPINGS = {"CPSleep": CPSleep, "CPFail": CPFail}
-NODE_DISPLAY_NAME_MAPPINGS = {"CPSleep": "Sleep (comfy-parallel tests)", "CPFail": "Fail (comfy-parallel tests)"}
+class CPOOM:
+    """Raise CUDA out-of-memory on the first ``times`` runs of ``tag`` (OOM injection on CPU workers)."""
+
+    runs: dict[str, int] = {}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"times": ("INT", {"default": 1, "min": 0, "max": 100}), "tag": ("STRING", {})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "comfy_parallel_tests"
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+    def run(self, times: int, tag: str):
+        import torch
+
+        started = time.time()
+        n = self.runs[tag] = self.runs.get(tag, 0) + 1
+        if n <= times:
+            raise torch.cuda.OutOfMemoryError(f"injected out of memory ({n}/{times}) for {tag}")
+        return {"ui": {"record": [_record(tag, started)]}}
+
+
+class WorkerCrash(BaseException):
+    """Not an Exception: ComfyUI's executor does not catch it, so it ends the worker's loop."""
+
+
+class CPCrash:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"tag": ("STRING", {})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "comfy_parallel_tests"
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+    def run(self, tag: str):
+        raise WorkerCrash(f"injected worker crash {tag}")
+
+
+NODE_CLASS_MAPPINGS = {"CPSleep": CPSleep, "CPFail": CPFail, "CPOOM": CPOOM, "CPCrash": CPCrash}
+NODE_DISPLAY_NAME_MAPPINGS = {name: f"{name} (comfy-parallel tests)" for name in NODE_CLASS_MAPPINGS}

@@ -46,7 +46,7 @@ class HardCodedNode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"device": (["cuda:0", "cuda:1", "cpu"],)}}  # expect: cuda-index-literal, cuda-index-literal
+        return {"required": {"gpu": (["cuda:0", "cuda:1", "cpu"],)}}  # expect: cuda-index-literal, cuda-index-literal
 
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "run"

@@ -1,0 +1,146 @@
+"""Per-device metrics: Prometheus text at ``GET /metrics`` and the seed's periodic log line.
+
+The queues call :meth:`DeviceMetrics.on_start` when a worker takes a prompt and :meth:`DeviceMetrics.on_done`
+when it finishes; gauges (queue length, running, loaded models) are read at scrape time, so they are never stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+
+from .queues import is_oom
+
+if TYPE_CHECKING:
+    from .queues import DeviceQueues
+
+log = logging.getLogger("comfy_parallel.metrics")
+
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, float("inf"))
+LOG_EVERY_TASKS = 10
+LOG_EVERY_S = 60.0
+
+
+def outcome_of(status: dict | None) -> str:
+    if status is None:
+        return "error"
+    if status.get("status_str") == "success":
+        return "success"
+    if any(event == "execution_interrupted" for event, _ in status.get("messages", [])):
+        return "interrupted"
+    return "error"
+
+
+@dataclass
+class _Window:
+    """What the periodic log line summarises since it was last written."""
+
+    tasks: int = 0
+    success: int = 0
+    queue_sum: float = 0.0
+    wait_sum: float = 0.0
+    exec_sum: float = 0.0
+    oom: int = 0
+    since: float = field(default_factory=time.monotonic)
+
+
+class DeviceMetrics:
+    def __init__(self, queues: "DeviceQueues", loaded_models: Callable[[int], int],
+                 labels: Iterable[str]) -> None:
+        self.queues = queues
+        self.loaded_models = loaded_models
+        self.labels = list(labels)
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.prompts = Counter("comfy_parallel_prompts", "Prompts finished, by outcome (success, error, interrupted)",
+                               ["device", "outcome"], registry=self.registry)
+        self.oom = Counter("comfy_parallel_oom", "CUDA out-of-memory errors inside prompts", ["device"],
+                           registry=self.registry)
+        self.restarts = Counter("comfy_parallel_worker_restarts", "Worker loop restarts (crash or executor rebuild)",
+                                ["device", "reason"], registry=self.registry)
+        self.wait = Histogram("comfy_parallel_queue_wait_seconds", "Time a prompt waited in its device queue",
+                              ["device"], buckets=SECONDS_BUCKETS, registry=self.registry)
+        self.execution = Histogram("comfy_parallel_execution_seconds", "Time a worker spent on a prompt",
+                                   ["device"], buckets=SECONDS_BUCKETS, registry=self.registry)
+        self.registry.register(_LiveCollector(self))
+        self._lock = threading.Lock()
+        self._windows = [_Window() for _ in self.labels]
+        self._queue_at_start: dict[str, int] = {}
+        for i in range(len(self.labels)):
+            for outcome in ("success", "error", "interrupted"):
+                self.prompts.labels(str(i), outcome)
+            self.oom.labels(str(i))
+            self.wait.labels(str(i))
+            self.execution.labels(str(i))
+            for reason in ("crash", "rebuild"):
+                self.restarts.labels(str(i), reason)
+
+    # -- queue listener ----------------------------------------------------------------------------------------
+    def on_start(self, index: int, prompt_id: str, waited_s: float) -> None:
+        self.wait.labels(str(index)).observe(waited_s)
+        with self._lock:
+            w = self._windows[index]
+            w.wait_sum += waited_s
+            w.queue_sum += len(self.queues.devices[index].queue)
+
+    def on_done(self, index: int, prompt_id: str, status: dict | None, exec_s: float) -> None:
+        device = str(index)
+        outcome = outcome_of(status)
+        self.prompts.labels(device, outcome).inc()
+        self.execution.labels(device).observe(exec_s)
+        oom = is_oom(status)
+        if oom:
+            self.oom.labels(device).inc()
+        with self._lock:
+            w = self._windows[index]
+            w.tasks += 1
+            w.success += outcome == "success"
+            w.exec_sum += exec_s
+            w.oom += oom
+            due = w.tasks >= LOG_EVERY_TASKS or time.monotonic() - w.since >= LOG_EVERY_S
+            if due:
+                self._windows[index] = _Window()
+        if due:
+            log.info("[GPU %d] tasks=%d, success=%.1f%%, queue=%.1f, wait=%.0fms, exec=%.0fms, oom=%d", index,
+                     w.tasks, 100.0 * w.success / w.tasks, w.queue_sum / w.tasks, 1000 * w.wait_sum / w.tasks,
+                     1000 * w.exec_sum / w.tasks, w.oom)
+
+    def on_oom_retry(self, index: int) -> None:
+        self.oom.labels(str(index)).inc()
+
+    def on_restart(self, index: int, reason: str) -> None:
+        self.restarts.labels(str(index), reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _LiveCollector:
+    """Gauges read from the queues at scrape time."""
+
+    def __init__(self, metrics: DeviceMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        m = self.metrics
+        queued = GaugeMetricFamily("comfy_parallel_queue_length", "Prompts waiting in the device queue",
+                                   labels=["device"])
+        running = GaugeMetricFamily("comfy_parallel_running", "Prompts running on the device (0 or 1)",
+                                    labels=["device"])
+        loaded = GaugeMetricFamily("comfy_parallel_loaded_models", "Models loaded on the device",
+                                   labels=["device"])
+        current = InfoMetricFamily("comfy_parallel_running_prompt", "The prompt running on the device",
+                                   labels=["device"])
+        for stats in m.queues.stats():
+            device = str(stats.gpu_id)
+            queued.add_metric([device], stats.queued)
+            running.add_metric([device], stats.running)
+            loaded.add_metric([device], m.loaded_models(stats.gpu_id))
+            ids = m.queues.devices[stats.gpu_id].running_prompt_ids()
+            current.add_metric([device], {"prompt_id": ids[0] if ids else "", "device_name": m.labels[stats.gpu_id]})
+        yield from (queued, running, loaded, current)
