@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from harness import REPO, Server
 
 from comfy_parallel import provision
@@ -49,6 +52,10 @@ def _image(server: Server, entry: dict) -> bytes:
     return resp.body
 
 
+def _pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
 def _loaded(server: Server) -> list[int]:
     return [d["loaded_models"] for d in server.get("/multigpu/status").json()["devices"]]
 
@@ -64,9 +71,11 @@ def test_sd15_on_two_workers_at_once_then_scoped_free(comfy_dir: Path, sd15_mode
         for e in (ea, eb, ec):
             assert e["status"]["status_str"] == "success", e["status"]
         assert (ea["gpu_id"], eb["gpu_id"], ec["gpu_id"]) == (0, 1, 1)
-        # the same seed gives the same image on either worker, even while both run; another seed differs
-        assert _image(server, ea) == _image(server, eb)
-        assert _image(server, ec) != _image(server, ea)
+        # the same seed gives the same image on either worker, even while both run; another seed differs.
+        # CPU kernels may sum in another order under load, so compare pixels within a rounding step.
+        img_a, img_b, img_c = (_pixels(_image(server, e)) for e in (ea, eb, ec))
+        assert np.abs(img_a - img_b).max() <= 2, np.abs(img_a - img_b).max()
+        assert np.abs(img_a - img_c).mean() > 10 * max(np.abs(img_a - img_b).mean(), 0.1)
 
         loaded = _loaded(server)
         assert loaded[0] > 0 and loaded[1] > 0, loaded
