@@ -38,6 +38,7 @@ class MultiDeviceServer:
                                    on_change=self._queue_changed)
         self.metrics = DeviceMetrics(self.queues, self.loaded_models, (d.label for d in settings.devices))
         self.queues.add_listener(self.metrics)
+        self.queues.add_listener(PromptLog())
         self.workers: list[DeviceWorker] = []
         self.prompt_server: Any = None
         self.ws_targets: dict[str, int] = {}
@@ -133,3 +134,17 @@ class MultiDeviceServer:
             log.info("comfy-parallel: entry port %d -> device %d (%s)", port, index,
                      self.settings.devices[index].label)
 
+
+
+class PromptLog:
+    """One log line per prompt start and end, naming the device (ComfyUI's own lines do not)."""
+
+    def on_start(self, index: int, prompt_id: str, waited_s: float) -> None:
+        log.info("[GPU %d] prompt %s started after %.0f ms in queue", index, prompt_id, 1000 * waited_s)
+
+    def on_done(self, index: int, prompt_id: str, status: dict | None, exec_s: float) -> None:
+        log.info("[GPU %d] prompt %s finished: %s in %.2f s", index, prompt_id,
+                 (status or {}).get("status_str", "error"), exec_s)
+
+    def on_oom_retry(self, index: int) -> None:
+        log.warning("[GPU %d] out of memory: device freed, the prompt runs once more", index)
