@@ -89,7 +89,26 @@ class History:
             self.entries.pop(prompt_id, None)
 
 
-class DeviceQueue:
+class _SharedHistoryAccess:
+    """The history part of ComfyUI's PromptQueue contract: every queue reads and edits the one history."""
+
+    history_store: History
+
+    @property
+    def history(self) -> dict:
+        return self.history_store.entries
+
+    def get_history(self, *args: Any, **kwargs: Any) -> dict:
+        return self.history_store.get(*args, **kwargs)
+
+    def wipe_history(self) -> None:
+        self.history_store.wipe()
+
+    def delete_history_item(self, id_to_delete: str) -> None:
+        self.history_store.delete(id_to_delete)
+
+
+class DeviceQueue(_SharedHistoryAccess):
     """ComfyUI's PromptQueue contract for one device; the device's worker is its only consumer."""
 
     def __init__(self, index: int, lock: threading.RLock, history: History,
@@ -109,10 +128,6 @@ class DeviceQueue:
         self.oom_retried: set[str] = set()
         self.consecutive_failures = 0
         self.rebuild_requested = False
-
-    @property
-    def history(self) -> dict:
-        return self.history_store.entries
 
     # -- producer side (HTTP) -------------------------------------------------------------------------------
     def put(self, item: tuple) -> None:
@@ -233,15 +248,6 @@ class DeviceQueue:
                     return True
         return False
 
-    def get_history(self, *args: Any, **kwargs: Any) -> dict:
-        return self.history_store.get(*args, **kwargs)
-
-    def wipe_history(self) -> None:
-        self.history_store.wipe()
-
-    def delete_history_item(self, id_to_delete: str) -> None:
-        self.history_store.delete(id_to_delete)
-
     def set_flag(self, name: str, data: Any) -> None:
         with self.mutex:
             self.flags[name] = data
@@ -259,7 +265,7 @@ class DeviceQueue:
         return ret
 
 
-class DeviceQueues:
+class DeviceQueues(_SharedHistoryAccess):
     """The server's ``prompt_queue``: routes each call to the request's target device, or merges all devices.
 
     ``current_route`` returns the routing decision of the HTTP request being handled (an object with
@@ -344,15 +350,6 @@ class DeviceQueues:
         with self.mutex:
             return any(q.delete_queue_item(function) for q in self._scope())
 
-    def get_history(self, *args: Any, **kwargs: Any) -> dict:
-        return self.history_store.get(*args, **kwargs)
-
-    def wipe_history(self) -> None:
-        self.history_store.wipe()
-
-    def delete_history_item(self, id_to_delete: str) -> None:
-        self.history_store.delete(id_to_delete)
-
     def set_flag(self, name: str, data: Any) -> None:
         for q in self._scope():
             q.set_flag(name, data)
@@ -364,10 +361,6 @@ class DeviceQueues:
         return merged
 
     # -- attributes some custom nodes read directly -----------------------------------------------------------
-    @property
-    def history(self) -> dict:
-        return self.history_store.entries
-
     @property
     def queue(self) -> list:
         return self.get_current_queue_volatile()[1]
