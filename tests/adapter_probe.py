@@ -27,11 +27,41 @@ def snapshot(comfy) -> dict:
         (main, "get_progress_state"), (main, "prompt_worker"),
     }
     out = {f"{mod.__name__}.{attr}": id(getattr(mod, attr)) for mod, attr in names if hasattr(mod, attr)}
+    import torch
+
+    out["torch.manual_seed"] = id(torch.manual_seed)
     out["WebUIProgressHandler._send_progress_state"] = id(progress.WebUIProgressHandler.__dict__["_send_progress_state"])
     for attr in ("client_id", "last_node_id", "last_prompt_id", "add_routes", "start_multi_address",
                  "queue_updated"):
         out[f"PromptServer.{attr}"] = id(server.PromptServer.__dict__.get(attr))
     return out
+
+
+def noise_check(comfy) -> bool:
+    """In a worker, prepare_noise(seed) must equal stock's noise even if another thread draws in between."""
+    import threading
+
+    import comfy.sample
+    import torch
+
+    from comfy_parallel import worker_context
+    from comfy_parallel.settings import DeviceSpec
+
+    latent = torch.zeros(1, 4, 8, 8)
+    reference = torch.randn(latent.size(), generator=torch.Generator().manual_seed(42))
+    out: dict = {}
+
+    def worker() -> None:
+        worker_context.bind(worker_context.WorkerContext(DeviceSpec(0, "cpu")))
+        generator = torch.manual_seed(42)
+        torch.randn(1000)  # another worker drawing from the global generator at this moment
+        out["noise"] = torch.randn(latent.size(), generator=generator)
+        out["prepared"] = comfy.sample.prepare_noise(latent, 42)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    return bool(torch.equal(out["noise"], reference) and torch.equal(out["prepared"], reference))
 
 
 def main() -> None:
@@ -75,6 +105,7 @@ def main() -> None:
 
     result["loaded_models_type"] = type(mm.current_loaded_models).__name__
     result["execution_sees_patch"] = execution.get_progress_state is comfy.progress.get_progress_state
+    result["noise_is_private_and_stock_equal"] = noise_check(comfy)
     adapter.undo()
     after = snapshot(comfy)
     result["restored"] = after == before

@@ -25,7 +25,8 @@ def test_patches_apply_are_idempotent_and_undo(comfy_dir: Path) -> None:
     assert result["version"] == comfy_dir.name
     assert result["cuda_malloc_warning_ok"] is True
     assert set(result["applied"]) == {
-        "server-worker-attrs", "progress-registry-per-worker", "progress-state-to-submitter", "interrupt-per-worker", "loaded-models-per-worker",
+        "server-worker-attrs", "progress-registry-per-worker", "progress-state-to-submitter",
+        "seeded-generator-per-call", "interrupt-per-worker", "loaded-models-per-worker",
         "empty-cache-per-device", "device-workers", "server-setup", "entry-ports", "scoped-queue-status"}
     for name in ("comfy.model_management.current_loaded_models", "comfy.model_management.soft_empty_cache",
                  "execution.get_progress_state", "main.get_progress_state", "main.prompt_worker",
@@ -33,6 +34,7 @@ def test_patches_apply_are_idempotent_and_undo(comfy_dir: Path) -> None:
         assert name in result["changed"], name
     assert result["loaded_models_type"] == "PerWorkerList"
     assert result["execution_sees_patch"] is True
+    assert result["noise_is_private_and_stock_equal"] is True
     assert result["second_apply_is_noop"] is True
     assert result["restored"] is True, result["not_restored"]
     assert result["loaded_models_type_after"] == "list"

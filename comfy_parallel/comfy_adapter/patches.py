@@ -9,6 +9,7 @@ the event loop thread behaves as in stock ComfyUI.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import MutableSequence
 from typing import Any, Callable, Iterable, Protocol
@@ -179,6 +180,35 @@ class ProgressStateToSubmitter(Patch):
                 self_.server_instance = server
 
         self.log.replace(handler, "_send_progress_state", _send_progress_state)
+
+
+class SeededGeneratorPerCall(Patch):
+    name = "seeded-generator-per-call"
+    replaces = "torch.manual_seed, as ComfyUI uses it for noise (comfy.sample.prepare_noise, comfy.samplers, ...)"
+    why = ("torch.manual_seed(seed) seeds and returns the process-wide CPU generator; two workers seeding and "
+           "drawing at once interleave their draws, so the same seed gave different images. In a worker it "
+           "still seeds as before but returns a private generator seeded alike, so the noise equals stock's")
+    checked_on = CHECKED
+
+    def check(self, comfy: Comfy) -> str | None:
+        sample = sys.modules.get("comfy.sample")
+        if sample is None:
+            return "comfy.sample is not imported"
+        return _uses(sample.prepare_noise, "manual_seed")
+
+    def _apply(self, comfy: Comfy) -> None:
+        import torch
+
+        original = torch.manual_seed
+
+        def manual_seed(seed: int) -> Any:
+            generator = original(seed)
+            if worker_context.current() is None:
+                return generator
+            return torch.Generator().manual_seed(int(seed))
+
+        manual_seed.__wrapped__ = original  # type: ignore[attr-defined]
+        self.log.replace(torch, "manual_seed", manual_seed)
 
 
 class InterruptPerWorker(Patch):
@@ -410,6 +440,7 @@ WORKER_STATE_PATCHES: tuple[type[Patch], ...] = (
     ServerWorkerAttrs,
     ProgressRegistryPerWorker,
     ProgressStateToSubmitter,
+    SeededGeneratorPerCall,
     InterruptPerWorker,
     LoadedModelsPerWorker,
     EmptyCachePerDevice,
