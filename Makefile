@@ -22,6 +22,7 @@ serve: $(BIN)/.installed
 	$(BIN)/comfy-parallel serve $(ARGS)
 
 test: provision
+	bash scripts/system-deps.sh nginx chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

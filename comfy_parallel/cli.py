@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import provision, scan
+from . import deploy, provision, scan
 from .settings import (Settings, SettingsError, default_devices, env_enabled, parse_default_route,
                        parse_devices, parse_entry_ports)
 
@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: auto when there is more than one device)")
     serve.add_argument("--default-route", default="auto",
                        help="where untargeted prompts go: 'auto' (shortest queue) or a device index")
+    serve.add_argument("--warmup-checkpoint", metavar="NAME",
+                       help="at start, load this checkpoint on every device and run one 64x64 sampling step; "
+                            "/ready answers 503 until it is done")
 
     doctor = sub.add_parser("doctor", help="check ComfyUI, devices, packages and which patches apply")
     _comfy_location_args(doctor)
@@ -78,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--custom-nodes-dir", help="install here instead of <ComfyUI>/custom_nodes")
 
     scan.add_parser(sub)
+    deploy.add_parser(sub)
     return parser
 
 
@@ -108,7 +112,8 @@ def serve_settings(args: argparse.Namespace, env: dict[str, str] | None = None) 
         devices = default_devices()
     entry_text = args.entry_ports if len(devices) > 1 and enabled else "none"
     return Settings(devices=devices, entry_ports=parse_entry_ports(entry_text, len(devices)),
-                    default_route=parse_default_route(args.default_route, len(devices)), enabled=enabled)
+                    default_route=parse_default_route(args.default_route, len(devices)), enabled=enabled,
+                    warmup_checkpoint=getattr(args, "warmup_checkpoint", None))
 
 
 def cmd_serve(args: argparse.Namespace, comfy_args: list[str]) -> int:
@@ -236,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_install_node(args)
     if args.command == "scan":
         return scan.run(args)
+    if args.command == "deploy":
+        return deploy.run(args, comfy_args)
     return 2
 
 

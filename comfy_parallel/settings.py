@@ -7,7 +7,7 @@ for everything else, so the launcher and the drop-in custom node read the same s
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Union
 
 DefaultRoute = Union[str, int]  # "auto" or a device index
@@ -36,7 +36,7 @@ class Settings:
     entry_ports: tuple[int, ...] = ()
     default_route: DefaultRoute = "auto"
     enabled: bool = True
-    extra: Mapping[str, str] = field(default_factory=dict)
+    warmup_checkpoint: str | None = None
 
     @property
     def multi_device(self) -> bool:
@@ -156,4 +156,5 @@ def from_env(env: Mapping[str, str] | None = None, cpu_mode: bool = False) -> Se
         devices = default_devices() if not cpu_mode else tuple(DeviceSpec(i, "cpu") for i in range(2))
     entry = parse_entry_ports(env.get("COMFY_PARALLEL_ENTRY_PORTS", "none"), len(devices))
     route = parse_default_route(env.get("COMFY_PARALLEL_DEFAULT_ROUTE", "auto"), len(devices))
-    return Settings(devices=devices, entry_ports=entry, default_route=route, enabled=enabled)
+    return Settings(devices=devices, entry_ports=entry, default_route=route, enabled=enabled,
+                    warmup_checkpoint=env.get("COMFY_PARALLEL_WARMUP_CHECKPOINT") or None)

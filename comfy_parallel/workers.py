@@ -46,6 +46,7 @@ class DeviceWorker(threading.Thread):
         self.prompt_worker = prompt_worker
         self.context = worker_context.get(spec.index) or WorkerContext(spec)
         self.restarts = 0
+        self.warmup_s: float | None = None
         self.on_restart = on_restart
         self.ready = threading.Event()
 
@@ -55,10 +56,27 @@ class DeviceWorker(threading.Thread):
 
             torch.cuda.set_device(self.spec.ordinal)
 
+    def _warm_up(self) -> float:
+        """Create the CUDA context, the allocator's first blocks and the cuBLAS handle before the first prompt."""
+        started = time.perf_counter()
+        import torch
+
+        device = torch.device("cuda", self.spec.ordinal) if self.spec.kind == "cuda" else torch.device("cpu")
+        a = torch.randn(512, 512, device=device, dtype=torch.float16 if self.spec.kind == "cuda" else torch.float32)
+        (a @ a).sum().item()
+        if self.spec.kind == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+
     def run(self) -> None:
         worker_context.bind(self.context)
         self._select_device()
-        log.info("[GPU %d] worker started on %s", self.spec.index, self.spec.label)
+        try:
+            self.warmup_s = self._warm_up()
+            log.info("[GPU %d] worker started on %s; device warm-up %.0f ms", self.spec.index, self.spec.label,
+                     1000 * self.warmup_s)
+        except Exception as exc:  # a failed warm-up is logged; the first prompt will show the real error
+            log.error("[GPU %d] device warm-up failed: %s: %s", self.spec.index, type(exc).__name__, exc)
         self.ready.set()
         while True:
             try:

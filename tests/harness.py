@@ -73,6 +73,7 @@ class Server:
     devices: str = "cpu,cpu,cpu"
     entry_ports: bool = True
     extra_args: list[str] = field(default_factory=list)
+    serve_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     models_dir: Path | None = None
     custom_nodes: Path = TEST_NODES
@@ -116,7 +117,7 @@ class Server:
             cmd = [sys.executable, "-m", "comfy_parallel", "serve", "--comfyui", str(self.comfy_dir),
                    "--devices", self.devices,
                    "--entry-ports", ",".join(map(str, self.ports)) if self.entry_ports else "none",
-                   "--", *comfy_args]
+                   *self.serve_args, "--", *comfy_args]
         else:
             cmd = [sys.executable, str(self.comfy_dir / "main.py"), "--cpu", *comfy_args]
             if self.mode == "dropin":

@@ -30,6 +30,7 @@ def test_health_ready_and_metrics(idle_multi: Server) -> None:
     assert s.get("/health").json() == {"status": "ok"}
     ready = s.get("/ready")
     assert ready.status == 200 and ready.json()["ready"] is True and len(ready.json()["workers"]) == 3
+    assert len(re.findall(r"\[GPU \d\] worker started on cpu#\d; device warm-up \d+ ms", s.log())) == 3
     resp = s.get("/metrics")
     assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
     before = metric(s, "comfy_parallel_prompts_total", device="2", outcome="success")
