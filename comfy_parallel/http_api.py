@@ -1,6 +1,7 @@
 """Routes comfy-parallel adds to ComfyUI's server, and the device-aware versions of stock routes.
 
-Added: ``GET /debug/queues`` (the seed's format) and ``GET /multigpu/status``. Replaced in multi-device mode:
+Added: ``GET /debug/queues`` (the seed's format), ``GET /multigpu/status`` and the status page for people at
+``GET /multigpu/`` (``status_page.html``, which polls ``status`` relative to itself). Replaced in multi-device mode:
 ``POST /interrupt`` (stock interrupts "the" worker; here a prompt id stops only the worker running it, a target
 stops that device, no target stops every device). Everything else stays ComfyUI's own handler and becomes
 device-aware through the queues.
@@ -10,18 +11,22 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import worker_context
+from . import device_status, worker_context
 from .routing import current_route
 
 if TYPE_CHECKING:
     from .multigpu import MultiDeviceServer
 
 log = logging.getLogger("comfy_parallel.http")
+
+# Package data: pyproject's [tool.setuptools.package-data] must list it for non-editable installs.
+STATUS_PAGE = Path(__file__).with_name("status_page.html")
 
 
 def debug_queues(server: "MultiDeviceServer") -> dict:
@@ -31,17 +36,24 @@ def debug_queues(server: "MultiDeviceServer") -> dict:
 
 def status(server: "MultiDeviceServer") -> dict:
     devices = []
+    tracker: device_status.DeviceStatus | None = getattr(server, "device_status", None)
     for spec, stats in zip(server.settings.devices, server.queues.stats()):
         worker = server.workers[spec.index] if spec.index < len(server.workers) else None
+        running_ids = server.queues.devices[spec.index].running_prompt_ids()
         devices.append({
             "gpu_id": spec.index,
             "device": spec.label,
+            "name": device_status.device_name(spec),
+            **device_status.vram(spec),
             "queued": stats.queued,
             "running": stats.running,
-            "running_prompt_ids": server.queues.devices[spec.index].running_prompt_ids(),
+            "running_prompt_ids": running_ids,
+            "progress": tracker.progress(spec.index, running_ids) if tracker is not None else None,
             "alive": bool(worker is not None and worker.is_alive()),
             "restarts": worker.restarts if worker is not None else 0,
             "loaded_models": server.loaded_models(spec.index),
+            "models": device_status.loaded_models(spec.index),
+            "last_errors": tracker.last_errors(spec.index) if tracker is not None else [],
         })
     return {
         "mode": "multi-device",
@@ -92,7 +104,17 @@ def add_routes(server: "MultiDeviceServer", routes: web.RouteTableDef) -> None:
 
     @routes.get("/multigpu/status")
     async def get_status(request: web.Request) -> web.Response:
-        return web.json_response(status(server))
+        return web.json_response(status(server), headers={"Cache-Control": "no-store"})
+
+    @routes.get("/multigpu/")
+    async def get_status_page(request: web.Request) -> web.Response:
+        return web.Response(body=STATUS_PAGE.read_bytes(), content_type="text/html", charset="utf-8",
+                            headers={"Cache-Control": "no-cache"})
+
+    @routes.get("/multigpu")
+    async def get_status_page_slash(request: web.Request) -> web.Response:
+        # Relative, so it keeps whatever prefix the client used (/gpu1/, /api/, a reverse proxy's path).
+        raise web.HTTPFound(location="multigpu/")
 
     @routes.get("/metrics")
     async def get_metrics(request: web.Request) -> web.Response:

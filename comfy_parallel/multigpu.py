@@ -19,8 +19,10 @@ from aiohttp import web
 
 from . import http_api, routing, scan, worker_context
 from .comfy_adapter import custom_node_dirs
+from .device_status import DeviceStatus
 from .metrics import DeviceMetrics
 from .queues import DeviceQueues
+from .warmup import Warmup
 from .routing import RequestRoute
 from .settings import Settings
 from .workers import DeviceWorker, start_workers
@@ -38,7 +40,11 @@ class MultiDeviceServer:
                                    on_change=self._queue_changed)
         self.metrics = DeviceMetrics(self.queues, self.loaded_models, (d.label for d in settings.devices))
         self.queues.add_listener(self.metrics)
+        self.device_status = DeviceStatus(len(settings.devices))  # progress and last errors for /multigpu/status
+        self.queues.add_listener(self.device_status)
         self.queues.add_listener(PromptLog())
+        self.warmup = Warmup(self.queues, settings.warmup_checkpoint)
+        self.queues.add_listener(self.warmup)
         self.workers: list[DeviceWorker] = []
         self.prompt_server: Any = None
         self.ws_targets: dict[str, int] = {}
@@ -62,6 +68,7 @@ class MultiDeviceServer:
         self.workers = start_workers(self.settings.devices, self.queues.devices, prompt_server, prompt_worker,
                                      self.metrics.on_restart)
         self.log_startup()
+        self.warmup.start()
         dirs = [Path(d) for d in custom_node_dirs()]
         threading.Thread(target=scan.startup_report, args=(dirs, log), name="comfy-parallel-scan", daemon=True).start()
 
@@ -114,8 +121,10 @@ class MultiDeviceServer:
         return len(ctx.loaded_models) if ctx is not None else 0
 
     def ready(self) -> bool:
-        """Every worker thread is alive and has finished its start-up on its device."""
-        return len(self.workers) == self.n_devices and all(w.is_alive() and w.ready.is_set() for w in self.workers)
+        """Every worker thread is alive, has warmed up its device, and the optional model warm-up is done."""
+        workers_up = len(self.workers) == self.n_devices and all(w.is_alive() and w.ready.is_set()
+                                                                 for w in self.workers)
+        return workers_up and self.warmup.done
 
     def _queue_changed(self, index: int | None) -> None:
         if self.prompt_server is not None:
