@@ -19,16 +19,8 @@ def _record(tag: str, started: float) -> dict:
     }
 
 
-class CPSleep:
-    """Sleep ``seconds`` in ``steps`` slices, reporting progress and honouring interrupts; record the run."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "seconds": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 600.0, "step": 0.01}),
-            "steps": ("INT", {"default": 5, "min": 1, "max": 10000}),
-            "tag": ("STRING", {"default": ""}),
-        }}
+class _OutputNode:
+    """An output node that runs every time (never served from ComfyUI's cache)."""
 
     RETURN_TYPES = ()
     FUNCTION = "run"
@@ -38,6 +30,18 @@ class CPSleep:
     @classmethod
     def IS_CHANGED(cls, **kwargs):
         return float("nan")
+
+
+class CPSleep(_OutputNode):
+    """Sleep ``seconds`` in ``steps`` slices, reporting progress and honouring interrupts; record the run."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "seconds": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 600.0, "step": 0.01}),
+            "steps": ("INT", {"default": 5, "min": 1, "max": 10000}),
+            "tag": ("STRING", {"default": ""}),
+        }}
 
     def run(self, seconds: float, steps: int, tag: str):
         started = time.time()
@@ -50,25 +54,16 @@ class CPSleep:
         return {"ui": {"record": [_record(tag, started)]}}
 
 
-class CPFail:
+class CPFail(_OutputNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"message": ("STRING", {"default": "boom"})}}
-
-    RETURN_TYPES = ()
-    FUNCTION = "run"
-    OUTPUT_NODE = True
-    CATEGORY = "comfy_parallel_tests"
-
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return float("nan")
 
     def run(self, message: str):
         raise RuntimeError(message)
 
 
-class CPOOM:
+class CPOOM(_OutputNode):
     """Raise CUDA out-of-memory on the first ``times`` runs of ``tag`` (OOM injection on CPU workers)."""
 
     runs: dict[str, int] = {}
@@ -76,15 +71,6 @@ class CPOOM:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"times": ("INT", {"default": 1, "min": 0, "max": 100}), "tag": ("STRING", {})}}
-
-    RETURN_TYPES = ()
-    FUNCTION = "run"
-    OUTPUT_NODE = True
-    CATEGORY = "comfy_parallel_tests"
-
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return float("nan")
 
     def run(self, times: int, tag: str):
         import torch
@@ -100,19 +86,10 @@ class WorkerCrash(BaseException):
     """Not an Exception: ComfyUI's executor does not catch it, so it ends the worker's loop."""
 
 
-class CPCrash:
+class CPCrash(_OutputNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"tag": ("STRING", {})}}
-
-    RETURN_TYPES = ()
-    FUNCTION = "run"
-    OUTPUT_NODE = True
-    CATEGORY = "comfy_parallel_tests"
-
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return float("nan")
 
     def run(self, tag: str):
         raise WorkerCrash(f"injected worker crash {tag}")
