@@ -17,6 +17,7 @@ from collections import deque
 from typing import Any
 
 from . import worker_context
+from .queues import outcome_of
 from .settings import DeviceSpec
 
 MAX_ERRORS = 5
@@ -27,11 +28,9 @@ def error_message(status: dict | None) -> tuple[str, dict] | None:
     """The error of a finished prompt as (message, extra fields), or ``None`` if it succeeded or was interrupted."""
     if status is None:
         return "the prompt ended without a status", {}
-    if status.get("status_str") == "success":
+    if outcome_of(status) != "error":
         return None
     messages = list(status.get("messages") or [])
-    if any(event == "execution_interrupted" for event, _ in messages):
-        return None
     extra: dict = {}
     message = None
     for event, data in messages:

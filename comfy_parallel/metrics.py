@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
-from .queues import is_oom
+from .queues import is_oom, outcome_of
 
 if TYPE_CHECKING:
     from .queues import DeviceQueues
@@ -25,16 +25,6 @@ log = logging.getLogger("comfy_parallel.metrics")
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, float("inf"))
 LOG_EVERY_TASKS = 10
 LOG_EVERY_S = 60.0
-
-
-def outcome_of(status: dict | None) -> str:
-    if status is None:
-        return "error"
-    if status.get("status_str") == "success":
-        return "success"
-    if any(event == "execution_interrupted" for event, _ in status.get("messages", [])):
-        return "interrupted"
-    return "error"
 
 
 @dataclass

@@ -46,6 +46,17 @@ def is_oom(status: dict | None) -> bool:
     return False
 
 
+def outcome_of(status: dict | None) -> str:
+    """success, error or interrupted, from ComfyUI's status dict of a finished prompt."""
+    if status is None:
+        return "error"
+    if status.get("status_str") == "success":
+        return "success"
+    if any(event == "execution_interrupted" for event, _ in status.get("messages", [])):
+        return "interrupted"
+    return "error"
+
+
 class History:
     """The one history all device queues write to, in completion order (ComfyUI's dict semantics)."""
 
@@ -199,10 +210,11 @@ class DeviceQueue(_SharedHistoryAccess):
         return True
 
     def _count_failure(self, status: dict | None) -> None:
-        if status is None or status.get("status_str") == "success":
+        outcome = outcome_of(status)
+        if outcome == "success":
             self.consecutive_failures = 0
             return
-        if any(event == "execution_interrupted" for event, _ in status.get("messages", [])):
+        if outcome == "interrupted":
             return
         self.consecutive_failures += 1
         if self.consecutive_failures >= CONSECUTIVE_FAILURES_BEFORE_REBUILD:
