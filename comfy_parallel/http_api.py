@@ -66,10 +66,11 @@ def status(server: "MultiDeviceServer") -> dict:
 async def interrupt(server: "MultiDeviceServer", request: web.Request) -> web.Response:
     """POST /interrupt, device-aware. Same body and answer as ComfyUI's (``{"prompt_id": ...}`` optional)."""
     prompt_id = None
-    if request.can_read_body:
+    raw = await request.read()  # cached by aiohttp: the validation step may have read it already
+    if raw.strip():
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
             return web.json_response({"error": {"type": "invalid_json", "message": "body is not JSON"}},
                                      status=400)
         if isinstance(body, dict):
@@ -132,11 +133,16 @@ def add_routes(server: "MultiDeviceServer", routes: web.RouteTableDef) -> None:
         return web.json_response({"ready": ready, "workers": workers}, status=200 if ready else 503)
 
 
-def is_route(request: web.Request, method: str, path: str) -> bool:
-    """True when ``request`` resolved to ComfyUI's ``path`` (or ``/api`` + path), under any device prefix."""
-    if request.method != method:
-        return False
+def stock_path(request: web.Request) -> str | None:
+    """The route ``request`` resolved to, without ``/api`` (and without any /gpuN prefix, which never resolves)."""
     resource = getattr(request.match_info.route, "resource", None)
     canonical = getattr(resource, "canonical", None)
-    return canonical in (path, "/api" + path)
+    if canonical is None:
+        return None
+    return canonical[len("/api"):] if canonical.startswith("/api/") else canonical
+
+
+def is_route(request: web.Request, method: str, path: str) -> bool:
+    """True when ``request`` resolved to ComfyUI's ``path`` (or ``/api`` + path), under any device prefix."""
+    return request.method == method and stock_path(request) == path
 

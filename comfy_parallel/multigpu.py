@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from . import http_api, routing, scan, worker_context
+from . import http_api, routing, scan, validation, worker_context
 from .comfy_adapter import custom_node_dirs
 from .device_status import DeviceStatus
 from .metrics import DeviceMetrics
@@ -92,6 +92,11 @@ class MultiDeviceServer:
     # -- per request --------------------------------------------------------------------------------------------
     async def _handle(self, request: web.Request, route: RequestRoute,
                       handler: routing.Handler) -> web.StreamResponse:
+        path = http_api.stock_path(request)
+        if path is not None:
+            rejected = await validation.check(request, path)
+            if rejected is not None:
+                return rejected
         if http_api.is_route(request, "POST", "/interrupt"):
             return await http_api.interrupt(self, request)
         if http_api.is_route(request, "GET", "/ws"):

@@ -125,3 +125,26 @@ def test_debug_queues_format(idle_multi: Server) -> None:
     ]}
     for p in (busy, queued):
         idle_multi.wait_history(p["prompt_id"])
+
+
+@pytest.mark.parametrize("method,path,body", [
+    ("POST", "/prompt", b"{not json"),
+    ("POST", "/gpu1/api/prompt", b"[1, 2]"),
+    ("POST", "/prompt", b'{"prompt": "text"}'),
+    ("POST", "/queue", b"nope"),
+    ("POST", "/queue", b'{"delete": "abc"}'),
+    ("POST", "/free", b"\xff\xfe"),
+    ("POST", "/history", b'{"delete": 5}'),
+    ("POST", "/interrupt", b"{bad"),
+    ("GET", "/history?max_items=abc", None),
+    ("GET", "/api/history?offset=1.5", None),
+])
+def test_malformed_input_is_a_json_400_not_a_500(idle_multi: Server, method: str, path: str,
+                                                 body: bytes | None) -> None:
+    from harness import request
+
+    before = idle_multi.get("/debug/queues").json()
+    resp = request(method, idle_multi.url + path, body=body, headers={"Content-Type": "application/json"})
+    assert resp.status == 400, resp.body
+    assert resp.json()["error"]["message"]
+    assert idle_multi.get("/debug/queues").json() == before
