@@ -23,7 +23,6 @@ class WorkerContext:
     last_prompt_id: str | None = None
     progress_registry: Any = None
     loaded_models: list = field(default_factory=list)
-    running_prompt_id: str | None = None
     allow_empty_cache: bool = False
     _interrupt: threading.Event = field(default_factory=threading.Event)
 
@@ -53,10 +52,6 @@ def bind(ctx: WorkerContext) -> None:
         _registry[ctx.index] = ctx
 
 
-def unbind() -> None:
-    _local.ctx = None
-
-
 def current() -> WorkerContext | None:
     return getattr(_local, "ctx", None)
 
@@ -69,8 +64,3 @@ def get(index: int) -> WorkerContext | None:
 def all_contexts() -> list[WorkerContext]:
     with _registry_lock:
         return [_registry[k] for k in sorted(_registry)]
-
-
-def clear_registry() -> None:
-    with _registry_lock:
-        _registry.clear()
