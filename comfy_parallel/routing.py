@@ -136,7 +136,7 @@ def make_middleware(n_devices: int, port_map: dict[int, int],
         except RoutingError as err:
             return err.response()
         prefix = prefix_of(request.path)
-        if route.source.endswith("prefix") and prefix is not None and request.path == f"/gpu{prefix[0]}":
+        if prefix is not None and is_device_prefix(prefix[0]) and request.path == f"/gpu{prefix[0]}":
             raise web.HTTPMovedPermanently(location=str(request.rel_url.with_path(request.path + "/")))
         token = use_route(route)
         try:

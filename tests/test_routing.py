@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+
 import pytest
 from harness import Server, record_of, sleep_prompt
 
@@ -47,6 +49,12 @@ def test_prefix_serves_every_route(idle_multi: Server) -> None:
     assert idle_multi.get("/gpu0/api/queue").status == 200
     redirect = idle_multi.get("/gpu1")  # urllib follows the redirect to /gpu1/
     assert redirect.status == 200 and redirect.body == ui.body
+    for headers in ({}, {"X-TARGET-GPU": "1"}):  # a prefix agreeing with the header is redirected as well
+        conn = http.client.HTTPConnection("127.0.0.1", idle_multi.port, timeout=10)
+        conn.request("GET", "/gpu1", headers=headers)
+        raw = conn.getresponse()
+        assert (raw.status, raw.getheader("Location")) == (301, "/gpu1/"), headers
+        conn.close()
     assert idle_multi.get("/gpu1/no/such/route").status == 404
 
 
