@@ -57,6 +57,16 @@ class DeviceMetrics:
                               ["device"], buckets=SECONDS_BUCKETS, registry=self.registry)
         self.execution = Histogram("comfy_parallel_execution_seconds", "Time a worker spent on a prompt",
                                    ["device"], buckets=SECONDS_BUCKETS, registry=self.registry)
+        self.websocket_dropped = Counter(
+            "comfy_parallel_websocket_dropped", "Websocket clients closed because they could not keep up with their "
+            "messages (send_blocked: a send did not finish in time; backlog: a queued message waited too long)",
+            ["reason"], registry=self.registry)
+        for reason in ("send_blocked", "backlog"):
+            self.websocket_dropped.labels(reason)
+        self.websocket_clients: Callable[[], int] = lambda: 0  # set once ComfyUI's server exists
+        self.clients_left = Counter("comfy_parallel_http_clients_left",
+                                    "HTTP requests whose client closed the connection before they were answered",
+                                    registry=self.registry)
         self.registry.register(_LiveCollector(self))
         self._lock = threading.Lock()
         self._windows = [_Window() for _ in self.labels]
@@ -106,6 +116,12 @@ class DeviceMetrics:
     def on_restart(self, index: int, reason: str) -> None:
         self.restarts.labels(str(index), reason).inc()
 
+    def on_websocket_dropped(self, reason: str) -> None:
+        self.websocket_dropped.labels(reason).inc()
+
+    def on_client_left(self) -> None:
+        self.clients_left.inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -134,3 +150,5 @@ class _LiveCollector:
             ids = m.queues.devices[stats.gpu_id].running_prompt_ids()
             current.add_metric([device], {"prompt_id": ids[0] if ids else "", "device_name": m.labels[stats.gpu_id]})
         yield from (queued, running, loaded, current)
+        yield GaugeMetricFamily("comfy_parallel_websocket_clients", "Websocket clients connected",
+                                value=m.websocket_clients())

@@ -139,6 +139,11 @@ class DeviceQueue(_SharedHistoryAccess):
         self.oom_retried: set[str] = set()
         self.consecutive_failures = 0
         self.rebuild_requested = False
+        # Shutdown: ``held`` keeps queued prompts from starting, ``parked`` says the worker waits in ``get``,
+        # ``closed`` drops the results of prompts that were cut off (they are persisted and run again).
+        self.held = False
+        self.parked = False
+        self.closed = False
 
     # -- producer side (HTTP) -------------------------------------------------------------------------------
     def put(self, item: tuple) -> None:
@@ -154,9 +159,13 @@ class DeviceQueue(_SharedHistoryAccess):
             if self.rebuild_requested:
                 self.rebuild_requested = False
                 raise RebuildExecutor()
-            while len(self.queue) == 0:
-                self.not_empty.wait(timeout=timeout)
-                if timeout is not None and len(self.queue) == 0:
+            while len(self.queue) == 0 or self.held:
+                self.parked = True
+                try:
+                    self.not_empty.wait(timeout=timeout)
+                finally:
+                    self.parked = False
+                if timeout is not None and (len(self.queue) == 0 or self.held):
                     return None
             item = heapq.heappop(self.queue)
             i = self.task_counter
@@ -173,6 +182,10 @@ class DeviceQueue(_SharedHistoryAccess):
     def task_done(self, item_id: int, history_result: dict, status: Any = None,
                   process_item: Callable[[tuple], tuple] | None = None) -> None:
         with self.mutex:
+            if self.closed:
+                self.currently_running.pop(item_id, None)
+                self.started_at.pop(item_id, None)
+                return
             item = self.currently_running.pop(item_id)
             started = self.started_at.pop(item_id, time.monotonic())
             status_dict = copy.deepcopy(status._asdict()) if status is not None else None
@@ -208,6 +221,24 @@ class DeviceQueue(_SharedHistoryAccess):
             listener.on_oom_retry(self.index)
         self.on_change()
         return True
+
+    def quiet_message(self, event: str, data: Any) -> bool:
+        """Whether a websocket message of this device's worker must not reach its client.
+
+        A prompt's first out-of-memory error is retried (``_retry_after_oom``): its ``execution_error`` and the
+        ``executing`` end-of-prompt message that follows would tell the client the prompt failed and ended, and
+        then it runs again. History and metrics still record that OOM.
+        """
+        if not isinstance(data, dict):
+            return False
+        prompt_id = data.get("prompt_id")
+        if event == "execution_error":
+            with self.mutex:
+                return "OutOfMemoryError" in str(data.get("exception_type", "")) and prompt_id not in self.oom_retried
+        if event == "executing" and data.get("node") is None:
+            with self.mutex:
+                return prompt_id in self.oom_retried and any(item[1] == prompt_id for item in self.queue)
+        return False
 
     def _count_failure(self, status: dict | None) -> None:
         outcome = outcome_of(status)
@@ -264,6 +295,28 @@ class DeviceQueue(_SharedHistoryAccess):
         with self.mutex:
             self.flags[name] = data
             self.not_empty.notify()
+
+    def fail_queued(self, message: str) -> list[tuple[tuple, dict]]:
+        """Record every queued prompt in history as an error (it will never run); return (item, error) pairs."""
+        failed: list[tuple[tuple, dict]] = []
+        with self.mutex:
+            dropped, self.queue = sorted(self.queue), []
+            for item in dropped:
+                self.enqueued_at.pop(item[1], None)
+                # The fields of ComfyUI's own execution_error, so that clients show it as they show any error.
+                error = {"prompt_id": item[1], "node_id": None, "node_type": None, "executed": [],
+                         "exception_type": "comfy_parallel.Shutdown", "exception_message": message, "traceback": [],
+                         "current_inputs": {}, "current_outputs": [], "timestamp": int(time.time() * 1000)}
+                status = {"status_str": "error", "completed": False, "messages": [("execution_error", error)]}
+                entry = {"prompt": item[:5] + item[6:], "outputs": {}, "status": status, "meta": {},
+                         "gpu_id": self.index}
+                self.history_store.record(item[1], entry)
+                for listener in self.listeners:
+                    listener.on_done(self.index, item[1], status, 0.0)
+                failed.append((item, error))
+            if failed:
+                self.on_change()
+        return failed
 
     def get_flags(self, reset: bool = True) -> dict:
         with self.mutex:
@@ -386,6 +439,31 @@ class DeviceQueues(_SharedHistoryAccess):
     def stats(self) -> list[QueueStats]:
         with self.mutex:
             return [q.stats() for q in self.devices]
+
+    # -- shutdown ---------------------------------------------------------------------------------------------
+    def hold(self) -> None:
+        """No queued prompt starts from now on; running ones go on."""
+        with self.mutex:
+            for q in self.devices:
+                q.held = True
+                q.not_empty.notify_all()
+
+    def parked(self) -> bool:
+        """Nothing runs and every worker waits in ``get`` (after ``hold``: each has finished its housekeeping)."""
+        with self.mutex:
+            return all(q.parked and not q.currently_running for q in self.devices)
+
+    def cut_off(self) -> list[tuple[int, tuple]]:
+        """Take the running prompts away from their workers: their results will be dropped, not recorded."""
+        with self.mutex:
+            running = [(q.index, copy.deepcopy(item)) for q in self.devices for item in q.currently_running.values()]
+            for q in self.devices:
+                q.closed = True
+        return running
+
+    def queued_items(self) -> list[tuple[int, tuple]]:
+        with self.mutex:
+            return [(q.index, copy.deepcopy(item)) for q in self.devices for item in sorted(q.queue)]
 
     def device_running(self, prompt_id: str) -> int | None:
         """The device whose worker is running ``prompt_id`` now, if any."""

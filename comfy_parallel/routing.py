@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -22,6 +23,7 @@ from aiohttp.web_urldispatcher import AbstractResource, UrlMappingMatchInfo
 from yarl import URL
 
 HEADER = "X-TARGET-GPU"
+log = logging.getLogger("comfy_parallel.routing")
 _PREFIX_LIKE_RE = re.compile(r"^/gpu([^/]*)(/.*)?$")
 
 
@@ -66,9 +68,10 @@ def reset_route(token: contextvars.Token) -> None:
 
 
 def parse_index(text: str, n_devices: int, what: str) -> int:
+    """An index in ASCII digits: ``\\d`` and ``int`` also take other scripts' digits (``"\\u0661"`` is 1 to them)."""
     valid = list(range(n_devices))
     stripped = text.strip()
-    if not re.fullmatch(r"-?\d+", stripped):
+    if not re.fullmatch(r"-?[0-9]+", stripped):
         raise RoutingError(f"{what} {text!r} is not a device index; valid targets are {valid}", valid)
     index = int(stripped)
     if not 0 <= index < n_devices:
@@ -89,6 +92,31 @@ def is_device_prefix(rest: str) -> bool:
     return rest == "" or not (rest[0].isalpha() or rest[0] == "_")
 
 
+def parse_prefix(text: str, rest: str, n_devices: int) -> int:
+    """The index of ``/gpu<text><rest>``, spelled exactly as a registered prefix and not nested.
+
+    ``/gpu01``, ``/gpu-0`` or ``/gpu%201`` parse to a valid index, but no ``/gpuN`` resource matches them (a 404
+    after the target was accepted); ``/gpu1/gpu2/...`` would run on device 1 with device 2 in the path.
+    """
+    index = parse_index(text, n_devices, "path prefix /gpu<N>")
+    valid = list(range(n_devices))
+    if text != str(index):
+        raise RoutingError(f"path prefix {'/gpu' + text!r} is not a device index; use /gpu{index}/", valid)
+    nested = prefix_of(rest)
+    if nested is not None and is_device_prefix(nested[0]):
+        raise RoutingError(f"nested device prefixes {'/gpu' + text + '/gpu' + nested[0]!r}; give one", valid)
+    return index
+
+
+def header_values(headers: Any) -> list[str]:
+    """Every ``X-TARGET-GPU`` value: a repeated header naming two devices is a conflict, not its first value."""
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        return list(getall(HEADER, []))
+    value = headers.get(HEADER)
+    return [] if value is None else [value]
+
+
 def resolve(headers: Any, path: str, local_port: int | None, n_devices: int,
             port_map: dict[int, int]) -> RequestRoute:
     """Combine header, entry port and path prefix; they must agree when more than one is given."""
@@ -98,10 +126,10 @@ def resolve(headers: Any, path: str, local_port: int | None, n_devices: int,
         found.append(("port", port_map[local_port]))
     prefix = prefix_of(path)
     if prefix is not None and is_device_prefix(prefix[0]):
-        found.append(("prefix", parse_index(prefix[0], n_devices, "path prefix /gpu<N>")))
-    header_value = headers.get(HEADER)
-    if header_value is not None and header_value.strip().lower() != "auto":
-        found.append(("header", parse_index(header_value, n_devices, f"{HEADER} header")))
+        found.append(("prefix", parse_prefix(prefix[0], prefix[1], n_devices)))
+    for header_value in header_values(headers):
+        if header_value.strip().lower() != "auto":
+            found.append(("header", parse_index(header_value, n_devices, f"{HEADER} header")))
     if not found:
         return RequestRoute(None, "none")
     if len({index for _, index in found}) > 1:
@@ -125,9 +153,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def make_middleware(n_devices: int, port_map: dict[int, int],
-                    on_route: Callable[[web.Request, RequestRoute, Handler], Awaitable[web.StreamResponse]]
-                    ) -> Callable:
-    """The outermost middleware: resolve the target, then let ``on_route`` run the request under it."""
+                    on_route: Callable[[web.Request, RequestRoute, Handler], Awaitable[web.StreamResponse]],
+                    on_client_left: Callable[[], None] = lambda: None) -> Callable:
+    """The outermost middleware: resolve the target, then let ``on_route`` run the request under it.
+
+    ``on_client_left`` is called for each request whose client closed the connection before it was answered.
+    """
 
     @web.middleware
     async def comfy_parallel_routing(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -141,6 +172,15 @@ def make_middleware(n_devices: int, port_map: dict[int, int],
         token = use_route(route)
         try:
             return await on_route(request, route, handler)
+        except ConnectionResetError:
+            if request.transport is not None and not request.transport.is_closing():
+                raise
+            # The client left while its request was read; aiohttp would log a traceback and a 500 nobody gets.
+            log.info("client %s left during %s %s before it was answered", request.remote, request.method,
+                     request.path)
+            on_client_left()
+            return web.json_response({"error": {"type": "client_disconnected",
+                                                "message": "the client closed the connection"}}, status=400)
         finally:
             reset_route(token)
 

@@ -99,12 +99,26 @@ class DeviceWorker(threading.Thread):
 
     def _fail_running(self, exc: BaseException) -> None:
         with self.queue.mutex:
-            held = list(self.queue.currently_running)
-        for item_id in held:
+            held = list(self.queue.currently_running.items())
+        for item_id, item in held:
             message = f"worker on device {self.spec.index} crashed: {type(exc).__name__}: {exc}"
-            status = Status("error", False, [("execution_error", {"exception_type": type(exc).__name__,
-                                                                   "exception_message": message})])
+            # The fields of ComfyUI's own execution_error, so that clients show it as they show any error.
+            error = {"prompt_id": item[1], "node_id": self.context.last_node_id, "node_type": None, "executed": [],
+                     "exception_type": type(exc).__name__, "exception_message": message,
+                     "traceback": traceback.format_exception(type(exc), exc, exc.__traceback__),
+                     "current_inputs": {}, "current_outputs": [], "timestamp": int(time.time() * 1000)}
+            status = Status("error", False, [("execution_error", error)])
             self.queue.task_done(item_id, {"outputs": {}, "meta": {}}, status)
+            self._tell_submitter(item, error)
+
+    def _tell_submitter(self, item: tuple, error: dict) -> None:
+        """The executor died before it could end the prompt: without this its client waits for it forever."""
+        extra = item[3] if len(item) > 3 and isinstance(item[3], dict) else {}
+        client_id = extra.get("client_id")
+        if client_id is None or self.prompt_server is None:
+            return
+        self.prompt_server.send_sync("execution_error", error, client_id)
+        self.prompt_server.send_sync("executing", {"node": None, "prompt_id": item[1]}, client_id)
 
 
 def start_workers(specs: tuple[DeviceSpec, ...], queues: list[DeviceQueue], prompt_server: Any,

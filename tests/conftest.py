@@ -34,3 +34,24 @@ def multi(comfy_dir: Path):
 def idle_multi(multi: Server) -> Server:
     multi.wait_idle()
     return multi
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Start tests/results/reliability.md from this run's figures only."""
+    import uuid
+
+    import reliability_results
+
+    reliability_results.clear(uuid.uuid4().hex)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Render the reliability figures this run recorded (none: the committed file stays as it is)."""
+    import reliability_results
+
+    session_id = os.environ.get(reliability_results.SESSION_ENV)
+    if not session_id:
+        return
+    args = " ".join(session.config.invocation_params.args)
+    command = f"COMFY_TEST_VERSIONS={','.join(VERSIONS)} python -m pytest {args}".rstrip()
+    reliability_results.write_markdown(session_id, command)

@@ -1,0 +1,248 @@
+"""Graceful shutdown: SIGTERM drains, new prompts get 503, what is left is persisted and runs after a restart.
+
+The accounting rule checked here: every accepted prompt ends in history exactly once (before the shutdown, or
+after the restart on the device it was routed to), or, with persistence off, in history as an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import reliability_results
+from harness import ARTIFACTS, REPO, TEST_NODES, Server, record_of, sleep_prompt
+
+from comfy_parallel.persistence import QUEUED, RUNNING, PersistedPrompt, PromptStore, as_queue_item
+
+STORE = Path("__comfy_parallel") / "queue.sqlite3"
+FINISHED_RE = re.compile(r"\[GPU (\d+)\] prompt (\S+) finished: (\w+)")
+
+
+def finished_in_log(log: str) -> dict[str, list[tuple[int, str]]]:
+    """prompt id -> [(device, status)] for every prompt the server logged as finished."""
+    out: dict[str, list[tuple[int, str]]] = {}
+    for gpu, pid, status in FINISHED_RE.findall(log):
+        out.setdefault(pid, []).append((int(gpu), status))
+    return out
+
+
+def store_rows(path: Path) -> dict[str, tuple[int, str, list]]:
+    if not path.exists():
+        return {}
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT prompt_id, gpu_id, state, item FROM prompts").fetchall()
+    return {pid: (gpu, state, json.loads(item)) for pid, gpu, state, item in rows}
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(what)
+
+
+def assert_rejected_while_draining(server: Server, path: str = "/prompt", **where: dict | str) -> None:
+    resp = server.post(path, {"prompt": sleep_prompt(0.05, 1)}, **where)  # type: ignore[arg-type]
+    assert resp.status == 503, (where, resp.status, resp.body)
+    assert int(resp.headers["Retry-After"]) >= 1
+    assert resp.json()["error"]["type"] == "shutting_down"
+
+
+# -- the store alone ---------------------------------------------------------------------------------------------
+
+def test_store_keeps_order_and_drops_secrets(tmp_path: Path) -> None:
+    store = PromptStore(tmp_path / "q" / "queue.sqlite3")
+    assert store.load() == [] and store.count() == 0
+    secret = "sk-" + uuid.uuid4().hex
+    items = [
+        PersistedPrompt(2, (7, "late", {"1": {}}, {"client_id": "c1"}, ["1"], {"auth_token_comfy_org": secret}),
+                        QUEUED),
+        PersistedPrompt(0, (-3, "front", {"1": {}}, {"api_key_comfy_org": secret, "x": 1}, ["1"]), QUEUED),
+        PersistedPrompt(1, (5.5, "cut", {"1": {}}, {}, ["1"], {}), RUNNING),
+    ]
+    assert sorted(store.save(items)) == ["cut", "front", "late"]
+    assert secret.encode() not in (tmp_path / "q" / "queue.sqlite3").read_bytes()
+    loaded = store.load()
+    assert [p.prompt_id for p in loaded] == ["front", "cut", "late"]  # number order
+    late = loaded[2]
+    assert late.gpu_id == 2 and late.item[3] == {"client_id": "c1"} and late.dropped_keys == ("auth_token_comfy_org",)
+    assert loaded[0].item[3] == {"x": 1} and loaded[1].state == RUNNING
+    assert as_queue_item(late, 6) == (7, "late", {"1": {}}, {"client_id": "c1"}, ["1"], {})
+    assert as_queue_item(late, 5) == (7, "late", {"1": {}}, {"client_id": "c1"}, ["1"])
+    store.remove(["front", "late"])
+    assert [p.prompt_id for p in store.load()] == ["cut"]
+
+
+def test_shutdown_settings_from_options_and_environment() -> None:
+    from comfy_parallel.cli import build_parser, serve_settings
+    from comfy_parallel.settings import SettingsError, from_env
+
+    args = build_parser().parse_args(["serve", "--devices", "cpu,cpu", "--drain-timeout", "5", "--persist-path",
+                                      "/tmp/q.sqlite3"])
+    settings = serve_settings(args, env={"COMFY_PARALLEL_DRAIN_TIMEOUT": "9"})
+    assert (settings.drain_timeout, settings.persist, settings.persist_path) == (5.0, True, "/tmp/q.sqlite3")
+    args = build_parser().parse_args(["serve", "--devices", "cpu,cpu"])
+    settings = serve_settings(args, env={"COMFY_PARALLEL_DRAIN_TIMEOUT": "9", "COMFY_PARALLEL_NO_PERSIST": "1"})
+    assert (settings.drain_timeout, settings.persist, settings.persist_path) == (9.0, False, None)
+    assert serve_settings(args, env={}).drain_timeout == 30.0
+    env = {"COMFY_NUM_GPUS": "2", "COMFY_PARALLEL_DRAIN_TIMEOUT": "0", "COMFY_PARALLEL_PERSIST_PATH": "/x/q.db"}
+    dropin = from_env(env, cpu_mode=True)
+    assert (dropin.drain_timeout, dropin.persist, dropin.persist_path) == (0.0, True, "/x/q.db")
+    for bad in ("-1", "soon", "inf"):
+        with pytest.raises(SettingsError, match="drain timeout"):
+            from_env({"COMFY_PARALLEL_DRAIN_TIMEOUT": bad}, cpu_mode=True)
+
+
+# -- real servers --------------------------------------------------------------------------------------------------
+
+def test_sigterm_drains_persists_and_restores_on_the_same_devices(comfy_dir: Path) -> None:
+    version = comfy_dir.name
+    user_dir = ARTIFACTS / f"shutdown-user-{version}"
+    shutil.rmtree(user_dir, ignore_errors=True)
+    user_dir.mkdir(parents=True)
+    started = time.time()
+    s1 = Server(comfy_dir, serve_args=["--drain-timeout", "3"], user_dir=user_dir, name=f"shutdown-{version}").start()
+    routed: dict[str, int] = {}  # every accepted prompt -> the device POST /prompt named
+    try:
+        header, port, prefix = {"headers": {"X-TARGET-GPU": "0"}}, {"base": s1.entry_url(1)}, {"path": "/gpu2/prompt"}
+
+        def submit(prompt: dict, how: dict, **kw: str) -> str:
+            answer = s1.submit(prompt, **how, **kw)
+            routed[answer["prompt_id"]] = answer["gpu_id"]
+            return answer["prompt_id"]
+
+        before = [submit(sleep_prompt(0.05, 1), how) for how in (header, port, prefix)]
+        for pid in before:
+            s1.wait_history(pid)
+        # device 0 (header): finishes inside the drain, two queued behind it
+        run0 = submit(sleep_prompt(1.2, 12), header)
+        q0 = [submit(sleep_prompt(0.1, 1), header) for _ in range(2)]
+        # device 1 (entry port): cut off at the drain timeout, one queued behind it
+        run1 = submit(sleep_prompt(7, 70), port)
+        q1 = [submit(sleep_prompt(0.1, 1), port)]
+        # device 2 (prefix, /api under the prefix): finishes inside the drain, two queued, one with a client id
+        run2 = submit(sleep_prompt(1.2, 12), prefix)
+        q2 = [submit(sleep_prompt(0.1, 1), {"path": "/gpu2/api/prompt"}, client_id="cp-shutdown-client"),
+              submit(sleep_prompt(0.1, 1), prefix)]
+        for pid, gpu in ((run0, 0), (run1, 1), (run2, 2)):
+            s1.wait_running(pid, headers={"X-TARGET-GPU": str(gpu)})
+        queued = q0 + q1 + q2
+
+        s1.send_signal(signal.SIGTERM)
+        wait_for(lambda: s1.get("/ready").status == 503, 10, "/ready never answered 503 while draining")
+        assert s1.get("/ready").json()["draining"] is True
+        for where in ({"headers": {"X-TARGET-GPU": "1"}}, {"base": s1.entry_url(0)}, {"path": "/gpu1/prompt"},
+                      {"path": "/api/prompt"}, {}):
+            assert_rejected_while_draining(s1, **where)
+        assert s1.get("/health").status == 200 and s1.get(f"/history/{before[0]}").json()
+        pending = {item[1] for item in s1.get("/queue").json()["queue_pending"]}
+        assert pending == set(queued), "queued prompts must not start while draining"
+        assert s1.wait_exit(30) == 0
+    finally:
+        s1.stop()
+    log1 = s1.log()
+    finished1 = finished_in_log(log1)
+    assert "SIGTERM received: draining" in log1 and "shutdown complete" in log1
+    for bad in ("drain failed", "never retrieved", "Fatal Python error", "could not persist"):
+        assert bad not in log1, log1[-3000:]
+    assert finished1[run0] == [(0, "success")] and finished1[run2] == [(2, "success")]
+    assert run1 not in finished1  # cut off: its result is dropped, it runs again after the restart
+    rows = store_rows(user_dir / STORE)
+    assert set(rows) == set(queued) | {run1}
+    assert rows[run1][:2] == (1, RUNNING) and all(rows[p][1] == QUEUED for p in queued)
+    assert all(rows[p][0] == routed[p] for p in rows)
+    assert rows[q2[0]][2][3]["client_id"] == "cp-shutdown-client"
+    numbers = {p: rows[p][2][0] for p in rows}
+
+    s2 = Server(comfy_dir, user_dir=user_dir, name=f"shutdown-restart-{version}").start()
+    try:
+        assert f"restored {len(rows)} persisted prompts" in s2.log()
+        assert store_rows(user_dir / STORE) == {}
+        entries = {pid: s2.wait_history(pid, timeout=60) for pid in rows}
+        for pid, entry in entries.items():
+            assert entry["status"]["status_str"] == "success", entry["status"]
+            assert entry["gpu_id"] == routed[pid]
+            assert record_of(entry)["thread"] == f"comfy-parallel-worker-{routed[pid]}"
+            assert entry["prompt"][0] == numbers[pid] and entry["prompt"][1] == pid
+        assert entries[q2[0]]["prompt"][3]["client_id"] == "cp-shutdown-client"
+        assert record_of(entries[q0[0]])["start"] < record_of(entries[q0[1]])["start"]  # same order
+        assert record_of(entries[run1])["end"] <= record_of(entries[q1[0]])["start"] + 0.05
+        later = s2.submit(sleep_prompt(0.05, 1), headers={"X-TARGET-GPU": "0"})
+        assert later["number"] > max(numbers.values())  # new prompts queue behind the restored ones
+        s2.wait_history(later["prompt_id"])
+        history2 = s2.get("/history").json()
+    finally:
+        s2.stop()
+
+    in_s1 = {p for p in routed if p in finished1}
+    in_s2 = {p for p in routed if p in history2}
+    lost = [p for p in routed if p not in in_s1 and p not in in_s2]
+    duplicated = [p for p in routed if (p in in_s1 and p in in_s2) or len(finished1.get(p, [])) > 1]
+    wrong = [p for p in in_s2 if history2[p]["gpu_id"] != routed[p]]
+    reliability_results.record(f"shutdown ({version})", {
+        "section": "shutdown", "comfyui": version, "prompts_sent": len(routed),
+        "finished_before_signal": len(before), "finished_while_draining": len(in_s1) - len(before),
+        "persisted": len(rows), "persisted_queued": len(queued), "persisted_cut_off": 1,
+        "requeued_finished_after_restart": len(in_s2), "lost": len(lost), "duplicated": len(duplicated),
+        "wrong_device": len(wrong), "http_503_while_draining": 5, "wall_s": round(time.time() - started, 1),
+    })
+    assert not lost and not duplicated and not wrong, (lost, duplicated, wrong)
+
+
+@pytest.fixture(scope="module")
+def dropin_nodes(comfy_dir: Path) -> Path:
+    nodes = ARTIFACTS / f"shutdown-dropin-nodes-{comfy_dir.name}"
+    shutil.rmtree(nodes, ignore_errors=True)
+    nodes.mkdir(parents=True)
+    out = subprocess.run([sys.executable, "-m", "comfy_parallel", "install-node", "--custom-nodes-dir", str(nodes)],
+                         cwd=str(REPO), capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    (nodes / "cp_testnodes").symlink_to(TEST_NODES / "cp_testnodes", target_is_directory=True)
+    return nodes
+
+
+def test_dropin_no_persist_records_queued_as_errors(comfy_dir: Path, dropin_nodes: Path) -> None:
+    """Drop-in mode, env switches only; a second SIGTERM stops at once."""
+    version = comfy_dir.name
+    started = time.time()
+    s = Server(comfy_dir, mode="dropin", devices="cpu,cpu", custom_nodes=dropin_nodes,
+               env={"COMFY_PARALLEL_NO_PERSIST": "1", "COMFY_PARALLEL_DRAIN_TIMEOUT": "60"},
+               name=f"shutdown-dropin-{version}").start()
+    try:
+        assert "queued prompts are recorded as errors (persistence is off)" in s.log()
+        run = [s.submit(sleep_prompt(30, 300), headers={"X-TARGET-GPU": str(i)})["prompt_id"] for i in (0, 1)]
+        queued = [s.submit(sleep_prompt(0.1, 1), headers={"X-TARGET-GPU": str(i % 2)})["prompt_id"]
+                  for i in range(3)]
+        for i, pid in enumerate(run):
+            s.wait_running(pid, headers={"X-TARGET-GPU": str(i)})
+        s.send_signal(signal.SIGTERM)
+        entries = {pid: s.wait_history(pid, timeout=10) for pid in queued}
+        for pid, entry in entries.items():
+            assert entry["status"]["status_str"] == "error"
+            assert "server shut down before this prompt ran" in json.dumps(entry["status"]["messages"])
+        assert_rejected_while_draining(s, path="/gpu1/prompt")
+        assert not s.get("/queue").json()["queue_pending"]
+        s.send_signal(signal.SIGTERM)  # a second signal cuts the drain short
+        assert s.wait_exit(20) == 0
+    finally:
+        s.stop()
+    log = s.log()
+    assert "SIGTERM again: stopping now" in log and "shutdown complete" in log
+    assert not (s.user_dir or ARTIFACTS / f"{s.name}-{s.port}" / "user").joinpath(STORE).exists()
+    reliability_results.record(f"shutdown no-persist, drop-in ({version})", {
+        "section": "shutdown --no-persist", "comfyui": version, "prompts_sent": len(run) + len(queued),
+        "queued_recorded_as_errors": len(entries), "running_cut_by_second_signal": len(run),
+        "lost": len(queued) - len(entries), "duplicated": 0, "wall_s": round(time.time() - started, 1),
+    })
