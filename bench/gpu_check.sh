@@ -10,38 +10,15 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+source bench/device_setup.sh
 W2_AFTER_S=${W2_AFTER_S:-240}    # start W2 only if this many seconds have not passed yet
 BUDGET_S=${BUDGET_S:-530}        # hard stop for the last step
-step() { echo; echo "=== [$SECONDS s] $*"; }
 
 main() {
 
-step "machine"
-nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv || true
-nproc; free -g | head -2
-python3 -c 'import sys, torch; print("python", sys.version.split()[0], sys.executable); print("torch", torch.__version__, "cuda", torch.version.cuda, "devices", torch.cuda.device_count())'
-
-step "wheels -> /tmp/site"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .device/*.whl || {
-  echo "wheel install failed"; return 1; }
-export PYTHONPATH=/tmp/site:$PWD
-python3 - <<'PY'
-import importlib.metadata as md
-for n in ["torch", "transformers", "tokenizers", "safetensors", "aiohttp", "yarl", "prometheus-client", "psutil",
-          "av", "kornia", "spandrel", "SQLAlchemy", "alembic", "pydantic", "torchsde", "numpy", "einops", "scipy"]:
-    try:
-        print(f"  {n} {md.version(n)}")
-    except md.PackageNotFoundError:
-        print(f"  {n} MISSING")
-PY
-
-step "ComfyUI -> /tmp/comfyui"
-rm -rf /tmp/comfyui && tar -xzf .device/comfyui-0.3.75.tar.gz -C /tmp || { echo "extract failed"; return 1; }
-python3 -c 'import sys; sys.path.insert(0, "/tmp/comfyui"); import comfyui_version; print("ComfyUI", comfyui_version.__version__)'
+device_setup || return 1
 
 step "SD1.5-shaped random checkpoint"
-CK=/tmp/comfyui/models/checkpoints
 timeout 120 python3 tools/make_rand_ckpt.py /tmp/comfyui sd15 $CK/sd15_rand.safetensors 2>&1 | grep -v '^WARNING' || {
   echo "checkpoint failed"; return 1; }
 ls -la $CK

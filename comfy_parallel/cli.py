@@ -16,7 +16,8 @@ from pathlib import Path
 
 from . import deploy, provision, scan
 from .settings import (Settings, SettingsError, default_devices, env_enabled, parse_default_route,
-                       parse_devices, parse_entry_ports)
+                       parse_devices, parse_entry_ports, weight_settings)
+from .settings import DEFAULT_DRAIN_TIMEOUT_S, lifecycle_env, lifecycle_settings
 
 log = logging.getLogger("comfy_parallel")
 
@@ -28,11 +29,24 @@ routing (one process, one queue and one worker per device):
   no target                   --default-route (auto = shortest queue, ties to the lowest index)
 A bad target is answered with HTTP 400 and a JSON body listing the valid targets.
 
+shutdown (SIGTERM or Ctrl-C; a second signal stops at once):
+  POST /prompt answers 503 with Retry-After, reads keep working, /ready answers 503;
+  running prompts get --drain-timeout seconds; queued prompts and those cut off are saved
+  to <user-dir>/__comfy_parallel/queue.sqlite3 (--persist-path) and queued again on their
+  device at the next start; with --no-persist they are recorded in /history as errors.
+
+admin token (--admin-token or COMFY_PARALLEL_ADMIN_TOKEN; unset: no access control, as stock):
+  POST /free, untargeted POST /interrupt without prompt_id, POST /queue {"clear": true},
+  GET /metrics, /multigpu/status, /multigpu/, /debug/queues need
+  'Authorization: Bearer TOKEN' or 'X-Admin-Token: TOKEN' (else 401); /health, /ready stay open.
+
 environment:
   COMFYUI_DIR            ComfyUI folder (same as --comfyui)
   COMFY_MULTI_GPU_SCHED  0 = stock ComfyUI, no patches (the launcher defaults to 1)
   COMFY_NUM_GPUS         N = devices 0..N-1 (same as --devices 0,..,N-1)
   COMFY_PARALLEL_HOME    where provisioned ComfyUI releases are cached (~/.cache/comfy-parallel)
+  COMFY_PARALLEL_DRAIN_TIMEOUT, COMFY_PARALLEL_NO_PERSIST=1, COMFY_PARALLEL_PERSIST_PATH,
+  COMFY_PARALLEL_ADMIN_TOKEN   defaults of the options of the same names (also read in drop-in mode)
 
 examples:
   comfy-parallel serve                                   # provisioned ComfyUI, every GPU (or 2 CPU workers)
@@ -68,6 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--warmup-checkpoint", metavar="NAME",
                        help="at start, load this checkpoint on every device and run one 64x64 sampling step; "
                             "/ready answers 503 until it is done")
+    weights = serve.add_argument_group("shared weights (one host copy of each model file for all devices)")
+    weights.add_argument("--shared-weights", choices=("on", "off"), default="on",
+                         help="read each checkpoint/UNET/CLIP/VAE/ControlNet/LoRA file once and give every device "
+                              "a view of that one host copy (default on); off = one copy per worker")
+    weights.add_argument("--pin-weights", choices=("auto", "on", "off"), default="auto",
+                         help="keep host copies in page-locked memory for fast host-to-GPU loads (auto: while "
+                              "pinned copies fit in half the RAM; never on CPU-only machines)")
+    weights.add_argument("--weights-ram-limit", metavar="SIZE",
+                         help="host bytes of model copies kept for reuse, e.g. 64G; the least recently used "
+                              "unused copy is evicted beyond it (default: no limit)")
+
+    lifecycle = serve.add_argument_group("shutdown and access")
+    lifecycle.add_argument("--drain-timeout", metavar="SECONDS",
+                           help="after SIGTERM/SIGINT, how long running prompts may finish before they are cut "
+                                f"off and persisted (default {DEFAULT_DRAIN_TIMEOUT_S:.0f})")
+    lifecycle.add_argument("--no-persist", action="store_true",
+                           help="do not save prompts left at shutdown; queued ones are recorded as errors")
+    lifecycle.add_argument("--persist-path", metavar="FILE",
+                           help="SQLite file for prompts left at shutdown "
+                                "(default <user-dir>/__comfy_parallel/queue.sqlite3)")
+    lifecycle.add_argument("--admin-token", metavar="TOKEN",
+                           help="require this token for /free, /interrupt of everything, clearing queues and the "
+                                "monitoring routes (prefer COMFY_PARALLEL_ADMIN_TOKEN: a command line is visible "
+                                "to other users in ps)")
 
     doctor = sub.add_parser("doctor", help="check ComfyUI, devices, packages and which patches apply")
     _comfy_location_args(doctor)
@@ -113,7 +151,19 @@ def serve_settings(args: argparse.Namespace, env: dict[str, str] | None = None) 
     entry_text = args.entry_ports if len(devices) > 1 and enabled else "none"
     return Settings(devices=devices, entry_ports=parse_entry_ports(entry_text, len(devices)),
                     default_route=parse_default_route(args.default_route, len(devices)), enabled=enabled,
-                    warmup_checkpoint=getattr(args, "warmup_checkpoint", None))
+                    warmup_checkpoint=getattr(args, "warmup_checkpoint", None),
+                    **weight_settings(getattr(args, "shared_weights", "on"), getattr(args, "pin_weights", "auto"),
+                                       getattr(args, "weights_ram_limit", None)),
+                    **_lifecycle(args, env))
+
+
+def _lifecycle(args: argparse.Namespace, env: dict[str, str]) -> dict:
+    """Command-line options win over their COMFY_PARALLEL_* variables."""
+    drain, no_persist, path, token = lifecycle_env(env)
+    given_drain = getattr(args, "drain_timeout", None)
+    return lifecycle_settings(given_drain if given_drain is not None else drain,
+                              bool(getattr(args, "no_persist", False)) or no_persist,
+                              getattr(args, "persist_path", None) or path, getattr(args, "admin_token", None) or token)
 
 
 def cmd_serve(args: argparse.Namespace, comfy_args: list[str]) -> int:

@@ -9,7 +9,6 @@ device-aware through the queues.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import device_status, worker_context
+from . import device_status, validation, weights, worker_context
 from .routing import current_route
 
 if TYPE_CHECKING:
@@ -60,7 +59,13 @@ def status(server: "MultiDeviceServer") -> dict:
         "default_route": server.settings.default_route,
         "entry_ports": {str(port): index for port, index in server.port_map.items()},
         "devices": devices,
+        "weights": weights.status(getattr(server, "weight_store", None), _loaded_models_of),
     }
+
+
+def _loaded_models_of(index: int) -> list:
+    ctx = worker_context.get(index)
+    return list(ctx.loaded_models) if ctx is not None else []
 
 
 async def interrupt(server: "MultiDeviceServer", request: web.Request) -> web.Response:
@@ -69,10 +74,10 @@ async def interrupt(server: "MultiDeviceServer", request: web.Request) -> web.Re
     raw = await request.read()  # cached by aiohttp: the validation step may have read it already
     if raw.strip():
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            return web.json_response({"error": {"type": "invalid_json", "message": "body is not JSON"}},
-                                     status=400)
+            body = await validation.read_json(request)  # decoded as the validation step did: same verdict
+        except validation.Invalid as err:
+            error = {"type": err.kind, "message": f"POST /interrupt: {err.message}"}
+            return web.json_response({"error": error}, status=400)
         if isinstance(body, dict):
             prompt_id = body.get("prompt_id")
     route = current_route()
@@ -130,7 +135,9 @@ def add_routes(server: "MultiDeviceServer", routes: web.RouteTableDef) -> None:
         ready = server.ready()
         workers = [{"gpu_id": w.spec.index, "alive": w.is_alive(), "started": w.ready.is_set()}
                    for w in server.workers]
-        return web.json_response({"ready": ready, "workers": workers}, status=200 if ready else 503)
+        draining = bool(getattr(getattr(server, "graceful", None), "draining", False))
+        return web.json_response({"ready": ready, "draining": draining, "workers": workers},
+                                 status=200 if ready else 503)
 
 
 def stock_path(request: web.Request) -> str | None:

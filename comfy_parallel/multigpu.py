@@ -17,12 +17,14 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from . import http_api, routing, scan, validation, worker_context
+from . import access, http_api, routing, scan, shutdown, validation, worker_context
 from .comfy_adapter import custom_node_dirs
 from .device_status import DeviceStatus
 from .metrics import DeviceMetrics
+from .persistence import PromptStore
 from .queues import DeviceQueues
 from .warmup import Warmup
+from .weights import WeightStore
 from .routing import RequestRoute
 from .settings import Settings
 from .workers import DeviceWorker, start_workers
@@ -45,9 +47,13 @@ class MultiDeviceServer:
         self.queues.add_listener(PromptLog())
         self.warmup = Warmup(self.queues, settings.warmup_checkpoint)
         self.queues.add_listener(self.warmup)
+        self.weight_store: WeightStore | None = (
+            WeightStore(settings.weights_ram_limit, settings.pin_weights) if settings.shared_weights else None)
         self.workers: list[DeviceWorker] = []
         self.prompt_server: Any = None
         self.ws_targets: dict[str, int] = {}
+        self.admin = access.AdminToken(settings.admin_token) if settings.admin_token else None
+        self.graceful = shutdown.GracefulShutdown(self, None, settings.drain_timeout)  # store: in start_workers
 
     @property
     def n_devices(self) -> int:
@@ -56,21 +62,39 @@ class MultiDeviceServer:
     # -- ComfyUI entry points -----------------------------------------------------------------------------------
     def before_routes(self, prompt_server: Any) -> None:
         self.prompt_server = prompt_server
+        self.metrics.websocket_clients = lambda: len(prompt_server.sockets)
         prompt_server.prompt_queue = self.queues
         http_api.add_routes(self, prompt_server.routes)
 
     def after_routes(self, prompt_server: Any) -> None:
         app: web.Application = prompt_server.app
-        app.middlewares.insert(0, routing.make_middleware(self.n_devices, self.port_map, self._handle))
+        app.middlewares.insert(0, routing.make_middleware(self.n_devices, self.port_map, self._handle,
+                                                          self.metrics.on_client_left))
         routing.register_prefixes(app, self.n_devices)
 
     def start_workers(self, prompt_server: Any, prompt_worker: Callable[[Any, Any], None]) -> None:
+        self._restore_and_arm_shutdown(prompt_server, prompt_worker)
         self.workers = start_workers(self.settings.devices, self.queues.devices, prompt_server, prompt_worker,
                                      self.metrics.on_restart)
         self.log_startup()
         self.warmup.start()
         dirs = [Path(d) for d in custom_node_dirs()]
         threading.Thread(target=scan.startup_report, args=(dirs, log), name="comfy-parallel-scan", daemon=True).start()
+
+    def _restore_and_arm_shutdown(self, prompt_server: Any, prompt_worker: Callable[[Any, Any], None]) -> None:
+        """Queue what the last shutdown persisted before any worker starts; then take over SIGTERM/SIGINT."""
+        path = Path(self.settings.persist_path) if self.settings.persist_path else shutdown.default_persist_path()
+        store = PromptStore(path)
+        if self.settings.persist:
+            self.graceful.store = store
+            # WARNING: ComfyUI 0.3.75's prompt_worker reads item[5] (``sensitive``); 0.3.52's items have 5 fields.
+            code = getattr(prompt_worker, "__code__", None)
+            item_length = 6 if code is not None and "sensitive" in code.co_varnames else 5
+            shutdown.restore(self, store, prompt_server, item_length)
+        elif path.exists() and (left := store.count()):
+            log.warning("comfy-parallel: persistence is off: %d prompts persisted at %s are not restored", left, path)
+        # This runs on the thread start_comfyui made for the worker; signal handlers belong to the loop's thread.
+        prompt_server.loop.call_soon_threadsafe(self.graceful.install, prompt_server.loop)
 
     def listen_addresses(self, addresses: list[tuple[str, int]]) -> list[tuple[str, int]]:
         hosts = list(dict.fromkeys(host for host, _ in addresses))
@@ -89,10 +113,23 @@ class MultiDeviceServer:
                     routing.reset_route(token)
             prompt_server.send_sync("status", {"status": infos[target]}, sid)
 
+    def websocket_dropped(self, reason: str) -> None:
+        self.metrics.on_websocket_dropped(reason)
+
+    def quiet_worker_message(self, event: str, data: Any) -> bool:
+        ctx = worker_context.current()
+        return ctx is not None and self.queues.devices[ctx.index].quiet_message(event, data)
+
     # -- per request --------------------------------------------------------------------------------------------
     async def _handle(self, request: web.Request, route: RequestRoute,
                       handler: routing.Handler) -> web.StreamResponse:
         path = http_api.stock_path(request)
+        if self.admin is not None:
+            denied = await self.admin.check(request, path, route)
+            if denied is not None:
+                return denied
+        if self.graceful.draining and http_api.is_route(request, "POST", "/prompt"):
+            return shutdown.rejection(self.graceful, request)
         if path is not None:
             rejected = await validation.check(request, path)
             if rejected is not None:
@@ -129,7 +166,7 @@ class MultiDeviceServer:
         """Every worker thread is alive, has warmed up its device, and the optional model warm-up is done."""
         workers_up = len(self.workers) == self.n_devices and all(w.is_alive() and w.ready.is_set()
                                                                  for w in self.workers)
-        return workers_up and self.warmup.done
+        return workers_up and self.warmup.done and not self.graceful.draining
 
     def _queue_changed(self, index: int | None) -> None:
         if self.prompt_server is not None:

@@ -7,10 +7,11 @@ for everything else, so the launcher and the drop-in custom node read the same s
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Union
 
 DefaultRoute = Union[str, int]  # "auto" or a device index
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
 
 class SettingsError(ValueError):
@@ -37,6 +38,13 @@ class Settings:
     default_route: DefaultRoute = "auto"
     enabled: bool = True
     warmup_checkpoint: str | None = None
+    shared_weights: bool = True  # one host copy per model file for all workers (weights.py)
+    pin_weights: str = "auto"  # auto | on | off: page-locked host copies (auto: when they fit in half the RAM)
+    weights_ram_limit: int | None = None  # bytes of host copies kept for reuse; LRU beyond it
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S  # after SIGTERM/SIGINT, running prompts may finish (shutdown.py)
+    persist: bool = True  # prompts left at shutdown are saved and queued again at the next start
+    persist_path: str | None = None  # default: <ComfyUI user directory>/__comfy_parallel/queue.sqlite3
+    admin_token: str | None = field(default=None, repr=False)  # access.py; kept out of repr so it is never logged
 
     @property
     def multi_device(self) -> bool:
@@ -48,8 +56,12 @@ class Settings:
 
 
 def parse_devices(text: str) -> tuple[DeviceSpec, ...]:
-    """Parse ``0,1,2`` (CUDA ordinals), ``cpu,cpu`` or ``cpu*3`` (CPU workers)."""
-    items: list[str] = []
+    """Parse ``0,1,2`` (CUDA ordinals), ``cpu,cpu`` or ``cpu*3`` (CPU workers).
+
+    ``0*2`` puts two workers on GPU 0 (each with its own VRAM copy of what it runs): for small models, or to
+    exercise two workers on a one-GPU machine. ``0,0`` is refused as the typo it usually is.
+    """
+    items: list[tuple[str, bool]] = []
     for raw in text.split(","):
         raw = raw.strip().lower()
         if not raw:
@@ -58,14 +70,14 @@ def parse_devices(text: str) -> tuple[DeviceSpec, ...]:
             name, _, count = raw.partition("*")
             if not count.isdigit() or int(count) < 1:
                 raise SettingsError(f"--devices: bad repeat count in {raw!r}; write e.g. cpu*3")
-            items.extend([name.strip()] * int(count))
+            items.extend([(name.strip(), True)] * int(count))
         else:
-            items.append(raw)
+            items.append((raw, False))
     if not items:
         raise SettingsError("--devices is empty; give CUDA ordinals like 0,1 or CPU workers like cpu,cpu")
     specs: list[DeviceSpec] = []
-    seen: set[int] = set()
-    for i, item in enumerate(items):
+    seen: dict[int, bool] = {}
+    for i, (item, repeated) in enumerate(items):
         if item == "cpu":
             specs.append(DeviceSpec(i, "cpu"))
             continue
@@ -73,9 +85,10 @@ def parse_devices(text: str) -> tuple[DeviceSpec, ...]:
         if not ordinal_text.isdigit():
             raise SettingsError(f"--devices: {item!r} is neither a CUDA ordinal (0, 1, cuda:2) nor 'cpu'")
         ordinal = int(ordinal_text)
-        if ordinal in seen:
-            raise SettingsError(f"--devices: CUDA device {ordinal} is listed twice")
-        seen.add(ordinal)
+        if ordinal in seen and not (repeated and seen[ordinal]):
+            raise SettingsError(f"--devices: CUDA device {ordinal} is listed twice (write {ordinal}*2 for two "
+                                "workers on one GPU)")
+        seen[ordinal] = repeated
         specs.append(DeviceSpec(i, "cuda", ordinal))
     kinds = {s.kind for s in specs}
     if len(kinds) > 1:
@@ -157,4 +170,48 @@ def from_env(env: Mapping[str, str] | None = None, cpu_mode: bool = False) -> Se
     entry = parse_entry_ports(env.get("COMFY_PARALLEL_ENTRY_PORTS", "none"), len(devices))
     route = parse_default_route(env.get("COMFY_PARALLEL_DEFAULT_ROUTE", "auto"), len(devices))
     return Settings(devices=devices, entry_ports=entry, default_route=route, enabled=enabled,
-                    warmup_checkpoint=env.get("COMFY_PARALLEL_WARMUP_CHECKPOINT") or None)
+                    warmup_checkpoint=env.get("COMFY_PARALLEL_WARMUP_CHECKPOINT") or None,
+                    **weight_settings(env.get("COMFY_PARALLEL_SHARED_WEIGHTS", "on"),
+                                      env.get("COMFY_PARALLEL_PIN_WEIGHTS", "auto"),
+                                      env.get("COMFY_PARALLEL_WEIGHTS_RAM_LIMIT")),
+                    **lifecycle_settings(*lifecycle_env(env)))
+
+
+def lifecycle_env(env: Mapping[str, str]) -> tuple[str, bool, str | None, str | None]:
+    """Drain timeout, no-persist, persist path and admin token from ``COMFY_PARALLEL_*`` (the launcher's defaults)."""
+    no_persist = env.get("COMFY_PARALLEL_NO_PERSIST", "0").strip().lower() in ("1", "true", "yes", "on")
+    return (env.get("COMFY_PARALLEL_DRAIN_TIMEOUT", str(DEFAULT_DRAIN_TIMEOUT_S)), no_persist,
+            env.get("COMFY_PARALLEL_PERSIST_PATH"), env.get("COMFY_PARALLEL_ADMIN_TOKEN"))
+
+
+def lifecycle_settings(drain_timeout: str, no_persist: bool, persist_path: str | None,
+                       admin_token: str | None) -> dict:
+    """``--drain-timeout``, ``--no-persist``, ``--persist-path``, ``--admin-token`` as Settings fields."""
+    try:
+        timeout = float(drain_timeout)
+    except ValueError:
+        timeout = float("nan")
+    if not 0 <= timeout < float("inf"):
+        raise SettingsError(f"drain timeout: {drain_timeout!r} is not a number of seconds >= 0")
+    token = (admin_token or "").strip() or None
+    return {"drain_timeout": timeout, "persist": not no_persist, "persist_path": persist_path or None,
+            "admin_token": token}
+
+
+def weight_settings(shared: str, pin: str, ram_limit: str | None) -> dict:
+    """``--shared-weights on|off``, ``--pin-weights auto|on|off``, ``--weights-ram-limit 48G`` as Settings fields."""
+    from .weights import parse_bytes
+
+    shared_text, pin_text = shared.strip().lower(), pin.strip().lower()
+    if shared_text not in ("on", "off", "1", "0", "true", "false"):
+        raise SettingsError(f"shared weights: {shared!r} is not valid; use on or off")
+    if pin_text not in ("auto", "on", "off"):
+        raise SettingsError(f"pin weights: {pin!r} is not valid; use auto, on or off")
+    limit = None
+    if ram_limit and ram_limit.strip().lower() not in ("none", "off", ""):
+        try:
+            limit = parse_bytes(ram_limit)
+        except ValueError as err:
+            raise SettingsError(f"weights RAM limit: {err}") from None
+    return {"shared_weights": shared_text in ("on", "1", "true"), "pin_weights": pin_text,
+            "weights_ram_limit": limit}

@@ -10,6 +10,11 @@ import sys
 
 
 class Hooks:
+    def __init__(self) -> None:
+        from comfy_parallel.weights import WeightStore
+
+        self.weight_store = WeightStore(pin="off")  # turns the shared-weights patches on
+
     def before_routes(self, ps):  # pragma: no cover - never called, nothing is started
         raise AssertionError
 
@@ -24,15 +29,21 @@ def snapshot(comfy) -> dict:
         (mm, "processing_interrupted"), (mm, "throw_exception_if_processing_interrupted"),
         (progress, "get_progress_state"), (progress, "reset_progress_state"),
         (comfy.execution, "get_progress_state"), (comfy.execution, "reset_progress_state"),
-        (main, "get_progress_state"), (main, "prompt_worker"),
+        (main, "get_progress_state"), (main, "prompt_worker"), (server, "send_socket_catch_exception"),
     }
+    sd, controlnet, utils = (sys.modules[n] for n in ("comfy.sd", "comfy.controlnet", "comfy.utils"))
+    names |= {(sd, "load_checkpoint_guess_config"), (sd, "load_diffusion_model"), (sd, "load_clip"),
+              (controlnet, "load_controlnet"), (mm, "unet_inital_load_device"), (mm, "text_encoder_initial_device"),
+              (mm, "load_models_gpu"), (utils, "copy_to_param")}
     out = {f"{mod.__name__}.{attr}": id(getattr(mod, attr)) for mod, attr in names if hasattr(mod, attr)}
+    out["VAELoader.load_vae"] = id(comfy.nodes.VAELoader.__dict__["load_vae"])
+    out["LoraLoader.load_lora"] = id(comfy.nodes.LoraLoader.__dict__["load_lora"])
     import torch
 
     out["torch.manual_seed"] = id(torch.manual_seed)
     out["WebUIProgressHandler._send_progress_state"] = id(progress.WebUIProgressHandler.__dict__["_send_progress_state"])
     for attr in ("client_id", "last_node_id", "last_prompt_id", "add_routes", "start_multi_address",
-                 "queue_updated"):
+                 "queue_updated", "send_sync"):
         out[f"PromptServer.{attr}"] = id(server.PromptServer.__dict__.get(attr))
     return out
 
@@ -62,6 +73,24 @@ def noise_check(comfy) -> bool:
     t.start()
     t.join()
     return bool(torch.equal(out["noise"], reference) and torch.equal(out["prepared"], reference))
+
+
+def copy_on_write_check() -> bool:
+    """An in-place weight update (comfy.utils.copy_to_param) on a view leaves the shared host tensor as it was."""
+    import torch
+
+    import comfy.utils
+    from comfy_parallel import weights
+
+    host = torch.nn.Linear(4, 4)
+    weights.seal_host_modules([host])
+    view = weights.make_view(host, [host])
+    before = host.weight.detach().clone()
+    comfy.utils.copy_to_param(view, "weight", torch.full((4, 4), 7.0))
+    plain = torch.nn.Linear(4, 4)
+    comfy.utils.copy_to_param(plain, "weight", torch.full((4, 4), 7.0))  # not a host tensor: in place, as stock
+    return (torch.equal(host.weight, before) and bool(torch.all(view.weight == 7.0))
+            and bool(torch.all(plain.weight == 7.0)))
 
 
 def main() -> None:
@@ -106,6 +135,7 @@ def main() -> None:
     result["loaded_models_type"] = type(mm.current_loaded_models).__name__
     result["execution_sees_patch"] = execution.get_progress_state is comfy.progress.get_progress_state
     result["noise_is_private_and_stock_equal"] = noise_check(comfy)
+    result["host_copy_on_write"] = copy_on_write_check()
     adapter.undo()
     after = snapshot(comfy)
     result["restored"] = after == before

@@ -76,7 +76,9 @@ class Server:
     serve_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     models_dir: Path | None = None
+    model_paths: dict[str, Path] = field(default_factory=dict)  # extra ComfyUI folders, e.g. {"loras": dir}
     custom_nodes: Path = TEST_NODES
+    user_dir: Path | None = None  # ComfyUI's --user-directory; default: a fresh one in the work folder
     name: str = "server"
     port: int = 0
     ports: list[int] = field(default_factory=list)
@@ -108,9 +110,10 @@ class Server:
         lines = ["cp_tests:", f"    base_path: {self.custom_nodes}", f"    custom_nodes: {self.custom_nodes}"]
         if self.models_dir is not None:
             lines.append(f"    checkpoints: {self.models_dir}")
+        lines += [f"    {folder}: {path}" for folder, path in self.model_paths.items()]
         extra.write_text("\n".join(lines) + "\n")
         comfy_args = ["--port", str(self.port), "--listen", "127.0.0.1", "--extra-model-paths-config", str(extra),
-                      "--output-directory", str(work / "out"), "--user-directory", str(work / "user"),
+                      "--output-directory", str(work / "out"), "--user-directory", str(self.user_dir or work / "user"),
                       "--temp-directory", str(work), *self.extra_args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONHASHSEED": "0", **self.env}
         if self.mode == "multi":
@@ -166,6 +169,18 @@ class Server:
                 self.proc.wait(10)
         if getattr(self, "_log", None) is not None:
             self._log.close()
+
+    def send_signal(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the process group and return at once (``stop`` waits, and kills after 10 s)."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, sig)
+
+    def wait_exit(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+        return code
 
     # -- API helpers -----------------------------------------------------------------------------------------
     def get(self, path: str, headers: dict | None = None, base: str | None = None) -> Response:

@@ -15,6 +15,7 @@ from comfy_parallel.settings import (SettingsError, from_env, parse_default_rout
 def test_parse_devices() -> None:
     assert [d.label for d in parse_devices("0,1,cuda:3")] == ["cuda:0", "cuda:1", "cuda:3"]
     assert [d.label for d in parse_devices("cpu*3")] == ["cpu#0", "cpu#1", "cpu#2"]
+    assert [d.label for d in parse_devices("0*2,1")] == ["cuda:0", "cuda:0", "cuda:1"]  # two workers on GPU 0
     for bad in ("", "0,0", "gpu1", "0,cpu", "cpu*0", "-1"):
         with pytest.raises(SettingsError):
             parse_devices(bad)

@@ -95,5 +95,73 @@ class CPCrash(_OutputNode):
         raise WorkerCrash(f"injected worker crash {tag}")
 
 
+class CPBigOutput(_OutputNode):
+    """Emit ``kilobytes`` KB of incompressible text in its ``ui`` output: a large websocket ``executed`` message."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"kilobytes": ("INT", {"default": 256, "min": 1, "max": 65536}),
+                             "tag": ("STRING", {"default": ""})}}
+
+    def run(self, kilobytes: int, tag: str):
+        import base64
+        import os
+
+        started = time.time()
+        blob = base64.b64encode(os.urandom(kilobytes * 768)).decode()
+        return {"ui": {"record": [_record(tag, started)], "blob": [blob]}}
+
+
 NODE_CLASS_MAPPINGS = {"CPSleep": CPSleep, "CPFail": CPFail, "CPOOM": CPOOM, "CPCrash": CPCrash}
+NODE_CLASS_MAPPINGS["CPBigOutput"] = CPBigOutput
 NODE_DISPLAY_NAME_MAPPINGS = {name: f"{name} (comfy-parallel tests)" for name in NODE_CLASS_MAPPINGS}
+
+
+def _count_file_loads() -> None:
+    """Count ComfyUI's reads of model files per path (``GET /cp_test/load_counts``) and hash the shared host
+    copies (``GET /cp_test/host_digest``): how the shared-weights tests see disk reads and host writes."""
+    import hashlib
+    from collections import Counter
+
+    import server
+    import torch
+    from aiohttp import web
+
+    counts: Counter = Counter()
+    original = comfy.utils.load_torch_file
+
+    def load_torch_file(ckpt, *args, **kwargs):
+        counts[str(ckpt)] += 1
+        return original(ckpt, *args, **kwargs)
+
+    comfy.utils.load_torch_file = load_torch_file
+
+    @server.PromptServer.instance.routes.get("/cp_test/load_counts")
+    async def load_counts(request):
+        return web.json_response(dict(counts))
+
+    @server.PromptServer.instance.routes.get("/cp_test/host_digest")
+    async def host_digest(request):
+        from comfy_parallel import weights
+        from comfy_parallel.comfy_adapter import active
+
+        adapter = active()
+        stores = [p.store for p in (adapter.patches if adapter else []) if hasattr(p, "store")]
+        digests = {}
+        for entry in (stores[0].entries() if stores else []):
+            h = hashlib.blake2b(digest_size=16)
+            for module in _host_modules(entry):
+                for t in weights.module_tensors(module):
+                    h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            digests[entry.label] = h.hexdigest()
+        return web.json_response(digests)
+
+
+def _host_modules(entry):
+    from comfy_parallel.comfy_adapter.shared_weights import host_modules
+    from comfy_parallel.weights import tensor_bag
+
+    return host_modules(entry.host) if not isinstance(entry.host, dict) else [tensor_bag(entry.host)]
+
+
+_count_file_loads()

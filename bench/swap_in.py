@@ -1,0 +1,143 @@
+"""Swap-in speed of a shared host copy: host -> GPU GB/s of a checkpoint's diffusion model, in one process.
+
+Measured against the same bytes moved by a plain ``tensor.to('cuda', non_blocking=True)`` from pinned memory
+(per tensor, and as one buffer), against stock ComfyUI's own swap cycle (its unload copies the weights back to
+new pageable CPU tensors, its reload copies them up again), and against the first load from disk.
+
+usage (device machine): python3 bench/swap_in.py --comfyui /tmp/comfyui --ckpt sdxl_rand.safetensors --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def rss_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--comfyui", default="/tmp/comfyui")
+    ap.add_argument("--ckpt", default="sdxl_rand.safetensors")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results/local")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from comfy_parallel.comfy_adapter import Comfy, load_comfyui
+    from comfy_parallel.comfy_adapter.shared_weights import shared_weight_patches
+    from comfy_parallel.weights import WeightStore
+
+    main_module = load_comfyui(Path(args.comfyui), ["--disable-all-custom-nodes", "--dont-print-server"])
+    import torch
+
+    import comfy.model_management as mm  # type: ignore[import-not-found]
+    import comfy.sd  # type: ignore[import-not-found]
+    import folder_paths  # type: ignore[import-not-found]
+
+    path = folder_paths.get_full_path_or_raise("checkpoints", args.ckpt)
+    res: dict = {"ckpt": args.ckpt, "file_gib": round(os.path.getsize(path) / 2**30, 3),
+                 "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+
+    def sync() -> None:
+        torch.cuda.synchronize()
+
+    def cycle(mp) -> tuple[list[float], list[float]]:  # type: ignore[no-untyped-def]
+        loads, unloads = [], []
+        for _ in range(args.repeat):
+            sync()
+            t = time.perf_counter()
+            mm.load_models_gpu([mp], force_full_load=True)
+            sync()
+            loads.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            mm.unload_all_models()
+            sync()
+            unloads.append(time.perf_counter() - t)
+        return loads, unloads
+
+    # 1. stock ComfyUI (no patches): first load from disk, then its unload/reload cycle
+    res["rss_start_gib"] = round(rss_gib(), 3)
+    t = time.perf_counter()
+    mp, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True)
+    mm.load_models_gpu([mp], force_full_load=True)
+    sync()
+    res["stock_first_load_s"] = round(time.perf_counter() - t, 3)
+    nbytes = mp.model_size()
+    res["unet_gib"] = round(nbytes / 2**30, 3)
+    mm.unload_all_models()
+    loads, unloads = cycle(mp)
+    res["stock_reload_gbps"] = round(nbytes / statistics.median(loads) / 1e9, 2)
+    res["stock_unload_s"] = round(statistics.median(unloads), 3)
+    res["rss_after_stock_gib"] = round(rss_gib(), 3)
+    del mp, clip, vae
+    mm.unload_all_models()
+    mm.soft_empty_cache(True)
+
+    # 2. comfy-parallel's shared host copy (pinned), a view per device
+    comfy_bundle = Comfy.from_sys_modules(main_module)
+    store = WeightStore(pin="on")
+    patches = shared_weight_patches(store)
+    for p in patches:
+        p.apply(comfy_bundle)
+    try:
+        t = time.perf_counter()
+        view, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True)
+        res["shared_host_load_s"] = round(time.perf_counter() - t, 3)
+        entry = store.entries()[0]
+        res["host_gib"], res["host_pinned"] = round(entry.host_bytes / 2**30, 3), entry.pinned
+        loads, unloads = cycle(view)
+        res["shared_swap_in_gbps"] = round(nbytes / statistics.median(loads) / 1e9, 2)
+        res["shared_swap_in_s"] = [round(x, 3) for x in loads]
+        res["shared_unload_s"] = round(statistics.median(unloads), 4)
+        res["rss_after_shared_gib"] = round(rss_gib(), 3)
+
+        # 3. the reference: the same host tensors, copied by hand
+        host_unet = entry.host[0].model
+        tensors = [p.data for p in host_unet.parameters()] + [b for b in host_unet.buffers()]
+        times = []
+        for _ in range(args.repeat):
+            sync()
+            t = time.perf_counter()
+            gpu = [x.to("cuda", non_blocking=True) for x in tensors]
+            sync()
+            times.append(time.perf_counter() - t)
+            del gpu
+        copied = sum(x.numel() * x.element_size() for x in tensors)
+        res["pinned_per_tensor_gbps"] = round(copied / statistics.median(times) / 1e9, 2)
+        big = torch.empty(copied, dtype=torch.uint8).pin_memory()
+        times = []
+        for _ in range(args.repeat):
+            sync()
+            t = time.perf_counter()
+            g = big.to("cuda", non_blocking=True)
+            sync()
+            times.append(time.perf_counter() - t)
+            del g
+        res["pinned_one_buffer_gbps"] = round(copied / statistics.median(times) / 1e9, 2)
+        res["swap_in_vs_pinned_per_tensor"] = round(res["shared_swap_in_gbps"] / res["pinned_per_tensor_gbps"], 3)
+        res["swap_in_vs_pinned_one_buffer"] = round(res["shared_swap_in_gbps"] / res["pinned_one_buffer_gbps"], 3)
+    finally:
+        for p in reversed(patches):
+            p.undo()
+    print(json.dumps(res, indent=2))
+    (out / "swap_in.json").write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,319 @@
+"""Patches that make ComfyUI's model loaders share one host copy per file across device workers.
+
+Without them every worker's executor loads its own copy of each checkpoint (N disk reads, N host copies). With
+them a loader call is answered from ``weights.WeightStore``: the first call reads the file into host memory (on
+the CPU, whatever the calling worker's device), every device gets a view of that host copy with its own
+``load_device``, and in-place weight updates never reach the host copy (they copy on write instead).
+See ``comfy_parallel.weights`` for views; DESIGN.md section 4 for why one module cannot serve two GPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from typing import Any, Callable
+
+import torch
+
+from .. import weights, worker_context
+from ..weights import FileKey, WeightStore
+from .base import Comfy, Patch, first_problem, require_callables
+
+log = logging.getLogger("comfy_parallel.adapter")
+
+from .patches import CHECKED
+
+_host_loading = threading.local()
+
+
+def host_loading() -> bool:
+    """True while this thread builds a host copy (its modules must be created on the CPU)."""
+    return getattr(_host_loading, "active", False)
+
+
+def _load_on_host(load: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        _host_loading.active = True
+        try:
+            return load()
+        finally:
+            _host_loading.active = False
+
+    return run
+
+
+def device_key() -> Any:
+    """Views are per worker (two CPU workers share a device but must not share a ModelPatcher's state)."""
+    ctx = worker_context.current()
+    return ctx.index if ctx is not None else ("thread", threading.get_ident())
+
+
+# -- which objects of a loader result are models, and how a view is pointed at another device -------------------
+
+_PATCHER_ATTRS = ("patcher", "control_model_wrapped")
+_MODULE_ATTRS = ("first_stage_model", "cond_stage_model", "control_model", "model")
+
+
+def _items(result: Any) -> list[Any]:
+    return [r for r in (result if isinstance(result, tuple) else (result,)) if r is not None]
+
+
+def _is_patcher(obj: Any) -> bool:
+    mp = sys.modules.get("comfy.model_patcher")
+    return mp is not None and isinstance(obj, mp.ModelPatcher)
+
+
+def host_modules(result: Any) -> list[torch.nn.Module]:
+    """The ``nn.Module`` trees a loader result holds (a ModelPatcher's model, a CLIP's or VAE's model...)."""
+    found: dict[int, torch.nn.Module] = {}
+    for item in _items(result):
+        candidates = [item] + [getattr(item, a, None) for a in _PATCHER_ATTRS]
+        for obj in candidates:
+            if _is_patcher(obj):
+                found.setdefault(id(obj.model), obj.model)
+        for attr in _MODULE_ATTRS:
+            mod = getattr(item, attr, None)
+            if isinstance(mod, torch.nn.Module):
+                found.setdefault(id(mod), mod)
+    return list(found.values())
+
+
+def shareable(result: Any) -> bool:
+    """Only results whose every item we know how to view are shared; anything else loads per worker, as stock."""
+    known = ("ModelPatcher", "CLIP", "VAE", "ControlNet", "ClipVisionModel")
+    return all(type(item).__name__ in known or _is_patcher(item) for item in _items(result)) and bool(
+        host_modules(result))
+
+
+def _retarget(view: Any, host_device: torch.device, device: torch.device) -> None:
+    """Point every ``load_device``/``device`` that named the loading thread's device at this worker's device."""
+    for item in _items(view):
+        for obj in [item] + [getattr(item, a, None) for a in _PATCHER_ATTRS]:
+            if obj is None:
+                continue
+            for attr in ("load_device", "device"):
+                if _is_patcher(obj) and attr == "device":
+                    continue
+                if getattr(obj, attr, None) == host_device and not isinstance(obj, torch.nn.Module):
+                    setattr(obj, attr, device)
+
+
+def _shared_objects(result: Any) -> list[Any]:
+    """Read-only objects every view may share as they are (tokenizers are large to copy and never written)."""
+    return [item.tokenizer for item in _items(result) if getattr(item, "tokenizer", None) is not None]
+
+
+class _Loader:
+    """One shared loader: file identity -> host copy in the store -> this worker's view."""
+
+    def __init__(self, store: WeightStore, mm: Any, name: str, original: Callable[..., Any],
+                 files: Callable[..., tuple[str, ...]]) -> None:
+        self.store, self.mm, self.name, self.original, self.files = store, mm, name, original, files
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not all(_plain(a) for a in (*args, *kwargs.values())):
+            return self.original(*args, **kwargs)  # e.g. a ControlNet loaded against a model: not a file's copy
+        try:
+            files = tuple(FileKey.of(p) for p in self.files(*args, **kwargs))
+        except (OSError, TypeError, IndexError, KeyError):
+            return self.original(*args, **kwargs)  # let ComfyUI raise its own error for a missing file
+        key = (self.name, files, repr(args), repr(sorted(kwargs.items())))
+        label = f"{self.name.rsplit('.', 1)[-1]}({', '.join(os.path.basename(f.path) for f in files)})"
+        loading_device: list[Any] = []
+
+        def load() -> Any:
+            loading_device.append(self.mm.get_torch_device())
+            return self.original(*args, **kwargs)
+
+        entry = self.store.get_or_load(key, label, files, _load_on_host(load),
+                                       lambda r: host_modules(r) if shareable(r) else None)
+        if not entry.shared:
+            return entry.host
+        host_device = entry.meta.setdefault("host_device", loading_device[0] if loading_device else None)
+
+        def make(host: Any) -> tuple[Any, list[torch.nn.Module]]:
+            view = weights.make_view(host, host_modules(host), share=_shared_objects(host))
+            _retarget(view, host_device, self.mm.get_torch_device())
+            return view, host_modules(view)
+
+        return self.store.view_for(entry, device_key(), make)
+
+
+def _plain(value: Any) -> bool:
+    """Arguments that can be part of a cache key by value (paths, names, options, dtypes)."""
+    if value is None or isinstance(value, (str, int, float, bool, torch.dtype, torch.device)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+def _arg(name: str, position: int) -> Callable[..., tuple[str, ...]]:
+    def files(*args: Any, **kwargs: Any) -> tuple[str, ...]:
+        value = kwargs[name] if name in kwargs else args[position]
+        return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+    return files
+
+
+class SharedModelLoaders(Patch):
+    name = "shared-model-loaders"
+    replaces = ("comfy.sd.load_checkpoint_guess_config, comfy.sd.load_diffusion_model, comfy.sd.load_clip, "
+                "comfy.controlnet.load_controlnet, nodes.VAELoader.load_vae, nodes.LoraLoader.load_lora")
+    why = ("each worker's executor loaded its own copy of every model file (N disk reads, N host copies); now a "
+           "file is read once into one host copy and each device gets a view of it with its own load_device")
+    checked_on = CHECKED
+
+    def __init__(self, store: WeightStore) -> None:
+        super().__init__()
+        self.store = store
+
+    def check(self, comfy: Comfy) -> str | None:
+        sd = sys.modules.get("comfy.sd")
+        controlnet = sys.modules.get("comfy.controlnet")
+        if sd is None or controlnet is None:
+            return "comfy.sd / comfy.controlnet are not imported"
+        return first_problem(
+            lambda: require_callables(sd, "load_checkpoint_guess_config", "load_diffusion_model", "load_clip"),
+            lambda: require_callables(controlnet, "load_controlnet"),
+            lambda: require_callables(comfy.nodes.VAELoader, "load_vae"),
+            lambda: require_callables(comfy.nodes.LoraLoader, "load_lora"),
+            lambda: None if "loaded_lora" in comfy.nodes.LoraLoader.__init__.__code__.co_names
+            else "LoraLoader does not keep loaded_lora",
+        )
+
+    def _apply(self, comfy: Comfy) -> None:
+        sd = sys.modules["comfy.sd"]
+        controlnet = sys.modules["comfy.controlnet"]
+        mm = comfy.model_management
+        for module, attr, files in (
+            (sd, "load_checkpoint_guess_config", _arg("ckpt_path", 0)),
+            (sd, "load_diffusion_model", _arg("unet_path", 0)),
+            (sd, "load_clip", _arg("ckpt_paths", 0)),
+            (controlnet, "load_controlnet", _arg("ckpt_path", 0)),
+        ):
+            original = getattr(module, attr)
+            loader = _Loader(self.store, mm, f"{module.__name__}.{attr}", original, files)
+            self.log.replace_everywhere(module, attr, loader)
+        self._patch_vae_loader(comfy)
+        self._patch_lora_loader(comfy)
+
+    def _patch_vae_loader(self, comfy: Comfy) -> None:
+        import folder_paths  # type: ignore[import-not-found]
+
+        cls = comfy.nodes.VAELoader
+        original = cls.load_vae
+        store, mm = self.store, comfy.model_management
+
+        def vae_path(self_: Any, vae_name: str) -> tuple[str, ...]:
+            # WARNING: mirrors VAELoader.load_vae's choice of folder (0.3.52-0.3.75); TAESD and pixel_space VAEs
+            # are built from several files or none and stay per worker.
+            import os
+
+            if vae_name == "pixel_space" or vae_name in getattr(self_, "image_taes", ()):
+                raise KeyError(vae_name)
+            folder = "vae_approx" if os.path.splitext(vae_name)[0] in getattr(self_, "video_taes", ()) else "vae"
+            path = folder_paths.get_full_path(folder, vae_name)
+            if path is None:
+                raise KeyError(vae_name)
+            return (path,)
+
+        def load_vae(self_: Any, vae_name: str) -> Any:
+            bound = _Loader(store, mm, "nodes.VAELoader.load_vae", lambda n: original(self_, n),
+                            lambda n: vae_path(self_, n))
+            return bound(vae_name)
+
+        self.log.replace(cls, "load_vae", load_vae)
+
+    def _patch_lora_loader(self, comfy: Comfy) -> None:
+        import comfy.utils as comfy_utils  # type: ignore[import-not-found]
+        import folder_paths  # type: ignore[import-not-found]
+
+        cls = comfy.nodes.LoraLoader
+        original = cls.load_lora
+        store = self.store
+
+        def load_lora(self_: Any, model: Any, clip: Any, lora_name: str, strength_model: float,
+                      strength_clip: float) -> Any:
+            path = folder_paths.get_full_path("loras", lora_name)
+            if path is not None and not (strength_model == 0 and strength_clip == 0):
+                files = (FileKey.of(path),)
+                entry = store.get_or_load(("lora", files), f"lora({lora_name})", files,
+                                          lambda: comfy_utils.load_torch_file(path, safe_load=True),
+                                          lambda tensors: [weights.tensor_bag(tensors)], pin=False)
+                # WARNING: LoraLoader keeps the last file it read in self.loaded_lora (0.3.52-0.3.75); handing it
+                # the shared tensors makes it skip its own read. The tensors are only read by load_lora_for_models.
+                self_.loaded_lora = (path, entry.host)
+            return original(self_, model, clip, lora_name, strength_model, strength_clip)
+
+        self.log.replace(cls, "load_lora", load_lora)
+
+
+class HostLoadOnCpu(Patch):
+    name = "host-load-on-cpu"
+    replaces = "comfy.model_management.unet_inital_load_device, text_encoder_initial_device, load_models_gpu"
+    why = ("with enough free VRAM ComfyUI builds a model directly on the loading thread's GPU (and loads a new CLIP "
+           "there); a shared host copy must be built, and stay, on the CPU so that every device can copy from it")
+    checked_on = CHECKED
+
+    def check(self, comfy: Comfy) -> str | None:
+        return require_callables(comfy.model_management, "unet_inital_load_device", "text_encoder_initial_device",
+                                 "load_models_gpu")
+
+    def _apply(self, comfy: Comfy) -> None:
+        mm = comfy.model_management
+        unet_original = mm.unet_inital_load_device
+        te_original = mm.text_encoder_initial_device
+
+        def unet_inital_load_device(*args: Any, **kwargs: Any) -> Any:
+            return torch.device("cpu") if host_loading() else unet_original(*args, **kwargs)
+
+        def text_encoder_initial_device(load_device: Any, offload_device: Any, *args: Any, **kwargs: Any) -> Any:
+            if host_loading():
+                return offload_device if getattr(offload_device, "type", None) == "cpu" else torch.device("cpu")
+            return te_original(load_device, offload_device, *args, **kwargs)
+
+        load_original = mm.load_models_gpu
+
+        def load_models_gpu(*args: Any, **kwargs: Any) -> Any:
+            return None if host_loading() else load_original(*args, **kwargs)
+
+        self.log.replace_everywhere(mm, "load_models_gpu", load_models_gpu)
+        self.log.replace_everywhere(mm, "unet_inital_load_device", unet_inital_load_device)
+        self.log.replace_everywhere(mm, "text_encoder_initial_device", text_encoder_initial_device)
+
+
+class HostWeightsReadOnly(Patch):
+    name = "host-weights-read-only"
+    replaces = "comfy.utils.copy_to_param"
+    why = ("in-place weight updates (weight_inplace_update, hook patches) would write the host copy every device "
+           "shares; a parameter that is a host tensor gets a new tensor instead (copy on write)")
+    checked_on = CHECKED
+
+    def check(self, comfy: Comfy) -> str | None:
+        utils = sys.modules.get("comfy.utils")
+        if utils is None:
+            return "comfy.utils is not imported"
+        return require_callables(utils, "copy_to_param", "set_attr_param", "get_attr")
+
+    def _apply(self, comfy: Comfy) -> None:
+        utils = sys.modules["comfy.utils"]
+        original = utils.copy_to_param
+        set_attr_param = utils.set_attr_param
+
+        def copy_to_param(obj: Any, attr: str, value: torch.Tensor) -> None:
+            prev = utils.get_attr(obj, attr)
+            if isinstance(prev, torch.Tensor) and weights.is_host_tensor(prev.data):
+                set_attr_param(obj, attr, value.to(device=prev.device, dtype=prev.dtype, copy=True))
+                return
+            original(obj, attr, value)
+
+        self.log.replace_everywhere(utils, "copy_to_param", copy_to_param)
+
+
+def shared_weight_patches(store: WeightStore) -> list[Patch]:
+    return [HostLoadOnCpu(), HostWeightsReadOnly(), SharedModelLoaders(store)]

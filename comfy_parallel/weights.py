@@ -1,0 +1,387 @@
+"""One host copy of each model file, shared by every device's worker (DESIGN.md section 4).
+
+A loader result (a checkpoint's model, CLIP and VAE, a diffusion model, a ControlNet, a LoRA's tensors) is built
+once, on the CPU, from one read of its file. Each device then gets a *view*: its own module tree whose
+parameters start out as the very host tensors. ComfyUI loads a view to its GPU the usual way (``module.to``
+gives the view's parameters new GPU tensors; the host tensors are untouched) and, when it unloads it, the view's
+parameters are pointed back at the host tensors instead of being copied back to new CPU tensors.
+
+This module is plain torch; which ComfyUI objects are views of what lives in ``comfy_adapter.shared_weights``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import threading
+import time
+import types
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, NamedTuple
+
+import torch
+
+log = logging.getLogger("comfy_parallel.weights")
+
+
+class FileKey(NamedTuple):
+    """A file's identity: the same path with another size or mtime is another file (it was replaced)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: str | os.PathLike) -> "FileKey":
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        return cls(real, st.st_size, st.st_mtime_ns)
+
+
+def parse_bytes(text: str) -> int:
+    """``8G``, ``8GiB``, ``512M``, ``1.5T`` or a plain byte count; binary units."""
+    raw = text.strip().lower().removesuffix("ib").removesuffix("b")
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    scale = 1
+    if raw and raw[-1] in units:
+        scale, raw = units[raw[-1]], raw[:-1]
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size; write e.g. 48G, 512M or a byte count") from None
+    if value < 0:
+        raise ValueError(f"{text!r} is negative")
+    return int(value * scale)
+
+
+# -- host tensors ----------------------------------------------------------------------------------------------
+
+# Storage addresses of every host copy ever made. Never pruned: a freed address that is reused only makes a later
+# in-place update copy on write (harmless), while pruning early would let a write reach a copy views still share.
+_host_ptrs: set[int] = set()
+
+
+def is_host_tensor(t: torch.Tensor) -> bool:
+    """True when ``t`` lives in a shared host copy, which nobody may write."""
+    if t.device.type != "cpu" or not t.numel():
+        return False
+    return t.untyped_storage().data_ptr() in _host_ptrs
+
+
+def module_tensors(module: torch.nn.Module) -> Iterable[torch.Tensor]:
+    for m in module.modules():
+        yield from (p for p in m._parameters.values() if p is not None)
+        yield from (b for b in m._buffers.values() if b is not None)
+
+
+def pin_modules(modules: list[torch.nn.Module]) -> int:
+    """Pack the modules' CPU tensors into one buffer registered as page-locked memory; bytes pinned (0: not).
+
+    One exact-size buffer registered with ``cudaHostRegister`` (what ComfyUI itself uses for pinning), instead of
+    ``Tensor.pin_memory()`` per tensor: torch's pinned allocator rounds every block up to a power of two, which
+    measured ~1.9x the checkpoint's size in host RSS. The registration is undone when the buffer is freed.
+    """
+    slots: list[tuple[torch.nn.Module, str, bool, torch.Tensor]] = []
+    seen: set[int] = set()
+    for module in modules:
+        for m in module.modules():
+            for kind, table in ((True, m._parameters), (False, m._buffers)):
+                for name, t in table.items():
+                    if t is None or t.device.type != "cpu" or not t.numel() or id(t) in seen or t.is_pinned():
+                        continue
+                    seen.add(id(t))
+                    slots.append((m, name, kind, t))
+    sizes = [(t.numel() * t.element_size() + 63) // 64 * 64 for *_, t in slots]
+    total = sum(sizes)
+    if not total:
+        return 0
+    flat = torch.empty(total, dtype=torch.uint8)
+    offset = 0
+    for (m, name, is_param, t), size in zip(slots, sizes):
+        nbytes = t.numel() * t.element_size()
+        packed = flat[offset:offset + nbytes].view(t.dtype).view(t.shape)
+        packed.copy_(t)
+        if is_param:
+            t.data = packed
+        else:
+            m._buffers[name] = packed
+        offset += size
+    cudart = torch.cuda.cudart()
+    ptr = flat.data_ptr()
+    if cudart.cudaHostRegister(ptr, total, 0) != 0:
+        log.warning("comfy-parallel: could not page-lock %.2f GiB of host weights; loads will be slower",
+                    total / 2**30)
+        return 0
+    weakref.finalize(flat.untyped_storage(), cudart.cudaHostUnregister, ptr)
+    return total
+
+
+def seal_host_modules(modules: list[torch.nn.Module]) -> int:
+    """Mark every CPU tensor of ``modules`` as a host copy (so nobody writes it); return their bytes."""
+    total = 0
+    seen: set[int] = set()
+    for t in (t for module in modules for t in module_tensors(module)):
+        if t.device.type != "cpu":
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel():
+            _host_ptrs.add(ptr)
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+# -- device views ----------------------------------------------------------------------------------------------
+
+def _view_apply(self: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+    """``Module._apply`` for a view: a move back to the host points parameters at the host copy (no copy)."""
+    host: dict[str, weakref.ref] = self.__dict__["_cp_host"]
+    own: dict[str, torch.nn.Parameter] = self.__dict__["_cp_params"]
+    for name, host_ref in host.items():
+        param, host_param = self._parameters.get(name), host_ref()
+        if param is None or host_param is None:
+            continue  # the host copy was evicted: ComfyUI's own copy back to the CPU applies
+        host_t = host_param.data
+        if param is not own[name]:
+            if param.data.untyped_storage().data_ptr() != host_t.untyped_storage().data_ptr():
+                continue  # a patched weight (e.g. a LoRA result): not ours to drop
+            own[name] = param  # ComfyUI restored the host tensor in a new Parameter: it is the view's own again
+            continue
+        if param.device != host_t.device and _lands_on(fn, param, host_t):
+            own[name] = self._parameters[name] = torch.nn.Parameter(host_t, requires_grad=param.requires_grad)
+        elif param.data.data_ptr() == host_t.data_ptr() and host_t.is_pinned():
+            target = fn(torch.empty(0, dtype=param.dtype))
+            if target.device.type == "cuda" and target.dtype == param.dtype:
+                # From page-locked, never-written memory the copy may run ahead of the CPU; later kernels on this
+                # stream are ordered after it. torch's own .to() below then finds the tensor already there.
+                param.data = host_t.to(target.device, non_blocking=True)
+    for name, host_ref in self.__dict__["_cp_buffers"].items():
+        buf, host_buf = self._buffers.get(name), host_ref()
+        if buf is not None and host_buf is not None and buf.device != host_buf.device and _lands_on(fn, buf, host_buf):
+            self._buffers[name] = host_buf
+    ours = [name for name in own if self._parameters.get(name) is own[name]]
+    result = torch.nn.Module._apply(self, fn, recurse)
+    for name in ours:  # torch may replace a Parameter instead of setting .data (e.g. between device kinds)
+        own[name] = self._parameters[name]
+    return result
+
+
+def _lands_on(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor, host_t: torch.Tensor) -> bool:
+    """Would ``fn`` (a ``Module.to`` conversion) turn ``t`` into a tensor like ``host_t``? Asked of an empty one."""
+    probe = fn(torch.empty(0, dtype=t.dtype))  # the target does not depend on where the probe is
+    return probe.device == host_t.device and probe.dtype == host_t.dtype
+
+
+def module_view(host: torch.nn.Module, memo: dict[int, Any] | None = None) -> dict[int, Any]:
+    """Seed a ``copy.deepcopy`` memo so that copying anything holding ``host`` yields a device view of it.
+
+    Every parameter gets a new ``Parameter`` object over the same host tensor (``Module.to`` replaces a
+    parameter's ``.data`` in place, so two views must never share one); buffers are shared as they are.
+    After the deepcopy, call :func:`finish_view` on the copy.
+    """
+    memo = {} if memo is None else memo
+    for t in module_tensors(host):
+        if id(t) in memo:
+            continue
+        if isinstance(t, torch.nn.Parameter):
+            memo[id(t)] = torch.nn.Parameter(t.data, requires_grad=t.requires_grad)
+        else:
+            memo[id(t)] = t
+    return memo
+
+
+def finish_view(host: torch.nn.Module, view: torch.nn.Module) -> None:
+    """Give every module of a copied view the host-aware ``_apply``.
+
+    The view knows its host parameters only weakly: the store's entry keeps them alive, and once the entry is
+    evicted (``--weights-ram-limit``) a view that is loaded on its GPU no longer holds host memory.
+    """
+    for (name_h, mh), (name_v, mv) in zip(host.named_modules(), view.named_modules()):
+        assert name_h == name_v, (name_h, name_v)
+        refs = {name: weakref.ref(p) for name, p in mh._parameters.items()
+                if p is not None and p.device.type == "cpu" and mv._parameters.get(name) is not None}
+        buffers = {name: weakref.ref(b) for name, b in mh._buffers.items()
+                   if b is not None and b.device.type == "cpu" and mv._buffers.get(name) is b}
+        if not refs and not buffers:
+            continue
+        mv.__dict__["_cp_host"] = refs
+        mv.__dict__["_cp_buffers"] = buffers
+        mv.__dict__["_cp_params"] = {name: mv._parameters[name] for name in refs}
+        mv.__dict__["_apply"] = types.MethodType(_view_apply, mv)
+
+
+def make_view(obj: Any, modules: Iterable[torch.nn.Module], share: Iterable[Any] = ()) -> Any:
+    """Deep-copy ``obj`` (a loader result) into a device view of the host ``modules`` it holds."""
+    memo: dict[int, Any] = {}
+    mods = list(modules)
+    for m in mods:
+        module_view(m, memo)
+    for s in share:
+        memo[id(s)] = s
+    view = copy.deepcopy(obj, memo)
+    for m in mods:
+        finish_view(m, memo[id(m)])
+    return view
+
+
+# -- the store -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Entry:
+    """One loader result held on the host, and the device views handed out for it."""
+
+    key: tuple
+    label: str
+    files: tuple[FileKey, ...]
+    host: Any
+    host_bytes: int
+    pinned: bool
+    views: dict[Any, Any] = field(default_factory=dict)
+    view_modules: dict[Any, list[torch.nn.Module]] = field(default_factory=dict)
+    shared: bool = True
+    meta: dict[str, Any] = field(default_factory=dict)
+    hits: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class WeightStore:
+    """Loader results by file identity, each read once; an LRU bound on host bytes evicts unused ones."""
+
+    def __init__(self, ram_limit: int | None = None, pin: str = "auto") -> None:
+        self.ram_limit = ram_limit
+        self.pin = pin  # "auto" | "on" | "off"
+        self._entries: "OrderedDict[tuple, Entry]" = OrderedDict()
+        self._lock = threading.RLock()
+        self._loading: dict[tuple, threading.Lock] = {}
+        self.disk_loads = 0
+        self.evictions = 0
+
+    # Loading is serialised per key (a second worker waits for the first read instead of reading again) but
+    # not across keys, so two GPUs can load two different checkpoints at once.
+    def get_or_load(self, key: tuple, label: str, files: tuple[FileKey, ...], load: Callable[[], Any],
+                    host_modules: Callable[[Any], list[torch.nn.Module] | None], pin: bool = True) -> Entry:
+        """The entry for ``key``, loading it on first use. ``host_modules`` returns ``None`` for a result that
+        cannot be shared: it is handed to this caller only and not kept."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.hits += 1
+                entry.last_used = time.monotonic()
+                self._entries.move_to_end(key)
+                return entry
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    entry.hits += 1
+                    entry.last_used = time.monotonic()
+                    return entry
+            started = time.monotonic()
+            host = load()
+            modules = host_modules(host)
+            if modules is None:
+                with self._lock:
+                    self._loading.pop(key, None)
+                return Entry(key, label, files, host, 0, False, shared=False)
+            pinned = pin and self._maybe_pin(modules)
+            host_bytes = seal_host_modules(modules)
+            entry = Entry(key, label, files, host, host_bytes, pinned)
+            with self._lock:
+                self._entries[key] = entry
+                self.disk_loads += 1
+                self._loading.pop(key, None)
+                self._evict()
+            log.info("comfy-parallel: %s read once into host memory (%.2f GiB%s) in %.1f s", label,
+                     host_bytes / 2**30, ", pinned" if pinned else "", time.monotonic() - started)
+            return entry
+
+    def _maybe_pin(self, modules: list[torch.nn.Module]) -> bool:
+        if self.pin == "off" or not torch.cuda.is_available():
+            return False
+        size = sum(t.numel() * t.element_size() for m in modules for t in module_tensors(m))
+        if self.pin == "auto":
+            import psutil
+
+            # Page-locked memory cannot be swapped out: pin only while pinned host copies stay under half the RAM.
+            held = sum(e.host_bytes for e in self._entries.values() if e.pinned)
+            if held + size > psutil.virtual_memory().total // 2:
+                return False
+        return pin_modules(modules) > 0
+
+    def view_for(self, entry: Entry, device_key: Any, make: Callable[[Any], tuple[Any, list[torch.nn.Module]]]
+                 ) -> Any:
+        """The view of ``entry`` for one device, made on first use and then reused (same object, same VRAM)."""
+        with self._lock:
+            view = entry.views.get(device_key)
+            if view is None:
+                view, modules = make(entry.host)
+                entry.views[device_key] = view
+                entry.view_modules[device_key] = modules
+            return view
+
+    def _evict(self) -> None:
+        """Drop least recently used entries beyond the limit, the new one too (its caller still holds it)."""
+        if self.ram_limit is None:
+            return
+        while self._entries and sum(e.host_bytes for e in self._entries.values()) > self.ram_limit:
+            _, entry = self._entries.popitem(last=False)
+            self.evictions += 1
+            log.info("comfy-parallel: evicted %s from host memory (%.2f GiB; --weights-ram-limit %.2f GiB); "
+                     "devices that still use it keep it alive until they drop it", entry.label,
+                     entry.host_bytes / 2**30, self.ram_limit / 2**30)
+
+    def entries(self) -> list[Entry]:
+        with self._lock:
+            return list(self._entries.values())
+
+    def host_bytes(self) -> int:
+        with self._lock:
+            return sum(e.host_bytes for e in self._entries.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+def tensor_bag(tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A module holding a state dict's tensors as buffers, so a LoRA's tensors are counted and sealed like a model's."""
+    bag = torch.nn.Module()
+    for i, t in enumerate(tensors.values()):
+        if isinstance(t, torch.Tensor):
+            bag.register_buffer(f"t{i}", t, persistent=False)
+    return bag
+
+
+def _holds(loaded_models: list, modules: list[torch.nn.Module]) -> bool:
+    ids = {id(m) for m in modules}
+    for lm in list(loaded_models):
+        patcher = getattr(lm, "model", None)
+        if patcher is not None and id(getattr(patcher, "model", None)) in ids:
+            return True
+    return False
+
+
+def status(store: WeightStore | None, loaded_models_of: Callable[[int], list]) -> dict:
+    """``/multigpu/status``'s ``weights`` section: per host copy, its bytes, pinning and the devices holding it."""
+    if store is None:
+        return {"shared": False, "entries": []}
+    entries = []
+    for e in store.entries():
+        devices = sorted(k for k, mods in list(e.view_modules.items())
+                         if isinstance(k, int) and _holds(loaded_models_of(k), mods))
+        entries.append({
+            "name": e.label,
+            "files": [f.path for f in e.files],
+            "host_bytes": e.host_bytes,
+            "pinned": e.pinned,
+            "views": sorted(k for k in e.views if isinstance(k, int)),
+            "devices_loaded": devices,
+            "hits": e.hits,
+        })
+    return {"shared": True, "host_bytes": store.host_bytes(), "ram_limit": store.ram_limit, "pin": store.pin,
+            "disk_loads": store.disk_loads, "evictions": store.evictions, "entries": entries}
