@@ -24,7 +24,7 @@ from .metrics import DeviceMetrics
 from .persistence import PromptStore
 from .queues import DeviceQueues
 from .warmup import Warmup
-from .weights import WeightStore
+from .weights import HeapTrimmer, WeightStore
 from .routing import RequestRoute
 from .settings import Settings
 from .workers import DeviceWorker, start_workers
@@ -45,6 +45,7 @@ class MultiDeviceServer:
         self.device_status = DeviceStatus(len(settings.devices))  # progress and last errors for /multigpu/status
         self.queues.add_listener(self.device_status)
         self.queues.add_listener(PromptLog())
+        self.queues.add_listener(HeapTrimmer())
         self.warmup = Warmup(self.queues, settings.warmup_checkpoint)
         self.queues.add_listener(self.warmup)
         self.weight_store: WeightStore | None = (
