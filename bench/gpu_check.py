@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -195,9 +196,11 @@ def run_server(name: str, cmd: list[str], port: int, args: argparse.Namespace, n
         prompts = [workflow(args.ckpt, args.width, args.width, args.steps, 1 + i) for i in range(n)]
         submitted: dict[str, float] = {}
         assigned: dict[str, int] = {}
+        prompts_by_id: dict[str, int] = {}
         for p in prompts:
             pid, t, reply = submit(port, p)
             submitted[pid] = t
+            prompts_by_id[pid] = p["3"]["inputs"]["seed"]
             if "gpu_id" in reply:
                 assigned[pid] = reply["gpu_id"]
         t_first = min(submitted.values())
@@ -210,6 +213,7 @@ def run_server(name: str, cmd: list[str], port: int, args: argparse.Namespace, n
         for d in done.values():
             key = str(d["entry"].get("gpu_id", "-"))
             per_dev[key] = per_dev.get(key, 0) + 1
+        res["image_digests"] = image_digests(port, done, submitted, prompts_by_id)
         res.update({
             "images": n, "ok": statuses.count("success"), "errors": n - statuses.count("success"),
             "wall_s": round(wall, 3), "img_per_s": round(n / wall, 4),
@@ -247,6 +251,46 @@ def run_server(name: str, cmd: list[str], port: int, args: argparse.Namespace, n
             tail = log_path.read_text(errors="replace").splitlines()[-40:]
             print(f"[{name}] last log lines:\n  " + "\n  ".join(tail), flush=True)
     return res
+
+
+def image_digests(port: int, done: dict, submitted: dict, seeds: dict[str, int]) -> dict[str, list[int]]:
+    """Per seed, a coarse fingerprint of the saved image (mean of each 16th row): equal images, equal lists."""
+    import io
+
+    out: dict[str, list[int]] = {}
+    for pid in submitted:
+        try:
+            img = done[pid]["entry"]["outputs"]["9"]["images"][0]
+            url = (f"http://127.0.0.1:{port}/view?filename={urllib.parse.quote(img['filename'])}"
+                   f"&subfolder={urllib.parse.quote(img['subfolder'])}&type={img['type']}")
+            data = urllib.request.urlopen(url, timeout=30).read()
+            from PIL import Image
+
+            px = Image.open(io.BytesIO(data)).convert("L")
+            w, h = px.size
+            rows = [sum(px.getpixel((x, y)) for x in range(0, w, 4)) // len(range(0, w, 4)) for y in range(0, h, 16)]
+            out[str(seeds[pid])] = rows
+        except Exception as err:  # noqa: BLE001 - a missing digest shows as absent in the comparison
+            out[str(seeds[pid])] = [f"{type(err).__name__}: {err}"]  # type: ignore[list-item]
+    return out
+
+
+def same_images(results: list[dict]) -> str:
+    """Compare every server's images with the first one's, seed by seed (max difference of row means)."""
+    base = next((r for r in results if r.get("image_digests")), None)
+    if base is None:
+        return ""
+    lines = ["", "", f"images vs {base['server']} (same seeds; max |row mean difference| over rows, 0..255):"]
+    for r in results:
+        if r is base or not r.get("image_digests"):
+            continue
+        diffs = []
+        for seed, rows in base["image_digests"].items():
+            other = r["image_digests"].get(seed)
+            if other and all(isinstance(v, int) for v in rows + other) and len(other) == len(rows):
+                diffs.append(max(abs(a - b) for a, b in zip(rows, other)))
+        lines.append(f"  {r['server']}: {len(diffs)} seeds compared, max diff {max(diffs) if diffs else '-'}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- table
@@ -302,7 +346,9 @@ def main() -> int:
                 print("no CUDA device visible (use --cpu-workers N for a CPU smoke test)", file=sys.stderr)
                 return 2
             devices_arg = ",".join(str(i) for i in range(count))
-        ndev = len(devices_arg.split(","))
+        sys.path.insert(0, str(REPO))
+        from comfy_parallel.settings import parse_devices
+        ndev = len(parse_devices(devices_arg))
     comfy_common = ["--listen", "127.0.0.1", "--disable-auto-launch", "--disable-api-nodes",
                     "--front-end-root", str(Path(args.frontend).resolve())]
     cpu = ["--cpu"] if args.cpu_workers else []
@@ -313,6 +359,9 @@ def main() -> int:
         "parallel": ([sys.executable, "-m", "comfy_parallel", "serve", "--comfyui", args.comfyui,
                       "--devices", devices_arg, "--entry-ports", "none", "--",
                       *comfy_common, "--port", str(args.port + 1)], ndev),
+        "graphs": ([sys.executable, "-m", "comfy_parallel", "serve", "--comfyui", args.comfyui,
+                    "--devices", devices_arg, "--entry-ports", "none", "--cuda-graphs", "on", "--",
+                    *comfy_common, "--port", str(args.port + 2)], ndev),
     }
     meta = {
         "label": args.label, "width": args.width, "height": args.width, "steps": args.steps, "sampler": "euler",
@@ -324,11 +373,12 @@ def main() -> int:
     results: list[dict] = []
     for name in args.servers.split(","):
         cmd, n = servers[name]
-        port = args.port + {"stock": 0, "parallel": 1}[name]
+        port = args.port + {"stock": 0, "parallel": 1, "graphs": 2}[name]
         results.append(run_server(name, cmd, port, args, n, out))
         (out / f"{args.label}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    md_same = same_images(results)
     md = (f"{args.label}: {args.width}x{args.width}, {args.steps} steps, euler, batch 1, {args.per_gpu} prompts per "
-          f"device, ckpt {args.ckpt}; comfy-parallel --devices {devices_arg}\n\n" + table(results))
+          f"device, ckpt {args.ckpt}; comfy-parallel --devices {devices_arg}\n\n" + table(results) + md_same)
     print("\nTABLE " + args.label + "\n" + md, flush=True)
     return 0 if all("failed" not in r for r in results) else 1
 

@@ -5,7 +5,8 @@
 #   comfy-parallel serve on every visible GPU). Everything it prints is in $OUT/gpu_check.log; per-server logs
 #   and one JSON per workload land in $OUT too (7 files at most: the device tool brings back 8).
 # Keeps the whole call under ~9 minutes: W2 (SDXL) only runs when W1 finished inside the first 4 minutes.
-# Knobs: SERVERS_W1 / SERVERS_W2 (comma list of stock, parallel; default stock,parallel), PER_GPU (8),
+# Knobs: SERVERS_W1 / SERVERS_W2 (comma list of stock, parallel, graphs; default stock,parallel), PER_GPU (8),
+#        DEVICES (comfy-parallel --devices, e.g. 0*2; default every GPU),
 #        SKIP_W2=1, W2_AFTER_S (240), BUDGET_S (530). Exit status 1 when any server failed.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check_out}
@@ -25,7 +26,7 @@ ls -la $CK
 
 step "W1: SD1.5-shaped, 512x512, 20 steps"
 timeout $((BUDGET_S - SECONDS)) python3 bench/gpu_check.py --comfyui /tmp/comfyui --frontend .device/frontend \
-  --ckpt sd15_rand.safetensors --label W1 --width 512 --steps 20 --per-gpu "${PER_GPU:-8}" --out "$OUT" \
+  --ckpt sd15_rand.safetensors --label W1 --width 512 --steps 20 --per-gpu "${PER_GPU:-8}" --out "$OUT" ${DEVICES:+--devices "$DEVICES"} \
   --servers "${SERVERS_W1:-stock,parallel}"
 rc=$?
 
@@ -35,7 +36,7 @@ if [ "$SECONDS" -lt "$W2_AFTER_S" ] && [ "${SKIP_W2:-0}" != 1 ]; then
   if timeout 150 python3 tools/make_rand_ckpt.py /tmp/comfyui sdxl $CK/sdxl_rand.safetensors 2>&1 | grep -v '^WARNING'; then
     step "W2: SDXL-shaped, 1024x1024, 20 steps"
     timeout $((BUDGET_S - SECONDS)) python3 bench/gpu_check.py --comfyui /tmp/comfyui --frontend .device/frontend \
-      --ckpt sdxl_rand.safetensors --label W2 --width 1024 --steps 20 --per-gpu "${PER_GPU:-8}" --out "$OUT" \
+      --ckpt sdxl_rand.safetensors --label W2 --width 1024 --steps 20 --per-gpu "${PER_GPU:-8}" --out "$OUT" ${DEVICES:+--devices "$DEVICES"} \
       --prompt-timeout 240 --servers "${SERVERS_W2:-stock,parallel}"
     rc2=$?
     [ $rc -ne 0 ] || rc=$rc2

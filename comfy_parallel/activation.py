@@ -19,6 +19,11 @@ def activate(settings: Settings, main_module: ModuleType | None = None) -> Adapt
         return None
     if len(settings.devices) <= 1:
         label = settings.devices[0].label if settings.devices else "none"
+        if settings.cuda_graphs == "on" and not settings.cpu_mode:
+            _graphs_only(Comfy.from_sys_modules(main_module))
+            log.info("comfy-parallel: one device (%s); stock ComfyUI plus CUDA graph replay (--cuda-graphs on)",
+                     label)
+            return None
         log.info("comfy-parallel: one device (%s); running stock ComfyUI (no patches)", label)
         return None
     if active() is not None:
@@ -28,3 +33,15 @@ def activate(settings: Settings, main_module: ModuleType | None = None) -> Adapt
     adapter = Adapter(comfy, MultiDeviceServer(settings)).apply()
     log.info("comfy-parallel: ComfyUI %s patched (%s)", comfy.version, ", ".join(adapter.applied))
     return adapter
+
+
+def _graphs_only(comfy: Comfy) -> None:
+    """``--cuda-graphs on`` with one device: the graph patch alone, which needs no worker machinery."""
+    from .comfy_adapter import AdapterError
+    from .comfy_adapter.cuda_graphs import CudaGraphs
+
+    patch = CudaGraphs()
+    problem = patch.check(comfy)
+    if problem:
+        raise AdapterError(f"ComfyUI {comfy.version}: patch {patch.name} does not apply: {problem}")
+    patch.apply(comfy)

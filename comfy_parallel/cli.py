@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import deploy, provision, scan
 from .settings import (Settings, SettingsError, default_devices, env_enabled, parse_default_route,
-                       parse_devices, parse_entry_ports, weight_settings)
+                       parse_cuda_graphs, parse_devices, parse_entry_ports, weight_settings)
 from .settings import DEFAULT_DRAIN_TIMEOUT_S, lifecycle_env, lifecycle_settings
 
 log = logging.getLogger("comfy_parallel")
@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--warmup-checkpoint", metavar="NAME",
                        help="at start, load this checkpoint on every device and run one 64x64 sampling step; "
                             "/ready answers 503 until it is done")
+    serve.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                       help="replay a captured CUDA graph of the UNet (SD1.x/SDXL) per input shape instead of "
+                            "launching its kernels from Python every step; falls back to the normal path when "
+                            "capture is unsafe (patches, ControlNet, low VRAM) or fails. auto: on for CUDA workers "
+                            "of a multi-device server; on: also with a single device (default %(default)s)")
     weights = serve.add_argument_group("shared weights (one host copy of each model file for all devices)")
     weights.add_argument("--shared-weights", choices=("on", "off"), default="on",
                          help="read each checkpoint/UNET/CLIP/VAE/ControlNet/LoRA file once and give every device "
@@ -152,6 +157,7 @@ def serve_settings(args: argparse.Namespace, env: dict[str, str] | None = None) 
     return Settings(devices=devices, entry_ports=parse_entry_ports(entry_text, len(devices)),
                     default_route=parse_default_route(args.default_route, len(devices)), enabled=enabled,
                     warmup_checkpoint=getattr(args, "warmup_checkpoint", None),
+                    cuda_graphs=parse_cuda_graphs(getattr(args, "cuda_graphs", "auto")),
                     **weight_settings(getattr(args, "shared_weights", "on"), getattr(args, "pin_weights", "auto"),
                                        getattr(args, "weights_ram_limit", None)),
                     **_lifecycle(args, env))

@@ -60,7 +60,16 @@ def status(server: "MultiDeviceServer") -> dict:
         "entry_ports": {str(port): index for port, index in server.port_map.items()},
         "devices": devices,
         "weights": weights.status(getattr(server, "weight_store", None), _loaded_models_of),
+        "cuda_graphs": _graph_status(server),
     }
+
+
+def _graph_status(server: "MultiDeviceServer") -> dict:
+    if not server.settings.graphs_enabled:
+        return {"enabled": False}
+    from .comfy_adapter.cuda_graphs import STATS
+
+    return {"enabled": True, **STATS.as_dict()}
 
 
 def _loaded_models_of(index: int) -> list:

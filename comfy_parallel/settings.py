@@ -41,6 +41,11 @@ class Settings:
     shared_weights: bool = True  # one host copy per model file for all workers (weights.py)
     pin_weights: str = "auto"  # auto | on | off: page-locked host copies (auto: when they fit in half the RAM)
     weights_ram_limit: int | None = None  # bytes of host copies kept for reuse; LRU beyond it
+    cuda_graphs: str = "auto"  # auto | on | off: replay captured CUDA graphs of the UNet (comfy_adapter/cuda_graphs.py)
+
+    @property
+    def graphs_enabled(self) -> bool:
+        return self.cuda_graphs == "on" or (self.cuda_graphs == "auto" and not self.cpu_mode)
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S  # after SIGTERM/SIGINT, running prompts may finish (shutdown.py)
     persist: bool = True  # prompts left at shutdown are saved and queued again at the next start
     persist_path: str | None = None  # default: <ComfyUI user directory>/__comfy_parallel/queue.sqlite3
@@ -171,6 +176,7 @@ def from_env(env: Mapping[str, str] | None = None, cpu_mode: bool = False) -> Se
     route = parse_default_route(env.get("COMFY_PARALLEL_DEFAULT_ROUTE", "auto"), len(devices))
     return Settings(devices=devices, entry_ports=entry, default_route=route, enabled=enabled,
                     warmup_checkpoint=env.get("COMFY_PARALLEL_WARMUP_CHECKPOINT") or None,
+                    cuda_graphs=parse_cuda_graphs(env.get("COMFY_PARALLEL_CUDA_GRAPHS", "auto")),
                     **weight_settings(env.get("COMFY_PARALLEL_SHARED_WEIGHTS", "on"),
                                       env.get("COMFY_PARALLEL_PIN_WEIGHTS", "auto"),
                                       env.get("COMFY_PARALLEL_WEIGHTS_RAM_LIMIT")),
@@ -215,3 +221,10 @@ def weight_settings(shared: str, pin: str, ram_limit: str | None) -> dict:
             raise SettingsError(f"weights RAM limit: {err}") from None
     return {"shared_weights": shared_text in ("on", "1", "true"), "pin_weights": pin_text,
             "weights_ram_limit": limit}
+
+
+def parse_cuda_graphs(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("auto", "on", "off"):
+        raise SettingsError(f"cuda graphs: {text!r} is not valid; use auto, on or off")
+    return value

@@ -49,12 +49,17 @@ class DeviceWorker(threading.Thread):
         self.warmup_s: float | None = None
         self.on_restart = on_restart
         self.ready = threading.Event()
+        self.own_stream = False  # set when another worker uses the same GPU
 
     def _select_device(self) -> None:
         if self.spec.kind == "cuda":
             import torch
 
             torch.cuda.set_device(self.spec.ordinal)
+            if self.own_stream:
+                # Two workers on one GPU: on the legacy default stream their kernels serialise, and one worker's
+                # launches would break the other's CUDA graph capture. torch's current stream is per thread.
+                torch.cuda.set_stream(torch.cuda.Stream(device=self.spec.ordinal))
 
     def _warm_up(self) -> float:
         """Create the CUDA context, the allocator's first blocks and the cuBLAS handle before the first prompt."""
@@ -126,6 +131,7 @@ def start_workers(specs: tuple[DeviceSpec, ...], queues: list[DeviceQueue], prom
                   timeout_s: float = 60.0) -> list[DeviceWorker]:
     workers = [DeviceWorker(spec, q, prompt_server, prompt_worker, on_restart) for spec, q in zip(specs, queues)]
     for w in workers:
+        w.own_stream = w.spec.kind == "cuda" and sum(s.ordinal == w.spec.ordinal for s in specs) > 1
         w.start()
     for w in workers:
         w.ready.wait(timeout_s)

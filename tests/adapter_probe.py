@@ -13,7 +13,10 @@ class Hooks:
     def __init__(self) -> None:
         from comfy_parallel.weights import WeightStore
 
+        from comfy_parallel.settings import Settings, parse_devices
+
         self.weight_store = WeightStore(pin="off")  # turns the shared-weights patches on
+        self.settings = Settings(devices=parse_devices("cpu,cpu"), cuda_graphs="on")  # and the CUDA graph patch
 
     def before_routes(self, ps):  # pragma: no cover - never called, nothing is started
         raise AssertionError
@@ -35,9 +38,14 @@ def snapshot(comfy) -> dict:
     names |= {(sd, "load_checkpoint_guess_config"), (sd, "load_diffusion_model"), (sd, "load_clip"),
               (controlnet, "load_controlnet"), (mm, "unet_inital_load_device"), (mm, "text_encoder_initial_device"),
               (mm, "load_models_gpu"), (utils, "copy_to_param")}
+    unet = sys.modules["comfy.ldm.modules.diffusionmodules.openaimodel"].UNetModel
+    patcher = sys.modules["comfy.model_patcher"].ModelPatcher
     out = {f"{mod.__name__}.{attr}": id(getattr(mod, attr)) for mod, attr in names if hasattr(mod, attr)}
     out["VAELoader.load_vae"] = id(comfy.nodes.VAELoader.__dict__["load_vae"])
     out["LoraLoader.load_lora"] = id(comfy.nodes.LoraLoader.__dict__["load_lora"])
+    out["UNetModel.forward"] = id(unet.__dict__["forward"])
+    for attr in ("load", "unpatch_model", "partially_unload"):
+        out[f"ModelPatcher.{attr}"] = id(patcher.__dict__[attr])
     import torch
 
     out["torch.manual_seed"] = id(torch.manual_seed)

@@ -29,13 +29,14 @@ def test_patches_apply_are_idempotent_and_undo(comfy_dir: Path) -> None:
         "seeded-generator-per-call", "interrupt-per-worker", "loaded-models-per-worker",
         "empty-cache-per-device", "device-workers", "server-setup", "entry-ports", "scoped-queue-status",
         "websocket-send-per-client", "quiet-retried-attempt",
-        "host-load-on-cpu", "host-weights-read-only", "shared-model-loaders"}
+        "host-load-on-cpu", "host-weights-read-only", "shared-model-loaders", "cuda-graphs"}
     for name in ("comfy.model_management.current_loaded_models", "comfy.model_management.soft_empty_cache",
                  "execution.get_progress_state", "main.get_progress_state", "main.prompt_worker",
                  "PromptServer.client_id", "PromptServer.add_routes", "server.send_socket_catch_exception",
                  "PromptServer.send_sync", "comfy.sd.load_checkpoint_guess_config", "comfy.sd.load_clip",
                  "comfy.controlnet.load_controlnet", "comfy.utils.copy_to_param", "VAELoader.load_vae",
-                 "LoraLoader.load_lora", "comfy.model_management.unet_inital_load_device"):
+                 "LoraLoader.load_lora", "comfy.model_management.unet_inital_load_device", "UNetModel.forward",
+                 "ModelPatcher.load", "ModelPatcher.unpatch_model"):
         assert name in result["changed"], name
     assert result["loaded_models_type"] == "PerWorkerList"
     assert result["execution_sees_patch"] is True

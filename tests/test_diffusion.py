@@ -63,7 +63,8 @@ def _loaded(server: Server) -> list[int]:
 
 def test_sd15_on_two_workers_at_once_then_scoped_free(comfy_dir: Path, sd15_models: Path) -> None:
     server = Server(comfy_dir, mode="multi", devices="cpu,cpu", entry_ports=False, models_dir=sd15_models,
-                    serve_args=["--warmup-checkpoint", "sd15-rand.safetensors"], name=f"sd15-{comfy_dir.name}").start()
+                    serve_args=["--warmup-checkpoint", "sd15-rand.safetensors", "--cuda-graphs", "on"],
+                    name=f"sd15-{comfy_dir.name}").start()
     try:
         # model warm-up: /ready waits for it on every device, and it leaves nothing in history
         deadline = time.time() + 240
@@ -85,6 +86,10 @@ def test_sd15_on_two_workers_at_once_then_scoped_free(comfy_dir: Path, sd15_mode
         img_a, img_b, img_c = (_pixels(_image(server, e)) for e in (ea, eb, ec))
         assert np.abs(img_a - img_b).max() <= 2, np.abs(img_a - img_b).max()
         assert np.abs(img_a - img_c).mean() > 10 * max(np.abs(img_a - img_b).mean(), 0.1)
+
+        # --cuda-graphs on: on CPU workers every step takes the normal path (nothing to capture), same images
+        graphs = server.get("/multigpu/status").json()["cuda_graphs"]
+        assert graphs["enabled"] and graphs["eager"] >= 3 * 2 and graphs["replays"] == graphs["captures"] == 0
 
         loaded = _loaded(server)
         assert loaded[0] > 0 and loaded[1] > 0, loaded

@@ -21,6 +21,19 @@ def test_parse_devices() -> None:
             parse_devices(bad)
 
 
+def test_cuda_graph_setting() -> None:
+    from comfy_parallel.settings import Settings, parse_cuda_graphs
+
+    assert [parse_cuda_graphs(t) for t in ("auto", " ON ", "off")] == ["auto", "on", "off"]
+    with pytest.raises(SettingsError):
+        parse_cuda_graphs("yes")
+    gpus, cpus = parse_devices("0,1"), parse_devices("cpu,cpu")
+    assert Settings(devices=gpus).graphs_enabled and not Settings(devices=cpus).graphs_enabled  # auto
+    assert Settings(devices=cpus, cuda_graphs="on").graphs_enabled
+    assert not Settings(devices=gpus, cuda_graphs="off").graphs_enabled
+    assert from_env({"COMFY_PARALLEL_DEVICES": "0,1", "COMFY_PARALLEL_CUDA_GRAPHS": "off"}).cuda_graphs == "off"
+
+
 def test_entry_ports_and_default_route() -> None:
     assert parse_entry_ports("auto", 3) == (8181, 8182, 8183)
     assert parse_entry_ports("9000", 2) == (9000, 9001)

@@ -629,4 +629,9 @@ def all_patches(hooks: ServerHooks | None) -> list[Patch]:
         from .shared_weights import shared_weight_patches
 
         patches += shared_weight_patches(store)
+    settings = getattr(hooks, "settings", None)
+    if settings is not None and settings.graphs_enabled:
+        from .cuda_graphs import CudaGraphs
+
+        patches.append(CudaGraphs())
     return patches
