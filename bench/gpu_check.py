@@ -1,8 +1,13 @@
 """GPU check: stock ComfyUI vs ``comfy-parallel serve`` over HTTP, W1-style txt2img prompts, one table.
 
-Runs each server in turn (never both at once): starts it, waits for /system_stats, warms up, submits N prompts to
+Servers (--servers): stock (one ComfyUI process, one GPU), stock-procs (one stock ComfyUI process per device, each
+with CUDA_VISIBLE_DEVICES=<ordinal> and its own port, prompts round-robin over them: the setup comfy-parallel
+replaces), parallel (comfy-parallel serve on every device) and graphs (the same with --cuda-graphs on).
+
+Runs each server in turn (never two at once): starts it, waits for /system_stats, warms up, submits N prompts to
 /prompt, polls /history until all are done, and measures images/s, submit->history latency (p50/p95), the
-server's host RSS (VmRSS now, VmHWM peak, from /proc/PID/status) and, from history, which device ran each prompt.
+server's host RSS (VmRSS now, VmHWM peak, from /proc/PID/status; summed over the processes of stock-procs) and,
+from history, which device ran each prompt (for stock-procs: which process).
 
 usage (device machine, from the repo root, PYTHONPATH holding the repo and the carried wheels):
     python3 bench/gpu_check.py --comfyui /tmp/comfyui --ckpt sd15_rand.safetensors --out $OUT
@@ -31,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def workflow(ckpt: str, width: int, height: int, steps: int, seed: int) -> dict:
+def workflow(ckpt: str, width: int, height: int, steps: int, seed: int, prefix: str = "gpucheck") -> dict:
     """The API-format prompt of tools/wf_sd.py (W1 when 512x512, 20 steps, euler, batch 1)."""
     return {
         "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
@@ -43,7 +48,7 @@ def workflow(ckpt: str, width: int, height: int, steps: int, seed: int) -> dict:
                                                    "positive": ["6", 0], "negative": ["7", 0],
                                                    "latent_image": ["5", 0]}},
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "gpucheck", "images": ["8", 0]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": prefix, "images": ["8", 0]}},
     }
 
 
@@ -66,23 +71,44 @@ def submit(port: int, prompt: dict) -> tuple[str, float, dict]:
     return reply["prompt_id"], t, reply
 
 
-def wait_all(port: int, submitted: dict[str, float], timeout: float, proc: subprocess.Popen) -> dict[str, dict]:
-    """Poll /history until every submitted prompt is there; returns {prompt_id: {"done_t": t, "entry": entry}}."""
+class ProcFailed(RuntimeError):
+    """A server process exited (or failed to start); ``index`` says which one of the server's processes."""
+
+    def __init__(self, index: int, msg: str):
+        super().__init__(msg)
+        self.index = index
+
+
+def check_alive(procs: list[subprocess.Popen], when: str) -> None:
+    for k, proc in enumerate(procs):
+        if proc.poll() is not None:
+            who = "server" if len(procs) == 1 else f"process {k}"
+            raise ProcFailed(k, f"{who} exited with {proc.returncode} {when}")
+
+
+def wait_all(ports: list[int], submitted: dict[str, float], where: dict[str, int], timeout: float,
+             procs: list[subprocess.Popen]) -> dict[str, dict]:
+    """Poll /history on every port with prompts pending, in one loop, until every submitted prompt is there.
+
+    ``where`` maps a prompt id to the index (into ``ports`` and ``procs``) of the process it was submitted to.
+    Returns {prompt_id: {"done_t": t, "entry": entry}}, done_t taken right after that port's /history answer.
+    """
     done: dict[str, dict] = {}
     deadline = time.monotonic() + timeout
     while len(done) < len(submitted):
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} while prompts were pending")
+        check_alive(procs, "while prompts were pending")
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out: {len(done)}/{len(submitted)} prompts done after {timeout:.0f}s")
-        hist = http(port, "/history")
-        now = time.monotonic()
-        for pid in submitted:
-            if pid not in done and pid in hist:
-                entry = hist[pid]
-                status = entry.get("status") or {}
-                if status.get("completed") or status.get("status_str") in ("success", "error"):
-                    done[pid] = {"done_t": now, "entry": entry}
+        pending = {where[p] for p in submitted if p not in done}
+        for k in sorted(pending):
+            hist = http(ports[k], "/history")
+            now = time.monotonic()
+            for pid in submitted:
+                if pid not in done and where[pid] == k and pid in hist:
+                    entry = hist[pid]
+                    status = entry.get("status") or {}
+                    if status.get("completed") or status.get("status_str") in ("success", "error"):
+                        done[pid] = {"done_t": now, "entry": entry}
         time.sleep(0.05)
     return done
 
@@ -99,16 +125,25 @@ def proc_status_kib(pid: int, field: str) -> int | None:
     return None
 
 
-class RssSampler(threading.Thread):
-    """Samples VmRSS every 0.25 s (VmHWM gives the kernel's own peak; this one is a cross-check)."""
+def sum_status_gib(pids: list[int], field: str) -> float:
+    """A /proc status field summed over processes, in GiB (a process that is gone counts 0)."""
+    return round(sum(proc_status_kib(pid, field) or 0 for pid in pids) / 2**20, 3)
 
-    def __init__(self, pid: int):
+
+class RssSampler(threading.Thread):
+    """Samples the VmRSS sum of the processes every 0.25 s (VmHWM gives the kernel's own peak; this is a
+    cross-check, and for several processes the peak of the sum, which the sum of VmHWMs overstates)."""
+
+    def __init__(self, pids: list[int]):
         super().__init__(daemon=True)
-        self.pid, self.peak_kib, self.stop_flag = pid, 0, threading.Event()
+        self.pids, self.peak_kib, self.stop_flag = list(pids), 0, threading.Event()
+
+    def add(self, pid: int) -> None:
+        self.pids = self.pids + [pid]
 
     def run(self) -> None:
         while not self.stop_flag.is_set():
-            v = proc_status_kib(self.pid, "VmRSS")
+            v = sum(proc_status_kib(pid, "VmRSS") or 0 for pid in self.pids)
             if v:
                 self.peak_kib = max(self.peak_kib, v)
             self.stop_flag.wait(0.25)
@@ -148,108 +183,195 @@ def exec_seconds(entry: dict) -> float | None:
 
 # ---------------------------------------------------------------- one server
 
-def run_server(name: str, cmd: list[str], port: int, args: argparse.Namespace, ndev: int, out: Path) -> dict:
-    log_path = out / f"{args.label}_{name}.log"
-    res: dict = {"server": name, "cmd": cmd, "devices": ndev, "log": log_path.name}
-    env = dict(os.environ, PYTHONUNBUFFERED="1", NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
-               NVSHMEM_DISABLE_NVLS="1")
-    print(f"[{name}] starting: {' '.join(cmd)}", flush=True)
-    log = open(log_path, "w")
-    t_start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
-    sampler = RssSampler(proc.pid)
-    sampler.start()
+# (command, port, extra environment) of one server process
+Target = tuple[list[str], int, dict[str, str]]
+
+
+def stop_all(procs: list[subprocess.Popen], grace: float = 20) -> None:
+    """SIGINT to every process still running (ComfyUI stops on KeyboardInterrupt), then kill what is left."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def log_tail(path: Path, n: int) -> list[str]:
     try:
-        deadline = time.monotonic() + args.start_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode} before answering")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not answer /system_stats in {args.start_timeout}s")
+        return path.read_text(errors="replace").splitlines()[-n:]
+    except OSError as err:
+        return [f"(no log: {err})"]
+
+
+def run_server(name: str, targets: list[Target], args: argparse.Namespace, ndev: int, out: Path) -> dict:
+    """Start the server's processes (one for stock/parallel/graphs, one per device for stock-procs), warm up,
+    measure, stop them. Prompts go round-robin over the processes; ``ndev`` sizes the warm-up and the run."""
+    multi = len(targets) > 1
+    ports = [port for _, port, _ in targets]
+    log_path = out / f"{args.label}_{name}.log"
+    # several processes log to parts first, concatenated into log_path at the end (the device tool brings back
+    # 8 files at most)
+    part_paths = [out / f"{args.label}_{name}-{k}.log" for k in range(len(targets))] if multi else [log_path]
+    prefixes = [f"gpucheck-p{k}" for k in range(len(targets))] if multi else ["gpucheck"]  # no SaveImage name races
+    res: dict = {"server": name, "cmd": [t[0] for t in targets] if multi else targets[0][0], "devices": ndev,
+                 "log": log_path.name}
+    if multi:
+        res["procs"] = [{"port": port, **extra} for _, port, extra in targets]
+    base_env = dict(os.environ, PYTHONUNBUFFERED="1", NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
+                    NVSHMEM_DISABLE_NVLS="1")
+    procs: list[subprocess.Popen] = []
+    logs = []
+    failed_index: int | None = None
+    sampler = RssSampler([])
+
+    def submit_round_robin(seeds: list[int], what: str) -> tuple[dict[str, float], dict[str, int], dict[str, int],
+                                                                   dict[str, int]]:
+        submitted: dict[str, float] = {}
+        where: dict[str, int] = {}
+        seed_of: dict[str, int] = {}
+        assigned: dict[str, int] = {}
+        for i, seed in enumerate(seeds):
+            k = i % len(ports)
             try:
-                stats = http(port, "/system_stats", timeout=5)
-                break
-            except (OSError, urllib.error.URLError, ValueError):
+                pid, t, reply = submit(ports[k], workflow(args.ckpt, args.width, args.width, args.steps, seed,
+                                                          prefixes[k]))
+            except (RuntimeError, OSError, ValueError) as err:
+                raise ProcFailed(k, f"{what} submit{f' to process {k}' if multi else ''}: {err}") from None
+            submitted[pid], where[pid], seed_of[pid] = t, k, seed
+            if "gpu_id" in reply:
+                assigned[pid] = reply["gpu_id"]
+        return submitted, where, seed_of, assigned
+
+    def first_failure(done: dict[str, dict], where: dict[str, int]) -> tuple[str, int] | None:
+        bad = [p for p, d in done.items() if (d["entry"].get("status") or {}).get("status_str") != "success"]
+        return (bad[0], where[bad[0]]) if bad else None
+
+    t_start = time.monotonic()
+    try:
+        for k, (cmd, port, extra) in enumerate(targets):
+            env_text = "".join(f"{key}={val} " for key, val in extra.items())
+            print(f"[{name}] starting{f' process {k}' if multi else ''}: {env_text}{' '.join(cmd)}", flush=True)
+            logs.append(open(part_paths[k], "w"))
+            try:
+                procs.append(subprocess.Popen(cmd, stdout=logs[-1], stderr=subprocess.STDOUT,
+                                              env=dict(base_env, **extra), cwd=str(REPO)))
+            except OSError as err:
+                raise ProcFailed(k, f"could not start{f' process {k}' if multi else ''}: {err}") from None
+            sampler.add(procs[-1].pid)
+        sampler.start()
+        pids = [proc.pid for proc in procs]
+
+        deadline = time.monotonic() + args.start_timeout
+        stats: dict[int, dict] = {}
+        while len(stats) < len(ports):
+            check_alive(procs, "before answering")
+            if time.monotonic() > deadline:
+                late = [k for k in range(len(ports)) if k not in stats]
+                who = f"process(es) {late}" if multi else "server"
+                raise RuntimeError(f"{who} did not answer /system_stats in {args.start_timeout}s")
+            for k, port in enumerate(ports):
+                if k not in stats:
+                    try:
+                        stats[k] = http(port, "/system_stats", timeout=5)
+                    except (OSError, urllib.error.URLError, ValueError):
+                        pass
+            if len(stats) < len(ports):
                 time.sleep(0.5)
         res["startup_s"] = round(time.monotonic() - t_start, 2)
-        res["system_stats_devices"] = [d.get("name") for d in stats.get("devices", [])]
-        res["rss_idle_gib"] = round((proc_status_kib(proc.pid, "VmRSS") or 0) / 2**20, 3)
+        res["system_stats_devices"] = [d.get("name") for k in range(len(ports)) for d in stats[k].get("devices", [])]
+        res["rss_idle_gib"] = sum_status_gib(pids, "VmRSS")
         print(f"[{name}] up in {res['startup_s']}s; devices {res['system_stats_devices']}", flush=True)
 
         # warm-up: max(warmup, ndev) prompts at once, so every device loads the model and compiles its kernels.
         n_warm = max(args.warmup, ndev)
         t0 = time.monotonic()
-        warm = {}
-        for i in range(n_warm):
-            pid, t, _ = submit(port, workflow(args.ckpt, args.width, args.width, args.steps, 10_000 + i))
-            warm[pid] = t
-        wdone = wait_all(port, warm, args.prompt_timeout, proc)
+        warm, warm_where, _, _ = submit_round_robin([10_000 + i for i in range(n_warm)], "warm-up")
+        wdone = wait_all(ports, warm, warm_where, args.prompt_timeout, procs)
         res["warmup_prompts"] = n_warm
         res["warmup_s"] = round(time.monotonic() - t0, 2)
-        bad = [p for p, d in wdone.items() if (d["entry"].get("status") or {}).get("status_str") != "success"]
+        bad = first_failure(wdone, warm_where)
         if bad:
-            raise RuntimeError(f"warm-up prompt failed: {json.dumps(wdone[bad[0]]['entry'].get('status'))[:3000]}")
+            raise ProcFailed(bad[1], f"warm-up prompt failed{f' (process {bad[1]})' if multi else ''}: "
+                                     f"{json.dumps(wdone[bad[0]]['entry'].get('status'))[:3000]}")
         print(f"[{name}] warm-up: {n_warm} prompts in {res['warmup_s']}s", flush=True)
 
-        # measured run
+        # measured run: every prompt submitted at once (round-robin over the processes), then one polling loop
         n = args.per_gpu * ndev
-        prompts = [workflow(args.ckpt, args.width, args.width, args.steps, 1 + i) for i in range(n)]
-        submitted: dict[str, float] = {}
-        assigned: dict[str, int] = {}
-        prompts_by_id: dict[str, int] = {}
-        for p in prompts:
-            pid, t, reply = submit(port, p)
-            submitted[pid] = t
-            prompts_by_id[pid] = p["3"]["inputs"]["seed"]
-            if "gpu_id" in reply:
-                assigned[pid] = reply["gpu_id"]
+        submitted, where, seed_of, assigned = submit_round_robin([1 + i for i in range(n)], "measured")
         t_first = min(submitted.values())
-        done = wait_all(port, submitted, args.prompt_timeout, proc)
+        done = wait_all(ports, submitted, where, args.prompt_timeout, procs)
         wall = max(d["done_t"] for d in done.values()) - t_first
         lat = [done[p]["done_t"] - submitted[p] for p in submitted]
         execs = [e for e in (exec_seconds(d["entry"]) for d in done.values()) if e is not None]
         statuses = [(d["entry"].get("status") or {}).get("status_str") for d in done.values()]
         per_dev: dict[str, int] = {}
-        for d in done.values():
-            key = str(d["entry"].get("gpu_id", "-"))
+        for pid, d in done.items():
+            key = str(where[pid]) if multi else str(d["entry"].get("gpu_id", "-"))
             per_dev[key] = per_dev.get(key, 0) + 1
-        res["image_digests"] = image_digests(port, done, submitted, prompts_by_id)
+        digests: dict[str, list[int]] = {}
+        for k, port in enumerate(ports):
+            digests.update(image_digests(port, done, {p: t for p, t in submitted.items() if where[p] == k}, seed_of))
+        res["image_digests"] = dict(sorted(digests.items(), key=lambda kv: int(kv[0])))
         res.update({
             "images": n, "ok": statuses.count("success"), "errors": n - statuses.count("success"),
             "wall_s": round(wall, 3), "img_per_s": round(n / wall, 4),
             "latency_p50_s": round(percentile(lat, 50), 3), "latency_p95_s": round(percentile(lat, 95), 3),
             "latency_max_s": round(max(lat), 3),
             "exec_mean_s": round(sum(execs) / len(execs), 3) if execs else None,
-            "per_device": dict(sorted(per_dev.items())),
+            "per_device": dict(sorted(per_dev.items(), key=lambda kv: (len(kv[0]), kv[0]))),
             "assigned_at_submit": {str(k): list(assigned.values()).count(k) for k in sorted(set(assigned.values()))},
-            "rss_gib": round((proc_status_kib(proc.pid, "VmRSS") or 0) / 2**20, 3),
-            "rss_peak_gib": round((proc_status_kib(proc.pid, "VmHWM") or 0) / 2**20, 3),
+            "rss_gib": sum_status_gib(pids, "VmRSS"),
+            "rss_peak_gib": sum_status_gib(pids, "VmHWM"),
             "rss_peak_sampled_gib": round(sampler.peak_kib / 2**20, 3),
             "gpu_mem_used_mib": gpu_memory_used(),
         })
-        if res["errors"]:
-            first_bad = next(d for d in done.values() if (d["entry"].get("status") or {}).get("status_str") != "success")
-            res["first_error"] = json.dumps(first_bad["entry"].get("status"))[:3000]
+        bad = first_failure(done, where)
+        if bad:
+            res["first_error"] = json.dumps(done[bad[0]]["entry"].get("status"))[:3000]
+            if multi:
+                res["first_error_process"] = bad[1]
         print(f"[{name}] {n} images in {wall:.2f}s = {n / wall:.3f} img/s; p50 {res['latency_p50_s']}s "
               f"p95 {res['latency_p95_s']}s; RSS {res['rss_gib']} GiB (peak {res['rss_peak_gib']}); "
               f"per device {res['per_device']}", flush=True)
-    except Exception as err:  # noqa: BLE001 - reported in the table, the other server still runs
+    except Exception as err:  # noqa: BLE001 - reported in the table, the other servers still run
         res["failed"] = f"{type(err).__name__}: {err}"
+        if isinstance(err, ProcFailed):
+            failed_index = err.index
+            if multi:
+                res["failed_process"] = err.index
         print(f"[{name}] FAILED: {res['failed']}", flush=True)
     finally:
         sampler.stop_flag.set()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # ComfyUI stops on KeyboardInterrupt
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        res["exit_code"] = proc.returncode
-        log.close()
+        stop_all(procs)
+        codes = [proc.returncode for proc in procs]
+        res["exit_code"] = codes if multi else (codes[0] if codes else None)
+        for log in logs:
+            log.close()
         if "failed" in res:
-            tail = log_path.read_text(errors="replace").splitlines()[-40:]
-            print(f"[{name}] last log lines:\n  " + "\n  ".join(tail), flush=True)
+            # the failing process's tail when known, else every process's
+            shown = [failed_index] if failed_index is not None else list(range(len(logs)))
+            n_lines = 40 if len(shown) == 1 else 15
+            for k in shown:
+                which = f" process {k}" if multi else ""
+                print(f"[{name}]{which} last log lines:\n  " + "\n  ".join(log_tail(part_paths[k], n_lines)),
+                      flush=True)
+        if multi:
+            with open(log_path, "w") as combined:
+                for k, part in enumerate(part_paths[:len(logs)]):
+                    _, port, extra = targets[k]
+                    env_text = "".join(f" {key}={val}" for key, val in extra.items())
+                    combined.write(f"===== {name} process {k}: port {port}{env_text}, exit code "
+                                   f"{codes[k] if k < len(codes) else None} =====\n")
+                    try:
+                        combined.write(part.read_text(errors="replace"))
+                        part.unlink()
+                    except OSError as err:
+                        combined.write(f"(log part unreadable: {err})\n")
     return res
 
 
@@ -323,7 +445,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--devices", help="CUDA ordinals for comfy-parallel (default: every visible GPU)")
     ap.add_argument("--cpu-workers", type=int, default=0, help="local smoke test: no GPU, N CPU workers")
-    ap.add_argument("--servers", default="stock,parallel", help="comma list of stock, parallel")
+    ap.add_argument("--servers", default="stock,parallel",
+                    help="comma list of stock (one ComfyUI process, one device), stock-procs (one stock ComfyUI "
+                         "process per device, prompts round-robin), parallel, graphs (parallel with CUDA graphs)")
     ap.add_argument("--port", type=int, default=8288)
     ap.add_argument("--start-timeout", type=float, default=240)
     ap.add_argument("--prompt-timeout", type=float, default=600)
@@ -332,9 +456,11 @@ def main() -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    ordinals: list[int | None]  # per device: its CUDA ordinal, None for a CPU worker
     if args.cpu_workers:
         devices_arg = ",".join(["cpu"] * args.cpu_workers)
         ndev = args.cpu_workers
+        ordinals = [None] * ndev
     else:
         if args.devices:
             devices_arg = args.devices
@@ -348,33 +474,55 @@ def main() -> int:
             devices_arg = ",".join(str(i) for i in range(count))
         sys.path.insert(0, str(REPO))
         from comfy_parallel.settings import parse_devices
-        ndev = len(parse_devices(devices_arg))
+        specs = parse_devices(devices_arg)
+        ndev = len(specs)
+        ordinals = [s.ordinal if s.kind == "cuda" else None for s in specs]
     comfy_common = ["--listen", "127.0.0.1", "--disable-auto-launch", "--disable-api-nodes",
                     "--front-end-root", str(Path(args.frontend).resolve())]
     cpu = ["--cpu"] if args.cpu_workers else []
     main_py = str(Path(args.comfyui) / "main.py")
-    servers = {
+    # CUDA_VISIBLE_DEVICES of a stock-procs process: the ordinal, mapped through this process's own
+    # CUDA_VISIBLE_DEVICES when that is set (ordinals count the GPUs visible here)
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+
+    def cuda_env(ordinal: int | None) -> dict[str, str]:
+        if ordinal is None:
+            return {}
+        return {"CUDA_VISIBLE_DEVICES": visible[ordinal] if ordinal < len(visible) else str(ordinal)}
+
+    def stock_cmd(port: int, cpu_flag: list[str] = cpu) -> list[str]:
+        return [sys.executable, main_py, *comfy_common, *cpu_flag, "--port", str(port)]
+
+    # name: ([(command, port, extra environment), ...], devices)
+    servers: dict[str, tuple[list[Target], int]] = {
         # stock ComfyUI drives one device, whatever is visible
-        "stock": ([sys.executable, main_py, *comfy_common, *cpu, "--port", str(args.port)], 1),
-        "parallel": ([sys.executable, "-m", "comfy_parallel", "serve", "--comfyui", args.comfyui,
-                      "--devices", devices_arg, "--entry-ports", "none", "--",
-                      *comfy_common, "--port", str(args.port + 1)], ndev),
-        "graphs": ([sys.executable, "-m", "comfy_parallel", "serve", "--comfyui", args.comfyui,
-                    "--devices", devices_arg, "--entry-ports", "none", "--cuda-graphs", "on", "--",
-                    *comfy_common, "--port", str(args.port + 2)], ndev),
+        "stock": ([(stock_cmd(args.port), args.port, {})], 1),
+        # one stock ComfyUI per device, each seeing only its own GPU (CPU workers: one --cpu process each)
+        "stock-procs": ([(stock_cmd(args.port + 10 + k, cpu if o is not None else ["--cpu"]), args.port + 10 + k,
+                          cuda_env(o)) for k, o in enumerate(ordinals)], ndev),
+        "parallel": ([([sys.executable, "-m", "comfy_parallel", "serve", "--comfyui", args.comfyui,
+                        "--devices", devices_arg, "--entry-ports", "none", "--",
+                        *comfy_common, "--port", str(args.port + 1)], args.port + 1, {})], ndev),
+        "graphs": ([([sys.executable, "-m", "comfy_parallel", "serve", "--comfyui", args.comfyui,
+                      "--devices", devices_arg, "--entry-ports", "none", "--cuda-graphs", "on", "--",
+                      *comfy_common, "--port", str(args.port + 2)], args.port + 2, {})], ndev),
     }
+    names = [n.strip() for n in args.servers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in servers]
+    if unknown:
+        print(f"unknown server(s) {unknown}; choose from {', '.join(servers)}", file=sys.stderr)
+        return 2
     meta = {
         "label": args.label, "width": args.width, "height": args.width, "steps": args.steps, "sampler": "euler",
         "batch": 1, "per_gpu": args.per_gpu, "ckpt": args.ckpt, "devices_arg": devices_arg,
         "python": sys.version.split()[0], "host": platform.node(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    # a SIGTERM (e.g. from `timeout`) unwinds through run_server's finally, which stops the server it started
+    # a SIGTERM (e.g. from `timeout`) unwinds through run_server's finally, which stops the processes it started
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results: list[dict] = []
-    for name in args.servers.split(","):
-        cmd, n = servers[name]
-        port = args.port + {"stock": 0, "parallel": 1, "graphs": 2}[name]
-        results.append(run_server(name, cmd, port, args, n, out))
+    for name in names:
+        targets, n = servers[name]
+        results.append(run_server(name, targets, args, n, out))
         (out / f"{args.label}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     md_same = same_images(results)
     md = (f"{args.label}: {args.width}x{args.width}, {args.steps} steps, euler, batch 1, {args.per_gpu} prompts per "

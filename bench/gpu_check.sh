@@ -5,7 +5,8 @@
 #   comfy-parallel serve on every visible GPU). Everything it prints is in $OUT/gpu_check.log; per-server logs
 #   and one JSON per workload land in $OUT too (7 files at most: the device tool brings back 8).
 # Keeps the whole call under ~9 minutes: W2 (SDXL) only runs when W1 finished inside the first 4 minutes.
-# Knobs: SERVERS_W1 / SERVERS_W2 (comma list of stock, parallel, graphs; default stock,parallel), PER_GPU (8),
+# Knobs: SERVERS_W1 / SERVERS_W2 (comma list of stock, stock-procs, parallel, graphs; default stock,parallel;
+#        stock-procs = one stock ComfyUI process per GPU, its N logs joined into one file), PER_GPU (8),
 #        DEVICES (comfy-parallel --devices, e.g. 0*2; default every GPU),
 #        SKIP_W2=1, W2_AFTER_S (240), BUDGET_S (530). Exit status 1 when any server failed.
 set -uo pipefail
