@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import device_status, validation, weights, worker_context
+from . import device_status, validation, worker_context
 from .routing import current_route
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def status(server: "MultiDeviceServer") -> dict:
         "default_route": server.settings.default_route,
         "entry_ports": {str(port): index for port, index in server.port_map.items()},
         "devices": devices,
-        "weights": weights.status(getattr(server, "weight_store", None), _loaded_models_of),
+        "weights": _weights_status(server),
         "cuda_graphs": _graph_status(server),
     }
 
@@ -70,6 +70,12 @@ def _graph_status(server: "MultiDeviceServer") -> dict:
     from .comfy_adapter.cuda_graphs import STATS
 
     return {"enabled": True, **STATS.as_dict()}
+
+
+def _weights_status(server: "MultiDeviceServer") -> dict:
+    from . import weights  # imports torch: only once ComfyUI has
+
+    return weights.status(getattr(server, "weight_store", None), _loaded_models_of)
 
 
 def _loaded_models_of(index: int) -> list:

@@ -13,7 +13,7 @@ import logging
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from aiohttp import web
 
@@ -24,10 +24,12 @@ from .metrics import DeviceMetrics
 from .persistence import PromptStore
 from .queues import DeviceQueues
 from .warmup import Warmup
-from .weights import HeapTrimmer, WeightStore
 from .routing import RequestRoute
 from .settings import Settings
 from .workers import DeviceWorker, start_workers
+
+if TYPE_CHECKING:
+    from .weights import WeightStore
 
 log = logging.getLogger("comfy_parallel")
 
@@ -45,10 +47,13 @@ class MultiDeviceServer:
         self.device_status = DeviceStatus(len(settings.devices))  # progress and last errors for /multigpu/status
         self.queues.add_listener(self.device_status)
         self.queues.add_listener(PromptLog())
+        # torch is imported here, after ComfyUI set up its CUDA allocator options, never at our module import
+        from .weights import HeapTrimmer, WeightStore
+
         self.queues.add_listener(HeapTrimmer())
         self.warmup = Warmup(self.queues, settings.warmup_checkpoint)
         self.queues.add_listener(self.warmup)
-        self.weight_store: WeightStore | None = (
+        self.weight_store: "WeightStore | None" = (
             WeightStore(settings.weights_ram_limit, settings.pin_weights) if settings.shared_weights else None)
         self.workers: list[DeviceWorker] = []
         self.prompt_server: Any = None

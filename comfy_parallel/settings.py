@@ -206,8 +206,6 @@ def lifecycle_settings(drain_timeout: str, no_persist: bool, persist_path: str |
 
 def weight_settings(shared: str, pin: str, ram_limit: str | None) -> dict:
     """``--shared-weights on|off``, ``--pin-weights auto|on|off``, ``--weights-ram-limit 48G`` as Settings fields."""
-    from .weights import parse_bytes
-
     shared_text, pin_text = shared.strip().lower(), pin.strip().lower()
     if shared_text not in ("on", "off", "1", "0", "true", "false"):
         raise SettingsError(f"shared weights: {shared!r} is not valid; use on or off")
@@ -228,3 +226,19 @@ def parse_cuda_graphs(text: str) -> str:
     if value not in ("auto", "on", "off"):
         raise SettingsError(f"cuda graphs: {text!r} is not valid; use auto, on or off")
     return value
+
+
+def parse_bytes(text: str) -> int:
+    """``8G``, ``8GiB``, ``512M``, ``1.5T`` or a plain byte count; binary units."""
+    raw = text.strip().lower().removesuffix("ib").removesuffix("b")
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    scale = 1
+    if raw and raw[-1] in units:
+        scale, raw = units[raw[-1]], raw[:-1]
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size; write e.g. 48G, 512M or a byte count") from None
+    if value < 0:
+        raise ValueError(f"{text!r} is negative")
+    return int(value * scale)

@@ -41,22 +41,6 @@ class FileKey(NamedTuple):
         return cls(real, st.st_size, st.st_mtime_ns)
 
 
-def parse_bytes(text: str) -> int:
-    """``8G``, ``8GiB``, ``512M``, ``1.5T`` or a plain byte count; binary units."""
-    raw = text.strip().lower().removesuffix("ib").removesuffix("b")
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    scale = 1
-    if raw and raw[-1] in units:
-        scale, raw = units[raw[-1]], raw[:-1]
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a size; write e.g. 48G, 512M or a byte count") from None
-    if value < 0:
-        raise ValueError(f"{text!r} is negative")
-    return int(value * scale)
-
-
 # -- host tensors ----------------------------------------------------------------------------------------------
 
 # Storage addresses of every host copy ever made. Never pruned: a freed address that is reused only makes a later

@@ -113,3 +113,17 @@ def test_device_queue_get_blocks_until_put() -> None:
     t.join(5)
     assert got and got[0][0][1] == "p5"
     assert qs.devices[0].get(timeout=0.05) is None
+
+
+def test_launcher_does_not_import_torch_before_comfyui() -> None:
+    """ComfyUI sets its CUDA allocator options before importing torch and warns when torch came first."""
+    import subprocess
+    import sys
+
+    code = ("import sys, comfy_parallel.cli, comfy_parallel.activation, comfy_parallel.dropin\n"
+            "from comfy_parallel.cli import build_parser, serve_settings\n"
+            "serve_settings(build_parser().parse_args(['serve', '--devices', 'cpu,cpu', '--weights-ram-limit', '8G']))\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

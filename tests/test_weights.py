@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from comfy_parallel import weights
-from comfy_parallel.weights import FileKey, WeightStore, make_view, parse_bytes
+from comfy_parallel.settings import parse_bytes
+from comfy_parallel.weights import FileKey, WeightStore, make_view
 
 
 def _host() -> torch.nn.Module:
