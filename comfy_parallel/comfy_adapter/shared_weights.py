@@ -93,10 +93,8 @@ def _retarget(view: Any, host_device: torch.device, device: torch.device) -> Non
         for obj in [item] + [getattr(item, a, None) for a in _PATCHER_ATTRS]:
             if obj is None:
                 continue
-            for attr in ("load_device", "device"):
-                if _is_patcher(obj) and attr == "device":
-                    continue
-                if getattr(obj, attr, None) == host_device and not isinstance(obj, torch.nn.Module):
+            for attr in ("load_device", "device"):  # ModelPatcher/ControlNet: load_device; VAE: device
+                if getattr(obj, attr, None) == host_device:
                     setattr(obj, attr, device)
 
 
