@@ -93,7 +93,9 @@ def _retarget(view: Any, host_device: torch.device, device: torch.device) -> Non
         for obj in [item] + [getattr(item, a, None) for a in _PATCHER_ATTRS]:
             if obj is None:
                 continue
-            for attr in ("load_device", "device"):  # ModelPatcher/ControlNet: load_device; VAE: device
+            # ModelPatcher/ControlNet: load_device; VAE: device; with --highvram/--gpu-only the offload device is a
+            # GPU too, and must be this worker's, not the loading worker's
+            for attr in ("load_device", "offload_device", "device"):
                 if getattr(obj, attr, None) == host_device:
                     setattr(obj, attr, device)
 
