@@ -161,10 +161,16 @@ def assert_real_screenshot(path: Path, size: tuple[int, int] | None = None) -> N
     assert colours is None or len(colours) > 50, f"{path} looks blank ({len(colours)} colours)"
 
 
+def _profile_dir() -> tempfile.TemporaryDirectory:
+    """A throw-away Chromium profile. Chromium's helper processes can still write into it for a moment after the
+    browser exits, so a failed removal is not a test failure (it once failed a CI run: 'Directory not empty')."""
+    return tempfile.TemporaryDirectory(prefix="cp-chromium-", ignore_cleanup_errors=True)
+
+
 def screenshot(url: str, out: Path, size: tuple[int, int], log: Path) -> None:
     """Chromium's own --screenshot, after letting the page's timers run 4 s of virtual time (a few polls)."""
     out.unlink(missing_ok=True)
-    with tempfile.TemporaryDirectory(prefix="cp-chromium-") as profile, open(log, "ab") as log_file:
+    with _profile_dir() as profile, open(log, "ab") as log_file:
         cmd = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}",
                "--virtual-time-budget=4000", f"--screenshot={out}", url]
         proc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, timeout=120)
@@ -248,7 +254,7 @@ async def check_live_page(dev: DevTools, url: str, running_id: str, error_text: 
 
 
 async def drive_browser(base: str, running_id: str, error_text: str, phone_full: Path, log: Path) -> None:
-    with tempfile.TemporaryDirectory(prefix="cp-chromium-") as profile, open(log, "ab") as log_file:
+    with _profile_dir() as profile, open(log, "ab") as log_file:
         proc = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
                                  f"--window-size={PHONE[0]},{PHONE[1]}", "--remote-debugging-port=0",
                                  "--remote-allow-origins=*", "about:blank"],
