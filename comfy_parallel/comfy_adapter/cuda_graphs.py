@@ -111,6 +111,8 @@ def forward_with_graphs(original: Any, unet: Any, x: Any, timesteps: Any = None,
             static.copy_(value, non_blocking=True)
     entry.graph.replay()
     STATS.add("replays")
+    if STATS.replays % 500 == 0:
+        log.info("comfy-parallel: CUDA graphs so far: %s", STATS.as_dict())
     return entry.output.clone()
 
 
@@ -185,14 +187,25 @@ class CudaGraphs(Patch):
             drop_graphs(self_.model, ready=resident)
             return result
 
-        def dropping(original: Any) -> Any:
-            def method(self_: Any, *args: Any, **kwargs: Any) -> Any:
-                drop_graphs(self_.model)
-                return original(self_, *args, **kwargs)
+        original_unpatch = patcher_cls.unpatch_model
 
-            return method
+        def unpatch_model(self_: Any, device_to: Any = None, unpatch_weights: bool = True) -> Any:
+            # ComfyUI calls this with unpatch_weights=False before every prompt (partially_load): the weights stay
+            # where they are, so the graphs stay valid unless an object patch inside the UNet is being undone.
+            if unpatch_weights:
+                drop_graphs(self_.model)
+            elif any(str(k).startswith("diffusion_model.") for k in getattr(self_, "object_patches_backup", {})):
+                drop_graphs(self_.model, ready=bool(getattr(self_.model, "diffusion_model", None) is not None
+                                                    and self_.model.diffusion_model.__dict__.get(_READY)))
+            return original_unpatch(self_, device_to, unpatch_weights)
+
+        original_partially_unload = patcher_cls.partially_unload
+
+        def partially_unload(self_: Any, *args: Any, **kwargs: Any) -> Any:
+            drop_graphs(self_.model)
+            return original_partially_unload(self_, *args, **kwargs)
 
         self.log.replace(unet_cls, "forward", forward)
         self.log.replace(patcher_cls, "load", load)
-        self.log.replace(patcher_cls, "unpatch_model", dropping(patcher_cls.unpatch_model))
-        self.log.replace(patcher_cls, "partially_unload", dropping(patcher_cls.partially_unload))
+        self.log.replace(patcher_cls, "unpatch_model", unpatch_model)
+        self.log.replace(patcher_cls, "partially_unload", partially_unload)
