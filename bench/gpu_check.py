@@ -54,18 +54,18 @@ def workflow(ckpt: str, width: int, height: int, steps: int, seed: int, prefix: 
 
 # ---------------------------------------------------------------- HTTP
 
-def http(port: int, path: str, body: dict | None = None, timeout: float = 30) -> dict:
+def http(port: int, path: str, body: dict | None = None, timeout: float = 30, headers: dict | None = None) -> dict:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.load(resp)
 
 
-def submit(port: int, prompt: dict) -> tuple[str, float, dict]:
+def submit(port: int, prompt: dict, headers: dict | None = None) -> tuple[str, float, dict]:
     t = time.monotonic()
     try:
-        reply = http(port, "/prompt", {"prompt": prompt, "client_id": "gpu-check"})
+        reply = http(port, "/prompt", {"prompt": prompt, "client_id": "gpu-check"}, headers=headers)
     except urllib.error.HTTPError as err:
         raise RuntimeError(f"/prompt answered {err.code}: {err.read()[:2000]!r}") from None
     return reply["prompt_id"], t, reply

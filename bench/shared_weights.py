@@ -28,20 +28,7 @@ import urllib.error
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import REPO, gpu_memory_used, http, proc_status_kib, wait_all, workflow  # noqa: E402
-
-
-def submit(port: int, prompt: dict, target: int | None) -> str:
-    import json as _json
-    import urllib.request
-
-    headers = {"Content-Type": "application/json"}
-    if target is not None:
-        headers["X-TARGET-GPU"] = str(target)
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/prompt", data=_json.dumps({"prompt": prompt}).encode(),
-                                 headers=headers)
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return _json.load(resp)["prompt_id"]
+from gpu_check import REPO, gpu_memory_used, http, proc_status_kib, submit, wait_all, workflow  # noqa: E402
 
 
 def run(name: str, cmd: list[str], port: int, rounds: list[list[tuple[str, int | None]]], args: argparse.Namespace,
@@ -67,9 +54,12 @@ def run(name: str, cmd: list[str], port: int, rounds: list[list[tuple[str, int |
         res["rss_idle_gib"] = round((proc_status_kib(proc.pid, "VmRSS") or 0) / 2**20, 3)
         t0 = time.monotonic()
         for i, jobs in enumerate(rounds):
-            ids = {submit(port, workflow(ckpt, args.width, args.width, args.steps, 100 + i), target): time.monotonic()
-                   for ckpt, target in jobs}
-            done = wait_all(port, ids, args.prompt_timeout, proc)
+            ids = {}
+            for ckpt, target in jobs:
+                headers = {"X-TARGET-GPU": str(target)} if target is not None else None
+                prompt_id, sent, _ = submit(port, workflow(ckpt, args.width, args.width, args.steps, 100 + i), headers)
+                ids[prompt_id] = sent
+            done = wait_all([port], ids, dict.fromkeys(ids, 0), args.prompt_timeout, [proc])
             bad = [d for d in done.values() if (d["entry"].get("status") or {}).get("status_str") != "success"]
             if bad:
                 raise RuntimeError(json.dumps(bad[0]["entry"].get("status"))[:2000])

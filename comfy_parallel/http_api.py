@@ -75,12 +75,7 @@ def _graph_status(server: "MultiDeviceServer") -> dict:
 def _weights_status(server: "MultiDeviceServer") -> dict:
     from . import weights  # imports torch: only once ComfyUI has
 
-    return weights.status(getattr(server, "weight_store", None), _loaded_models_of)
-
-
-def _loaded_models_of(index: int) -> list:
-    ctx = worker_context.get(index)
-    return list(ctx.loaded_models) if ctx is not None else []
+    return weights.status(getattr(server, "weight_store", None), worker_context.loaded_models)
 
 
 async def interrupt(server: "MultiDeviceServer", request: web.Request) -> web.Response:

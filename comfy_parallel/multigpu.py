@@ -165,8 +165,7 @@ class MultiDeviceServer:
                 self.ws_targets.pop(sid, None)
 
     def loaded_models(self, index: int) -> int:
-        ctx = worker_context.get(index)
-        return len(ctx.loaded_models) if ctx is not None else 0
+        return len(worker_context.loaded_models(index))
 
     def ready(self) -> bool:
         """Every worker thread is alive, has warmed up its device, and the optional model warm-up is done."""

@@ -229,7 +229,6 @@ class Entry:
     shared: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
     hits: int = 0
-    last_used: float = field(default_factory=time.monotonic)
 
 
 class WeightStore:
@@ -250,39 +249,43 @@ class WeightStore:
                     host_modules: Callable[[Any], list[torch.nn.Module] | None], pin: bool = True) -> Entry:
         """The entry for ``key``, loading it on first use. ``host_modules`` returns ``None`` for a result that
         cannot be shared: it is handed to this caller only and not kept."""
+        entry = self._hit(key)
+        if entry is not None:
+            return entry
+        with self._lock:
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        with key_lock:
+            entry = self._hit(key)  # loaded by the caller we waited for
+            if entry is not None:
+                return entry
+            started = time.monotonic()
+            try:
+                host = load()
+                modules = host_modules(host)
+                if modules is None:
+                    return Entry(key, label, files, host, 0, False, shared=False)
+                pinned = pin and self._maybe_pin(modules)
+                host_bytes = seal_host_modules(modules)
+                trim_heap()  # the loader's temporary state dict and the unpacked tensors are gone
+                entry = Entry(key, label, files, host, host_bytes, pinned)
+                with self._lock:
+                    self._entries[key] = entry
+                    self.disk_loads += 1
+                    self._evict()
+            finally:
+                with self._lock:
+                    self._loading.pop(key, None)
+            log.info("comfy-parallel: %s read once into host memory (%.2f GiB%s) in %.1f s", label,
+                     host_bytes / 2**30, ", pinned" if pinned else "", time.monotonic() - started)
+            return entry
+
+    def _hit(self, key: tuple) -> Entry | None:
+        """The cached entry for ``key``, counted and marked most recently used; ``None`` when not cached."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 entry.hits += 1
-                entry.last_used = time.monotonic()
                 self._entries.move_to_end(key)
-                return entry
-            key_lock = self._loading.setdefault(key, threading.Lock())
-        with key_lock:
-            with self._lock:
-                entry = self._entries.get(key)
-                if entry is not None:
-                    entry.hits += 1
-                    entry.last_used = time.monotonic()
-                    return entry
-            started = time.monotonic()
-            host = load()
-            modules = host_modules(host)
-            if modules is None:
-                with self._lock:
-                    self._loading.pop(key, None)
-                return Entry(key, label, files, host, 0, False, shared=False)
-            pinned = pin and self._maybe_pin(modules)
-            host_bytes = seal_host_modules(modules)
-            trim_heap()  # the loader's temporary state dict and the unpacked tensors are gone
-            entry = Entry(key, label, files, host, host_bytes, pinned)
-            with self._lock:
-                self._entries[key] = entry
-                self.disk_loads += 1
-                self._loading.pop(key, None)
-                self._evict()
-            log.info("comfy-parallel: %s read once into host memory (%.2f GiB%s) in %.1f s", label,
-                     host_bytes / 2**30, ", pinned" if pinned else "", time.monotonic() - started)
             return entry
 
     def _maybe_pin(self, modules: list[torch.nn.Module]) -> bool:
@@ -327,10 +330,6 @@ class WeightStore:
     def host_bytes(self) -> int:
         with self._lock:
             return sum(e.host_bytes for e in self._entries.values())
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
 
 
 def tensor_bag(tensors: dict[str, torch.Tensor]) -> torch.nn.Module:

@@ -61,6 +61,12 @@ def get(index: int) -> WorkerContext | None:
         return _registry.get(index)
 
 
+def loaded_models(index: int) -> list:
+    """A snapshot of ComfyUI's loaded-model list of worker ``index`` (empty before it starts)."""
+    ctx = get(index)
+    return list(ctx.loaded_models) if ctx is not None else []
+
+
 def all_contexts() -> list[WorkerContext]:
     with _registry_lock:
         return [_registry[k] for k in sorted(_registry)]

@@ -26,7 +26,8 @@ from .patches import CHECKED
 
 log = logging.getLogger("comfy_parallel.cuda_graphs")
 
-_GRAPHS = "_cp_graphs"  # UNet.__dict__ key: {key: _Graph | None (failed, stay eager)}
+_GRAPHS = "_cp_graphs"  # UNet.__dict__ key: {input key: _SEEN | _Graph | _FAILED (stay eager)}
+_SEEN, _FAILED = object(), object()
 _READY = "_cp_graphs_ready"  # UNet.__dict__ key: True while its weights are fully resident on a CUDA device
 
 
@@ -77,6 +78,10 @@ def _capturable(unet: Any, x: Any, timesteps: Any, context: Any, y: Any, control
     return all(t is None or isinstance(t, torch.Tensor) and t.device == x.device for t in (context, y))
 
 
+def _shapes(tensors: tuple) -> list:
+    return [None if t is None else tuple(t.shape) for t in tensors]
+
+
 def _key(tensors: tuple) -> tuple:
     return tuple(None if t is None else (tuple(t.shape), t.dtype, t.device) for t in tensors)
 
@@ -87,25 +92,21 @@ def forward_with_graphs(original: Any, unet: Any, x: Any, timesteps: Any = None,
     import comfy.patcher_extension as pe  # type: ignore[import-not-found]
 
     wrappers = pe.get_all_wrappers(pe.WrappersMP.DIFFUSION_MODEL, transformer_options)
-    if not _capturable(unet, x, timesteps, context, y, control, transformer_options, kwargs, wrappers):
-        STATS.add("eager")
-        return original(unet, x, timesteps, context, y, control, transformer_options, **kwargs)
     inputs = (x, timesteps, context, y)
-    key = _key(inputs)
-    graphs: dict = unet.__dict__.setdefault(_GRAPHS, {})
-    entry = graphs.get(key, "new")
-    if entry == "new":  # first call with this key: eager, which also warms up kernels and allocator
-        graphs[key] = "seen"
+    entry: Any = None
+    if _capturable(unet, x, timesteps, context, y, control, transformer_options, kwargs, wrappers):
+        graphs: dict = unet.__dict__.setdefault(_GRAPHS, {})
+        key = _key(inputs)
+        state = graphs.get(key)
+        if state is None:  # first call with this key: eager, which also warms up kernels and allocator
+            graphs[key] = _SEEN
+        elif state is _SEEN:
+            entry = graphs[key] = _capture(original, unet, inputs, transformer_options) or _FAILED
+        else:
+            entry = state
+    if not isinstance(entry, _Graph):
         STATS.add("eager")
         return original(unet, x, timesteps, context, y, control, transformer_options, **kwargs)
-    if entry is None:
-        STATS.add("eager")
-        return original(unet, x, timesteps, context, y, control, transformer_options, **kwargs)
-    if entry == "seen":
-        entry = graphs[key] = _capture(original, unet, inputs, transformer_options)
-        if entry is None:
-            STATS.add("eager")
-            return original(unet, x, timesteps, context, y, control, transformer_options, **kwargs)
     for static, value in zip(entry.inputs, inputs):
         if static is not None:
             static.copy_(value, non_blocking=True)
@@ -125,29 +126,29 @@ def _capture(original: Any, unet: Any, inputs: tuple, transformer_options: dict)
     try:
         with torch.cuda.stream(stream):
             # one eager pass on the capture stream: lazy initialisations must not happen inside the capture
-            original(unet, *graph.inputs[:2], graph.inputs[2], graph.inputs[3], None, dict(transformer_options))
+            original(unet, *graph.inputs, None, dict(transformer_options))
         torch.cuda.current_stream(x.device).wait_stream(stream)
         with torch.cuda.graph(graph.graph, pool=_pool(x.device), stream=stream, capture_error_mode="thread_local"):
-            graph.output = original(unet, *graph.inputs[:2], graph.inputs[2], graph.inputs[3], None,
-                                    dict(transformer_options))
+            graph.output = original(unet, *graph.inputs, None, dict(transformer_options))
     except Exception as err:  # any failure means this key stays eager; the step itself still runs
         STATS.add("failures")
         log.warning("comfy-parallel: CUDA graph capture failed for input shapes %s (%s: %s); this shape runs "
-                    "eagerly", [None if t is None else tuple(t.shape) for t in inputs], type(err).__name__, err)
+                    "eagerly", _shapes(inputs), type(err).__name__, err)
         return None
     STATS.add("captures")
     log.info("comfy-parallel: captured a CUDA graph of the UNet on %s for input shapes %s", x.device,
-             [None if t is None else tuple(t.shape) for t in inputs])
+             _shapes(inputs))
     return graph
 
 
-def drop_graphs(base_model: Any, ready: bool = False) -> None:
-    """Forget the graphs of ``base_model``'s UNet and say whether new ones may be captured."""
+def drop_graphs(base_model: Any, ready: bool | None = False) -> None:
+    """Forget the graphs of ``base_model``'s UNet and say whether new ones may be captured (``None``: as before)."""
     unet = getattr(base_model, "diffusion_model", None)
     if unet is None:
         return
     unet.__dict__.pop(_GRAPHS, None)
-    unet.__dict__[_READY] = ready
+    if ready is not None:
+        unet.__dict__[_READY] = ready
 
 
 class CudaGraphs(Patch):
@@ -195,8 +196,7 @@ class CudaGraphs(Patch):
             if unpatch_weights:
                 drop_graphs(self_.model)
             elif any(str(k).startswith("diffusion_model.") for k in getattr(self_, "object_patches_backup", {})):
-                drop_graphs(self_.model, ready=bool(getattr(self_.model, "diffusion_model", None) is not None
-                                                    and self_.model.diffusion_model.__dict__.get(_READY)))
+                drop_graphs(self_.model, ready=None)
             return original_unpatch(self_, device_to, unpatch_weights)
 
         original_partially_unload = patcher_cls.partially_unload
