@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Server  # noqa: E402
+from harness import ARTIFACTS, REPO, TEST_NODES, Server  # noqa: E402
 
 from comfy_parallel import provision  # noqa: E402
 
@@ -34,6 +36,20 @@ def multi(comfy_dir: Path):
 def idle_multi(multi: Server) -> Server:
     multi.wait_idle()
     return multi
+
+
+@pytest.fixture(scope="module")
+def dropin_nodes(request: pytest.FixtureRequest, comfy_dir: Path) -> Path:
+    """A custom_nodes folder holding comfy_parallel (installed by ``install-node``) and the test node pack."""
+    nodes = ARTIFACTS / f"{request.module.__name__}-dropin-nodes-{comfy_dir.name}"
+    shutil.rmtree(nodes, ignore_errors=True)
+    nodes.mkdir(parents=True)
+    out = subprocess.run([sys.executable, "-m", "comfy_parallel", "install-node", "--custom-nodes-dir", str(nodes)],
+                         cwd=str(REPO), capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert (nodes / "comfy_parallel").resolve() == (REPO / "comfy_parallel").resolve()
+    (nodes / "cp_testnodes").symlink_to(TEST_NODES / "cp_testnodes", target_is_directory=True)
+    return nodes
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -2,27 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
-from harness import ARTIFACTS, REPO, TEST_NODES, Server, record_of, sleep_prompt
-
-
-@pytest.fixture(scope="module")
-def dropin_nodes(comfy_dir: Path) -> Path:
-    nodes = ARTIFACTS / f"dropin-nodes-{comfy_dir.name}"
-    shutil.rmtree(nodes, ignore_errors=True)
-    nodes.mkdir(parents=True)
-    out = subprocess.run([sys.executable, "-m", "comfy_parallel", "install-node", "--custom-nodes-dir", str(nodes)],
-                         cwd=str(REPO), capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert out.returncode == 0, out.stderr
-    assert (nodes / "comfy_parallel").resolve() == (REPO / "comfy_parallel").resolve()
-    (nodes / "cp_testnodes").symlink_to(TEST_NODES / "cp_testnodes", target_is_directory=True)
-    return nodes
+from harness import Server, record_of, sleep_prompt
 
 
 def test_dropin_switch_on_serves_two_devices(comfy_dir: Path, dropin_nodes: Path) -> None:

@@ -7,20 +7,17 @@ after the restart on the device it was routed to), or, with persistence off, in 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 import reliability_results
-from harness import ARTIFACTS, REPO, TEST_NODES, Server, record_of, sleep_prompt
+from harness import ARTIFACTS, Server, record_of, sleep_prompt
 
 from comfy_parallel.persistence import QUEUED, RUNNING, PersistedPrompt, PromptStore, as_queue_item
 
@@ -199,18 +196,6 @@ def test_sigterm_drains_persists_and_restores_on_the_same_devices(comfy_dir: Pat
         "wrong_device": len(wrong), "http_503_while_draining": 5, "wall_s": round(time.time() - started, 1),
     })
     assert not lost and not duplicated and not wrong, (lost, duplicated, wrong)
-
-
-@pytest.fixture(scope="module")
-def dropin_nodes(comfy_dir: Path) -> Path:
-    nodes = ARTIFACTS / f"shutdown-dropin-nodes-{comfy_dir.name}"
-    shutil.rmtree(nodes, ignore_errors=True)
-    nodes.mkdir(parents=True)
-    out = subprocess.run([sys.executable, "-m", "comfy_parallel", "install-node", "--custom-nodes-dir", str(nodes)],
-                         cwd=str(REPO), capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert out.returncode == 0, out.stderr
-    (nodes / "cp_testnodes").symlink_to(TEST_NODES / "cp_testnodes", target_is_directory=True)
-    return nodes
 
 
 def test_dropin_no_persist_records_queued_as_errors(comfy_dir: Path, dropin_nodes: Path) -> None:
