@@ -41,6 +41,9 @@ def snapshot(comfy) -> dict:
     unet = sys.modules["comfy.ldm.modules.diffusionmodules.openaimodel"].UNetModel
     patcher = sys.modules["comfy.model_patcher"].ModelPatcher
     out = {f"{mod.__name__}.{attr}": id(getattr(mod, attr)) for mod, attr in names if hasattr(mod, attr)}
+    out["folder_paths.get_save_image_path"] = id(sys.modules["folder_paths"].get_save_image_path)
+    out["nodes.get_save_image_path"] = id(comfy.nodes.folder_paths.get_save_image_path)
+    out["SaveImage.save_images"] = id(comfy.nodes.SaveImage.__dict__["save_images"])
     out["VAELoader.load_vae"] = id(comfy.nodes.VAELoader.__dict__["load_vae"])
     out["LoraLoader.load_lora"] = id(comfy.nodes.LoraLoader.__dict__["load_lora"])
     out["UNetModel.forward"] = id(unet.__dict__["forward"])

@@ -27,7 +27,7 @@ def test_patches_apply_are_idempotent_and_undo(comfy_dir: Path) -> None:
     assert set(result["applied"]) == {
         "server-worker-attrs", "progress-registry-per-worker", "progress-state-to-submitter",
         "seeded-generator-per-call", "interrupt-per-worker", "loaded-models-per-worker",
-        "empty-cache-per-device", "device-workers", "server-setup", "entry-ports", "scoped-queue-status",
+        "empty-cache-per-device", "unique-save-counters", "device-workers", "server-setup", "entry-ports", "scoped-queue-status",
         "websocket-send-per-client", "quiet-retried-attempt",
         "host-load-on-cpu", "host-weights-read-only", "shared-model-loaders", "cuda-graphs"}
     for name in ("comfy.model_management.current_loaded_models", "comfy.model_management.soft_empty_cache",
@@ -36,7 +36,8 @@ def test_patches_apply_are_idempotent_and_undo(comfy_dir: Path) -> None:
                  "PromptServer.send_sync", "comfy.sd.load_checkpoint_guess_config", "comfy.sd.load_clip",
                  "comfy.controlnet.load_controlnet", "comfy.utils.copy_to_param", "VAELoader.load_vae",
                  "LoraLoader.load_lora", "comfy.model_management.unet_inital_load_device", "UNetModel.forward",
-                 "ModelPatcher.load", "ModelPatcher.unpatch_model"):
+                 "ModelPatcher.load", "ModelPatcher.unpatch_model", "folder_paths.get_save_image_path",
+                 "SaveImage.save_images"):
         assert name in result["changed"], name
     assert result["loaded_models_type"] == "PerWorkerList"
     assert result["execution_sees_patch"] is True

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import time
+
+from PIL import Image
 
 from harness import Server, record_of, sleep_prompt
 
@@ -114,3 +117,27 @@ def test_free_is_scoped(idle_multi: Server) -> None:
     assert idle_multi.post("/free", {"unload_models": True}, headers={"X-TARGET-GPU": "5"}).status == 400
     p = idle_multi.submit(sleep_prompt(0.05, 1), headers=H[1])["prompt_id"]
     assert idle_multi.wait_history(p)["status"]["status_str"] == "success"
+
+
+def _save_prompt(color: int) -> dict:
+    return {"1": {"class_type": "EmptyImage", "inputs": {"width": 768, "height": 768, "batch_size": 2,
+                                                         "color": color}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "cp_race"}}}
+
+
+def test_workers_saving_under_one_prefix_never_overwrite_each_other(idle_multi: Server) -> None:
+    """ComfyUI numbers output files by listing the folder: three workers saving at once used to get one number."""
+    s = idle_multi
+    colors = {s.submit(_save_prompt(0x0A0B0C * (k + 1) % 0xFFFFFF), headers=H[k % 3])["prompt_id"]:
+              0x0A0B0C * (k + 1) % 0xFFFFFF for k in range(24)}
+    owner: dict[str, str] = {}
+    for prompt_id, color in colors.items():
+        images = s.wait_history(prompt_id)["outputs"]["2"]["images"]
+        assert len(images) == 2
+        for img in images:
+            assert img["filename"] not in owner, f"{img['filename']} given to {owner.get(img['filename'])} and {prompt_id}"
+            owner[img["filename"]] = prompt_id
+            resp = s.get(f"/view?filename={img['filename']}&subfolder={img['subfolder']}&type={img['type']}")
+            assert resp.status == 200
+            pixel = Image.open(io.BytesIO(resp.body)).convert("RGB").getpixel((0, 0))
+            assert pixel == ((color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF), (img, prompt_id)
