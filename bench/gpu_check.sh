@@ -3,7 +3,7 @@
 #   installs the carried wheels into /tmp/site, extracts ComfyUI 0.3.75 to /tmp/comfyui, writes random-weight
 #   SD1.5 (and, time permitting, SDXL) checkpoints, then runs bench/gpu_check.py (stock ComfyUI, then
 #   comfy-parallel serve on every visible GPU). Everything it prints is in $OUT/gpu_check.log; per-server logs
-#   and one JSON per workload land in $OUT too (7 files at most: the device tool brings back 8).
+#   (as server_logs.tar.gz) and one JSON per workload land in $OUT too.
 # Keeps the whole call under ~9 minutes: W2 (SDXL) only runs when W1 finished inside the first 4 minutes.
 # Knobs: SERVERS_W1 / SERVERS_W2 (comma list of stock, stock-procs, parallel, graphs; default stock,parallel;
 #        stock-procs = one stock ComfyUI process per GPU, its N logs joined into one file), PER_GPU (8),
@@ -47,6 +47,8 @@ if [ "$SECONDS" -lt "$W2_AFTER_S" ] && [ "${SKIP_W2:-0}" != 1 ]; then
 else
   echo "W2 skipped (${SECONDS}s used)"
 fi
+# The device tool brings back 8 files: the per-server logs travel as one archive.
+(cd "$OUT" && ls W[12]_*.log >/dev/null 2>&1 && tar -czf server_logs.tar.gz W[12]_*.log && rm -f W[12]_*.log)
 step "done rc=$rc"
 ls -la "$OUT"
 return $rc

@@ -40,7 +40,7 @@ def _graphs_only(comfy: Comfy) -> None:
     from .comfy_adapter import AdapterError
     from .comfy_adapter.cuda_graphs import CudaGraphs
 
-    patch = CudaGraphs()
+    patch = CudaGraphs(concurrent=False)
     problem = patch.check(comfy)
     if problem:
         raise AdapterError(f"ComfyUI {comfy.version}: patch {patch.name} does not apply: {problem}")

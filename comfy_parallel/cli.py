@@ -86,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replay a captured CUDA graph of the UNet (SD1.x/SDXL) per input shape instead of "
                             "launching its kernels from Python every step; falls back to the normal path when "
                             "capture is unsafe (patches, ControlNet, low VRAM) or fails. auto: on for CUDA workers "
-                            "of a multi-device server; on: also with a single device (default %(default)s)")
+                            "of a multi-device server; on: also with a single device. With graphs on and several "
+                            "devices ComfyUI is started with --disable-cuda-malloc (torch's native allocator; "
+                            "cudaMallocAsync cannot serve captures from several threads) unless you pass "
+                            "--cuda-malloc, which turns graphs off (default %(default)s)")
     weights = serve.add_argument_group("shared weights (one host copy of each model file for all devices)")
     weights.add_argument("--shared-weights", choices=("on", "off"), default="on",
                          help="read each checkpoint/UNET/CLIP/VAE/ControlNet/LoRA file once and give every device "
@@ -172,6 +175,21 @@ def _lifecycle(args: argparse.Namespace, env: dict[str, str]) -> dict:
                               getattr(args, "persist_path", None) or path, getattr(args, "admin_token", None) or token)
 
 
+def graph_safe_allocator(settings: Settings, comfy_args: list[str]) -> tuple[list[str], str | None]:
+    """Add ``--disable-cuda-malloc`` when several CUDA workers will capture graphs; say so (or ``None``).
+
+    ComfyUI turns on torch's cudaMallocAsync backend by default, whose capture state is process-wide: concurrent
+    captures from two workers abort the process (comfy_adapter/cuda_graphs.py). The choice must be made before
+    torch is imported, hence here. An explicit ``--cuda-malloc`` or ``--disable-cuda-malloc`` is left alone.
+    """
+    several_gpus = settings.enabled and not settings.cpu_mode and len(settings.devices) > 1
+    if not (several_gpus and settings.graphs_enabled) or {"--cuda-malloc", "--disable-cuda-malloc"} & set(comfy_args):
+        return comfy_args, None
+    return ([*comfy_args, "--disable-cuda-malloc"],
+            "ComfyUI runs with --disable-cuda-malloc (torch's native allocator): CUDA graphs captured by several "
+            "workers need it (--cuda-graphs off or --cuda-malloc keep ComfyUI's default)")
+
+
 def cmd_serve(args: argparse.Namespace, comfy_args: list[str]) -> int:
     try:
         settings = serve_settings(args)
@@ -181,6 +199,7 @@ def cmd_serve(args: argparse.Namespace, comfy_args: list[str]) -> int:
         return 2
     if settings.cpu_mode and "--cpu" not in comfy_args:
         comfy_args = [*comfy_args, "--cpu"]
+    comfy_args, allocator_note = graph_safe_allocator(settings, comfy_args)
     if settings.enabled and not settings.cpu_mode and len(settings.devices) > 1 and "--cuda-device" in comfy_args:
         print("comfy-parallel serve: --cuda-device selects one GPU; use --devices instead", file=sys.stderr)
         return 2
@@ -193,6 +212,8 @@ def cmd_serve(args: argparse.Namespace, comfy_args: list[str]) -> int:
         print(f"comfy-parallel serve: {err}", file=sys.stderr)
         return 2
     log.info("comfy-parallel %s: ComfyUI at %s", __import__("comfy_parallel").__version__, comfy_dir)
+    if allocator_note:
+        log.info("comfy-parallel: %s", allocator_note)
     try:
         activate(settings, main_module)
     except AdapterError as err:

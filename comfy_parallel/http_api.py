@@ -69,7 +69,7 @@ def _graph_status(server: "MultiDeviceServer") -> dict:
         return {"enabled": False}
     from .comfy_adapter.cuda_graphs import STATS
 
-    return {"enabled": True, **STATS.as_dict()}
+    return {"enabled": STATS.off_reason is None, **STATS.as_dict()}
 
 
 def _weights_status(server: "MultiDeviceServer") -> dict:

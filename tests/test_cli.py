@@ -42,3 +42,33 @@ def test_doctor_reports_version_devices_and_patches(comfy_dir: Path) -> None:
                  "entry-ports"):
         assert f"{name}" in out.stdout
     assert "DOES NOT APPLY" not in out.stdout and "result: ready" in out.stdout
+
+
+def test_graphs_on_several_gpus_start_comfyui_on_the_native_allocator() -> None:
+    from comfy_parallel.cli import graph_safe_allocator
+    from comfy_parallel.settings import Settings, parse_devices
+
+    two_gpus, one_gpu, cpus = parse_devices("0,1"), parse_devices("0"), parse_devices("cpu,cpu")
+    args, note = graph_safe_allocator(Settings(devices=two_gpus), ["--port", "1"])
+    assert args == ["--port", "1", "--disable-cuda-malloc"] and note and "--disable-cuda-malloc" in note
+    assert graph_safe_allocator(Settings(devices=parse_devices("0*2")), [])[0] == ["--disable-cuda-malloc"]
+    for settings, given in ((Settings(devices=two_gpus, cuda_graphs="off"), []),
+                            (Settings(devices=two_gpus), ["--cuda-malloc"]),        # the user's choice stands
+                            (Settings(devices=two_gpus), ["--disable-cuda-malloc"]),
+                            (Settings(devices=one_gpu, cuda_graphs="on"), []),      # one worker: no concurrency
+                            (Settings(devices=cpus, cuda_graphs="on"), []),
+                            (Settings(devices=two_gpus, enabled=False), [])):
+        assert graph_safe_allocator(settings, given) == (given, None), settings
+
+
+def test_cuda_graphs_stay_off_when_several_workers_share_cuda_malloc_async(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from comfy_parallel.comfy_adapter.cuda_graphs import allocator_problem
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
+    assert "--disable-cuda-malloc" in (allocator_problem(concurrent=True) or "")
+    assert allocator_problem(concurrent=False) is None  # one worker captured fine with it on one H200
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
+    assert allocator_problem(concurrent=True) is None

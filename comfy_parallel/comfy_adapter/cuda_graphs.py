@@ -10,6 +10,12 @@ eagerly and warms up the kernels), into a memory pool private to the calling wor
 whenever capture would be unsafe: CPU or low-VRAM (weights cast per call), weight hooks, attention/block patches,
 ControlNets, model wrappers, extra conditioning inputs, or a capture that failed once for that key. Loading,
 unloading or re-patching the model's weights drops its graphs (their kernels point at the old weights).
+
+Several workers capturing at once need torch's native caching allocator: the ``cudaMallocAsync`` backend (ComfyUI's
+default, ``cuda_malloc.py``) keeps one process-wide "capture underway" state, so another worker's allocations and
+frees during a capture invalidate it, and a later free aborts the process (``terminate called``, seen on 2xH200
+with SDXL). ``comfy-parallel serve`` therefore starts ComfyUI with ``--disable-cuda-malloc`` when graphs are on;
+where that backend is still in use (the custom-node route, or an explicit ``--cuda-malloc``) graphs stay off.
 """
 
 from __future__ import annotations
@@ -44,13 +50,15 @@ class GraphStats:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.replays = self.eager = self.captures = self.failures = 0
+        self.off_reason: str | None = None  # set when the patch is on but graphs cannot be used in this process
 
     def add(self, field: str) -> None:
         with self.lock:
             setattr(self, field, getattr(self, field) + 1)
 
     def as_dict(self) -> dict:
-        return {"replays": self.replays, "eager": self.eager, "captures": self.captures, "failures": self.failures}
+        counts = {"replays": self.replays, "eager": self.eager, "captures": self.captures, "failures": self.failures}
+        return counts if self.off_reason is None else {**counts, "off_reason": self.off_reason}
 
 
 STATS = GraphStats()
@@ -62,6 +70,14 @@ def _pool(device: torch.device) -> Any:
     if key not in _pools:
         _pools[key] = torch.cuda.graph_pool_handle()
     return _pools[key]
+
+
+def allocator_problem(concurrent: bool) -> str | None:
+    """Why CUDA graphs must stay off with the allocator this process uses, or ``None`` when they may run."""
+    if concurrent and torch.cuda.is_available() and torch.cuda.get_allocator_backend() == "cudaMallocAsync":
+        return ("the cudaMallocAsync allocator cannot serve captures from several worker threads; start ComfyUI "
+                "with --disable-cuda-malloc (comfy-parallel serve does so unless --cuda-malloc is given)")
+    return None
 
 
 def _capturable(unet: Any, x: Any, timesteps: Any, context: Any, y: Any, control: Any, transformer_options: dict,
@@ -159,6 +175,11 @@ class CudaGraphs(Patch):
            "several GPUs do not scale; replaying a captured graph costs under a millisecond of host time")
     checked_on = CHECKED
 
+    def __init__(self, concurrent: bool = True) -> None:
+        """``concurrent``: several workers may capture at the same time (multi-device mode)."""
+        super().__init__()
+        self.concurrent = concurrent
+
     def check(self, comfy: Comfy) -> str | None:
         unet_mod = sys.modules.get("comfy.ldm.modules.diffusionmodules.openaimodel")
         mp = sys.modules.get("comfy.model_patcher")
@@ -171,6 +192,10 @@ class CudaGraphs(Patch):
             unet_mod.UNetModel, "forward")
 
     def _apply(self, comfy: Comfy) -> None:
+        STATS.off_reason = allocator_problem(self.concurrent)
+        if STATS.off_reason is not None:
+            log.warning("comfy-parallel: CUDA graphs off: %s", STATS.off_reason)
+            return
         unet_cls = sys.modules["comfy.ldm.modules.diffusionmodules.openaimodel"].UNetModel
         patcher_cls = sys.modules["comfy.model_patcher"].ModelPatcher
         original_forward = unet_cls.forward
