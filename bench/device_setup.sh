@@ -21,8 +21,9 @@ device_setup() {
   python3 -c 'import sys; sys.path.insert(0, "/tmp/comfyui"); import comfyui_version; print("ComfyUI", comfyui_version.__version__)'
 }
 
-make_ckpt() {  # ARCH NAME
+make_ckpt() {  # ARCH NAME (kept when an earlier step of the same call wrote it)
   step "$1-shaped random checkpoint -> $CK/$2"
+  if [ -f "$CK/$2" ]; then echo "exists"; return 0; fi
   timeout 200 python3 tools/make_rand_ckpt.py /tmp/comfyui "$1" "$CK/$2" 2>&1 | grep -v '^WARNING'
   [ -f "$CK/$2" ]
 }

@@ -20,10 +20,11 @@ where that backend is still in use (the custom-node route, or an explicit ``--cu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -62,6 +63,56 @@ class GraphStats:
 
 
 STATS = GraphStats()
+
+
+class DeviceGate:
+    """Shared for running the UNet on a device, exclusive for capturing a graph on it.
+
+    Two workers on one GPU (``--devices 0*2``): a capture while the other worker ran its UNet on that GPU failed
+    ("operation not permitted when stream is capturing", H200, SDXL) and the other worker's cuBLAS call reported
+    an execution failure. Workers on different GPUs never wait on each other; a waiting capture goes first.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._capturing = False
+        self._captures_waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._capturing and not self._captures_waiting)
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._captures_waiting += 1
+            self._cond.wait_for(lambda: not self._capturing and not self._running)
+            self._captures_waiting -= 1
+            self._capturing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._capturing = False
+                self._cond.notify_all()
+
+
+_gates: dict[int, DeviceGate] = {}
+_gates_lock = threading.Lock()
+
+
+def gate_of(device: torch.device) -> DeviceGate:
+    with _gates_lock:
+        return _gates.setdefault(device.index or 0, DeviceGate())
 _pools: dict[tuple[int, int], Any] = {}  # (thread id, device index) -> graph pool handle
 
 
@@ -110,27 +161,33 @@ def forward_with_graphs(original: Any, unet: Any, x: Any, timesteps: Any = None,
     wrappers = pe.get_all_wrappers(pe.WrappersMP.DIFFUSION_MODEL, transformer_options)
     inputs = (x, timesteps, context, y)
     entry: Any = None
-    if _capturable(unet, x, timesteps, context, y, control, transformer_options, kwargs, wrappers):
+    gate = gate_of(x.device) if isinstance(x, torch.Tensor) and x.is_cuda else None
+    if gate is not None and _capturable(unet, x, timesteps, context, y, control, transformer_options, kwargs,
+                                        wrappers):
         graphs: dict = unet.__dict__.setdefault(_GRAPHS, {})
         key = _key(inputs)
         state = graphs.get(key)
         if state is None:  # first call with this key: eager, which also warms up kernels and allocator
             graphs[key] = _SEEN
         elif state is _SEEN:
-            entry = graphs[key] = _capture(original, unet, inputs, transformer_options) or _FAILED
+            with gate.exclusive():
+                entry = graphs[key] = _capture(original, unet, inputs, transformer_options) or _FAILED
         else:
             entry = state
     if not isinstance(entry, _Graph):
         STATS.add("eager")
-        return original(unet, x, timesteps, context, y, control, transformer_options, **kwargs)
-    for static, value in zip(entry.inputs, inputs):
-        if static is not None:
-            static.copy_(value, non_blocking=True)
-    entry.graph.replay()
+        with gate.shared() if gate is not None else contextlib.nullcontext():
+            return original(unet, x, timesteps, context, y, control, transformer_options, **kwargs)
+    with gate.shared():  # type: ignore[union-attr]  # a graph exists only for CUDA inputs
+        for static, value in zip(entry.inputs, inputs):
+            if static is not None:
+                static.copy_(value, non_blocking=True)
+        entry.graph.replay()
+        output = entry.output.clone()
     STATS.add("replays")
     if STATS.replays % 500 == 0:
         log.info("comfy-parallel: CUDA graphs so far: %s", STATS.as_dict())
-    return entry.output.clone()
+    return output
 
 
 def _capture(original: Any, unet: Any, inputs: tuple, transformer_options: dict) -> _Graph | None:

@@ -1,0 +1,63 @@
+"""CUDA graph patch pieces that need no GPU: the allocator guard and the per-device capture gate."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from comfy_parallel.comfy_adapter.cuda_graphs import DeviceGate, allocator_problem, gate_of
+
+
+def test_capture_waits_for_running_unets_and_holds_new_ones_back() -> None:
+    gate, events, running = DeviceGate(), [], threading.Event()
+
+    def unet(name: str, hold: float) -> None:
+        with gate.shared():
+            events.append(f"{name} start")
+            running.set()
+            time.sleep(hold)
+            events.append(f"{name} end")
+
+    def capture() -> None:
+        with gate.exclusive():
+            events.append("capture start")
+            time.sleep(0.2)
+            events.append("capture end")
+
+    first = threading.Thread(target=unet, args=("a", 0.3))
+    first.start()
+    running.wait(5)
+    cap = threading.Thread(target=capture)
+    cap.start()
+    time.sleep(0.1)  # the capture is now waiting for "a"
+    late = threading.Thread(target=unet, args=("b", 0.0))
+    late.start()
+    for t in (first, cap, late):
+        t.join(5)
+    assert events == ["a start", "a end", "capture start", "capture end", "b start", "b end"]
+
+
+def test_gates_are_per_device() -> None:
+    zero, one = gate_of(torch.device("cuda", 0)), gate_of(torch.device("cuda", 1))
+    assert zero is gate_of(torch.device("cuda:0")) and zero is not one
+    with zero.exclusive():
+        done = threading.Event()
+
+        def other_gpu() -> None:
+            with one.shared():
+                done.set()
+
+        threading.Thread(target=other_gpu).start()
+        assert done.wait(2), "a capture on GPU 0 held back a UNet on GPU 1"
+
+
+@pytest.mark.parametrize("backend,concurrent,off", [("cudaMallocAsync", True, True), ("cudaMallocAsync", False, False),
+                                                     ("native", True, False)])
+def test_allocator_guard(monkeypatch, backend: str, concurrent: bool, off: bool) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: backend)
+    problem = allocator_problem(concurrent=concurrent)
+    assert (problem is not None) == off and (not off or "--disable-cuda-malloc" in problem)
