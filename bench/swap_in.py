@@ -28,6 +28,31 @@ def rss_gib() -> float:
     return float("nan")
 
 
+def profile_load(mp, sync) -> dict:  # type: ignore[no-untyped-def]
+    """Where one load of a view spends its time: cProfile of ``load_models_gpu`` (top functions by own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    import comfy.model_management as mm  # type: ignore[import-not-found]
+
+    mm.unload_all_models()
+    sync()
+    prof = cProfile.Profile()
+    t = time.perf_counter()
+    prof.enable()
+    mm.load_models_gpu([mp], force_full_load=True)
+    sync()
+    prof.disable()
+    wall = time.perf_counter() - t
+    mm.unload_all_models()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+    lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
+    print("\n".join(lines[:40]))
+    return {"wall_s_profiled": round(wall, 3), "top_by_own_time": lines[:40]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--comfyui", default="/tmp/comfyui")
@@ -105,6 +130,7 @@ def main() -> int:
         res["shared_swap_in_s"] = [round(x, 3) for x in loads]
         res["shared_unload_s"] = round(statistics.median(unloads), 4)
         res["rss_after_shared_gib"] = round(rss_gib(), 3)
+        res["shared_load_profile"] = profile_load(view, sync)
 
         # 3. the reference: the same host tensors, copied by hand
         host_unet = entry.host[0].model

@@ -125,6 +125,20 @@ def _view_apply(self: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor
     """``Module._apply`` for a view: a move back to the host points parameters at the host copy (no copy)."""
     host: dict[str, weakref.ref] = self.__dict__["_cp_host"]
     own: dict[str, torch.nn.Parameter] = self.__dict__["_cp_params"]
+    probes: dict[torch.dtype, torch.Tensor] = {}
+
+    def target(dtype: torch.dtype) -> torch.Tensor:
+        """An empty tensor where ``fn`` sends one of ``dtype``: asked once per dtype and call, not per tensor
+        (each probe is a tensor conversion; a load runs this for thousands of parameters)."""
+        probe = probes.get(dtype)
+        if probe is None:
+            probe = probes[dtype] = fn(torch.empty(0, dtype=dtype))
+        return probe
+
+    def lands_on_host(t: torch.Tensor, host_t: torch.Tensor) -> bool:
+        probe = target(t.dtype)
+        return probe.device == host_t.device and probe.dtype == host_t.dtype
+
     for name, host_ref in host.items():
         param, host_param = self._parameters.get(name), host_ref()
         if param is None or host_param is None:
@@ -135,29 +149,23 @@ def _view_apply(self: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor
                 continue  # a patched weight (e.g. a LoRA result): not ours to drop
             own[name] = param  # ComfyUI restored the host tensor in a new Parameter: it is the view's own again
             continue
-        if param.device != host_t.device and _lands_on(fn, param, host_t):
+        if param.device != host_t.device and lands_on_host(param, host_t):
             own[name] = self._parameters[name] = torch.nn.Parameter(host_t, requires_grad=param.requires_grad)
         elif param.data.data_ptr() == host_t.data_ptr() and host_t.is_pinned():
-            target = fn(torch.empty(0, dtype=param.dtype))
-            if target.device.type == "cuda" and target.dtype == param.dtype:
+            to = target(param.dtype)
+            if to.device.type == "cuda" and to.dtype == param.dtype:
                 # From page-locked, never-written memory the copy may run ahead of the CPU; later kernels on this
                 # stream are ordered after it. torch's own .to() below then finds the tensor already there.
-                param.data = host_t.to(target.device, non_blocking=True)
+                param.data = host_t.to(to.device, non_blocking=True)
     for name, host_ref in self.__dict__["_cp_buffers"].items():
         buf, host_buf = self._buffers.get(name), host_ref()
-        if buf is not None and host_buf is not None and buf.device != host_buf.device and _lands_on(fn, buf, host_buf):
+        if buf is not None and host_buf is not None and buf.device != host_buf.device and lands_on_host(buf, host_buf):
             self._buffers[name] = host_buf
     ours = [name for name in own if self._parameters.get(name) is own[name]]
     result = torch.nn.Module._apply(self, fn, recurse)
     for name in ours:  # torch may replace a Parameter instead of setting .data (e.g. between device kinds)
         own[name] = self._parameters[name]
     return result
-
-
-def _lands_on(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor, host_t: torch.Tensor) -> bool:
-    """Would ``fn`` (a ``Module.to`` conversion) turn ``t`` into a tensor like ``host_t``? Asked of an empty one."""
-    probe = fn(torch.empty(0, dtype=t.dtype))  # the target does not depend on where the probe is
-    return probe.device == host_t.device and probe.dtype == host_t.dtype
 
 
 def module_view(host: torch.nn.Module, memo: dict[int, Any] | None = None) -> dict[int, Any]:
