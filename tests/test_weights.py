@@ -60,6 +60,21 @@ def test_view_shares_host_tensors_and_comes_back_without_copying() -> None:
     assert _ptrs(view) == _ptrs(host)
 
 
+def test_view_still_converts_what_is_not_where_asked() -> None:
+    """A module whose tensors are all in place skips torch's _apply; anything else must still be converted."""
+    host = _host()
+    weights.seal_host_modules([host])
+    view = make_view(host, [host])
+    view.to("cpu")  # already there: nothing changes
+    assert _ptrs(view) == _ptrs(host)
+    view.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in view.parameters()) and view.scale.dtype == torch.float64
+    assert all(p.dtype == torch.float32 for p in host.parameters()) and host.scale.dtype == torch.float32
+    view.to(torch.float32)  # a dtype round trip on one device keeps the view's converted copy, equal to the host
+    assert all(torch.equal(pv, ph) for pv, ph in zip(view.parameters(), host.parameters()))
+    assert set(_ptrs(view)).isdisjoint(_ptrs(host))
+
+
 def test_view_keeps_a_patched_weight_and_reclaims_a_restored_one() -> None:
     host = _host()
     view = make_view(host, [host])
