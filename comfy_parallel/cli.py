@@ -182,8 +182,7 @@ def graph_safe_allocator(settings: Settings, comfy_args: list[str]) -> tuple[lis
     captures from two workers abort the process (comfy_adapter/cuda_graphs.py). The choice must be made before
     torch is imported, hence here. An explicit ``--cuda-malloc`` or ``--disable-cuda-malloc`` is left alone.
     """
-    several_gpus = settings.enabled and not settings.cpu_mode and len(settings.devices) > 1
-    if not (several_gpus and settings.graphs_enabled) or {"--cuda-malloc", "--disable-cuda-malloc"} & set(comfy_args):
+    if not (settings.multi_device and not settings.cpu_mode and settings.graphs_enabled) or {"--cuda-malloc", "--disable-cuda-malloc"} & set(comfy_args):
         return comfy_args, None
     return ([*comfy_args, "--disable-cuda-malloc"],
             "ComfyUI runs with --disable-cuda-malloc (torch's native allocator): CUDA graphs captured by several "
@@ -200,7 +199,7 @@ def cmd_serve(args: argparse.Namespace, comfy_args: list[str]) -> int:
     if settings.cpu_mode and "--cpu" not in comfy_args:
         comfy_args = [*comfy_args, "--cpu"]
     comfy_args, allocator_note = graph_safe_allocator(settings, comfy_args)
-    if settings.enabled and not settings.cpu_mode and len(settings.devices) > 1 and "--cuda-device" in comfy_args:
+    if settings.multi_device and not settings.cpu_mode and "--cuda-device" in comfy_args:
         print("comfy-parallel serve: --cuda-device selects one GPU; use --devices instead", file=sys.stderr)
         return 2
     from .activation import activate

@@ -137,6 +137,14 @@ class Patch:
         self.applied = False
 
 
+def require_modules(*names: str) -> str | None:
+    """Which of these ComfyUI modules is not imported yet (a patch point cannot be looked up), or ``None``."""
+    missing = [n for n in names if n not in sys.modules]
+    if missing:
+        return f"{' / '.join(missing)} {'is' if len(missing) == 1 else 'are'} not imported"
+    return None
+
+
 def require_callables(obj: Any, *names: str) -> str | None:
     missing = [n for n in names if not callable(getattr(obj, n, None))]
     if missing:

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .base import Comfy, Patch, require_callables
+from .base import Comfy, Patch, require_callables, require_modules
 from .patches import CHECKED
 
 log = logging.getLogger("comfy_parallel.cuda_graphs")
@@ -238,11 +238,12 @@ class CudaGraphs(Patch):
         self.concurrent = concurrent
 
     def check(self, comfy: Comfy) -> str | None:
-        unet_mod = sys.modules.get("comfy.ldm.modules.diffusionmodules.openaimodel")
-        mp = sys.modules.get("comfy.model_patcher")
-        pe = sys.modules.get("comfy.patcher_extension")
-        if unet_mod is None or mp is None or pe is None:
-            return "comfy.ldm...openaimodel / comfy.model_patcher / comfy.patcher_extension are not imported"
+        problem = require_modules("comfy.ldm.modules.diffusionmodules.openaimodel", "comfy.model_patcher",
+                                  "comfy.patcher_extension")
+        if problem:
+            return problem
+        unet_mod = sys.modules["comfy.ldm.modules.diffusionmodules.openaimodel"]
+        mp, pe = sys.modules["comfy.model_patcher"], sys.modules["comfy.patcher_extension"]
         if not hasattr(getattr(pe, "WrappersMP", None), "DIFFUSION_MODEL"):
             return "comfy.patcher_extension has no WrappersMP.DIFFUSION_MODEL"
         return require_callables(mp.ModelPatcher, "load", "unpatch_model", "partially_unload") or require_callables(

@@ -20,7 +20,7 @@ from collections.abc import MutableSequence
 from typing import Any, Callable, Iterable, Protocol
 
 from .. import worker_context
-from .base import Comfy, Patch, first_problem, require_callables
+from .base import Comfy, Patch, first_problem, require_callables, require_modules
 
 CHECKED = ("0.3.52", "0.3.75")
 log = logging.getLogger("comfy_parallel.adapter")
@@ -200,10 +200,7 @@ class SeededGeneratorPerCall(Patch):
     checked_on = CHECKED
 
     def check(self, comfy: Comfy) -> str | None:
-        sample = sys.modules.get("comfy.sample")
-        if sample is None:
-            return "comfy.sample is not imported"
-        return _uses(sample.prepare_noise, "manual_seed")
+        return require_modules("comfy.sample") or _uses(sys.modules["comfy.sample"].prepare_noise, "manual_seed")
 
     def _apply(self, comfy: Comfy) -> None:
         import torch
@@ -359,13 +356,11 @@ class UniqueSaveCounters(Patch):
     checked_on = CHECKED
 
     def check(self, comfy: Comfy) -> str | None:
-        fp = sys.modules.get("folder_paths")
-        if fp is None:
-            return "folder_paths is not imported"
         save_image = getattr(comfy.nodes, "SaveImage", None)
         if save_image is None:
             return "nodes.SaveImage is missing"
-        return require_callables(fp, "get_save_image_path") or require_callables(save_image, "save_images")
+        return (require_modules("folder_paths") or require_callables(sys.modules["folder_paths"], "get_save_image_path")
+                or require_callables(save_image, "save_images"))
 
     def _apply(self, comfy: Comfy) -> None:
         fp = sys.modules["folder_paths"]

@@ -19,7 +19,7 @@ import torch
 
 from .. import weights, worker_context
 from ..weights import FileKey, WeightStore
-from .base import Comfy, Patch, first_problem, require_callables
+from .base import Comfy, Patch, first_problem, require_callables, require_modules
 
 log = logging.getLogger("comfy_parallel.adapter")
 
@@ -173,10 +173,10 @@ class SharedModelLoaders(Patch):
         self.store = store
 
     def check(self, comfy: Comfy) -> str | None:
-        sd = sys.modules.get("comfy.sd")
-        controlnet = sys.modules.get("comfy.controlnet")
-        if sd is None or controlnet is None:
-            return "comfy.sd / comfy.controlnet are not imported"
+        problem = require_modules("comfy.sd", "comfy.controlnet")
+        if problem:
+            return problem
+        sd, controlnet = sys.modules["comfy.sd"], sys.modules["comfy.controlnet"]
         return first_problem(
             lambda: require_callables(sd, "load_checkpoint_guess_config", "load_diffusion_model", "load_clip"),
             lambda: require_callables(controlnet, "load_controlnet"),
@@ -295,10 +295,8 @@ class HostWeightsReadOnly(Patch):
     checked_on = CHECKED
 
     def check(self, comfy: Comfy) -> str | None:
-        utils = sys.modules.get("comfy.utils")
-        if utils is None:
-            return "comfy.utils is not imported"
-        return require_callables(utils, "copy_to_param", "set_attr_param", "get_attr")
+        return require_modules("comfy.utils") or require_callables(sys.modules["comfy.utils"], "copy_to_param",
+                                                                   "set_attr_param", "get_attr")
 
     def _apply(self, comfy: Comfy) -> None:
         utils = sys.modules["comfy.utils"]
