@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from gpu_check import seed_diffs  # this script's folder is on sys.path when run as python3 bench/compare_images.py
+
 
 def digests(path: str, server: str) -> dict[str, list]:
     results = json.loads(Path(path).read_text())["results"]
@@ -25,13 +27,11 @@ def main(argv: list[str]) -> int:
     other_server = args.pop(0) if args else "parallel"
     ref, other = digests(ref_path, ref_server), digests(other_path, other_server)
     worst = 0
-    for seed, rows in ref.items():
-        got = other.get(seed)
-        if not got or not all(isinstance(v, int) for v in rows + got):
-            print(f"seed {seed}: missing or unreadable in {other_path} ({str(got)[:80]})")
+    for seed, diff in seed_diffs(ref, other).items():
+        if diff is None:
+            print(f"seed {seed}: missing or unreadable in {other_path} ({str(other.get(seed))[:80]})")
             worst = 256
             continue
-        diff = max(abs(a - b) for a, b in zip(rows, got))
         worst = max(worst, diff)
         print(f"seed {seed}: max diff {diff}")
     print(f"{len(ref)} seeds, worst {worst}")

@@ -397,6 +397,16 @@ def image_digests(port: int, done: dict, submitted: dict, seeds: dict[str, int])
     return out
 
 
+def seed_diffs(base: dict[str, list], other: dict[str, list]) -> dict[str, int | None]:
+    """Per seed of ``base``: max |row mean difference| to ``other``'s image (None: missing or unreadable there)."""
+    diffs: dict[str, int | None] = {}
+    for seed, rows in base.items():
+        got = other.get(seed)
+        readable = got and all(isinstance(v, int) for v in rows + got) and len(got) == len(rows)
+        diffs[seed] = max(abs(a - b) for a, b in zip(rows, got)) if readable else None
+    return diffs
+
+
 def same_images(results: list[dict]) -> str:
     """Compare every server's images with the first one's, seed by seed (max difference of row means)."""
     base = next((r for r in results if r.get("image_digests")), None)
@@ -406,11 +416,7 @@ def same_images(results: list[dict]) -> str:
     for r in results:
         if r is base or not r.get("image_digests"):
             continue
-        diffs = []
-        for seed, rows in base["image_digests"].items():
-            other = r["image_digests"].get(seed)
-            if other and all(isinstance(v, int) for v in rows + other) and len(other) == len(rows):
-                diffs.append(max(abs(a - b) for a, b in zip(rows, other)))
+        diffs = [d for d in seed_diffs(base["image_digests"], r["image_digests"]).values() if d is not None]
         lines.append(f"  {r['server']}: {len(diffs)} seeds compared, max diff {max(diffs) if diffs else '-'}")
     return "\n".join(lines)
 
