@@ -53,6 +53,36 @@ def profile_load(mp, sync) -> dict:  # type: ignore[no-untyped-def]
     return {"wall_s_profiled": round(wall, 3), "top_by_own_time": lines[:40]}
 
 
+def partial_unload_check(mp, sync) -> dict:  # type: ignore[no-untyped-def]
+    """ComfyUI asks a bulk-loaded view to free 1 GiB: the VRAM must really come back (the one buffer goes)."""
+    import torch
+
+    import comfy.model_management as mm  # type: ignore[import-not-found]
+    from comfy_parallel import weights
+
+    mm.unload_all_models()
+    mm.load_models_gpu([mp], force_full_load=True)
+    sync()
+    res = {"bulk_resident": weights.bulk_resident(mp.model), "allocated_loaded_gib": torch.cuda.memory_allocated()}
+    loaded = [lm for lm in mm.current_loaded_models if lm.model is mp][0]
+    loaded.model_unload(memory_to_free=2**30)
+    sync()
+    res["allocated_after_gib"] = torch.cuda.memory_allocated()
+    res["bulk_resident_after"] = weights.bulk_resident(mp.model)
+    res["comfy_loaded_gib_after"] = mp.loaded_size()
+    res["freed_gib"] = res["allocated_loaded_gib"] - res["allocated_after_gib"]
+    for k in ("allocated_loaded_gib", "allocated_after_gib", "comfy_loaded_gib_after", "freed_gib"):
+        res[k] = round(res[k] / 2**30, 3)
+    mm.load_models_gpu([mp], force_full_load=True)  # and it loads again
+    sync()
+    res["reloaded_gib"] = round(mp.loaded_size() / 2**30, 3)
+    mm.unload_all_models()
+    sync()
+    res["allocated_unloaded_gib"] = round(torch.cuda.memory_allocated() / 2**30, 3)
+    print("partial unload check:", res)
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--comfyui", default="/tmp/comfyui")
@@ -125,12 +155,29 @@ def main() -> int:
         res["shared_host_load_s"] = round(time.perf_counter() - t, 3)
         entry = store.entries()[0]
         res["host_gib"], res["host_pinned"] = round(entry.host_bytes / 2**30, 3), entry.pinned
-        loads, unloads = cycle(view)
-        res["shared_swap_in_gbps"] = round(nbytes / statistics.median(loads) / 1e9, 2)
-        res["shared_swap_in_s"] = [round(x, 3) for x in loads]
-        res["shared_unload_s"] = round(statistics.median(unloads), 4)
+        # A/B/A/B in one process: all patches, then without view-bulk-load (one copy per tensor), and again
+        bulk = next(p for p in patches if p.name == "view-bulk-load")
+        runs = {}
+        for label in ("bulk", "per_tensor", "bulk_again", "per_tensor_again"):
+            if label.startswith("per_tensor"):
+                bulk.undo()
+            elif not bulk.applied:
+                bulk.apply(comfy_bundle)
+            loads, unloads = cycle(view)
+            runs[label] = {"gbps": round(nbytes / statistics.median(loads) / 1e9, 2),
+                           "loads_s": [round(x, 3) for x in loads], "unload_s": round(statistics.median(unloads), 4)}
+        res["shared_runs"] = runs
+        both = runs["bulk"]["loads_s"] + runs["bulk_again"]["loads_s"]
+        res["shared_swap_in_gbps"] = round(nbytes / statistics.median(both) / 1e9, 2)  # median of both A runs
+        res["shared_swap_in_s"] = both
+        res["shared_unload_s"] = runs["bulk_again"]["unload_s"]
+        per_tensor = runs["per_tensor"]["loads_s"] + runs["per_tensor_again"]["loads_s"]
+        res["shared_per_tensor_gbps"] = round(nbytes / statistics.median(per_tensor) / 1e9, 2)
+        if not bulk.applied:
+            bulk.apply(comfy_bundle)
         res["rss_after_shared_gib"] = round(rss_gib(), 3)
         res["shared_load_profile"] = profile_load(view, sync)
+        res["partial_unload_check"] = partial_unload_check(view, sync)
 
         # 3. the reference: the same host tensors, copied by hand
         host_unet = entry.host[0].model
@@ -157,6 +204,8 @@ def main() -> int:
         res["pinned_one_buffer_gbps"] = round(copied / statistics.median(times) / 1e9, 2)
         res["swap_in_vs_pinned_per_tensor"] = round(res["shared_swap_in_gbps"] / res["pinned_per_tensor_gbps"], 3)
         res["swap_in_vs_pinned_one_buffer"] = round(res["shared_swap_in_gbps"] / res["pinned_one_buffer_gbps"], 3)
+        for run in runs.values():
+            run["vs_pinned_per_tensor"] = round(run["gbps"] / res["pinned_per_tensor_gbps"], 3)
     finally:
         for p in reversed(patches):
             p.undo()

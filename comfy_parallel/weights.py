@@ -61,12 +61,11 @@ def module_tensors(module: torch.nn.Module) -> Iterable[torch.Tensor]:
         yield from (b for b in m._buffers.values() if b is not None)
 
 
-def pin_modules(modules: list[torch.nn.Module]) -> int:
-    """Pack the modules' CPU tensors into one buffer registered as page-locked memory; bytes pinned (0: not).
+def pack_modules(modules: list[torch.nn.Module]) -> torch.Tensor | None:
+    """Move the modules' CPU tensors into one buffer, in module order (64-byte aligned); ``None``: nothing to pack.
 
-    One exact-size buffer registered with ``cudaHostRegister`` (what ComfyUI itself uses for pinning), instead of
-    ``Tensor.pin_memory()`` per tensor: torch's pinned allocator rounds every block up to a power of two, which
-    measured ~1.9x the checkpoint's size in host RSS. The registration is undone when the buffer is freed.
+    One buffer can be page-locked with one call and a model's tensors are then one contiguous range of it
+    (what lets a view load as one copy, see :func:`bulk_load_view`).
     """
     slots: list[tuple[torch.nn.Module, str, bool, torch.Tensor]] = []
     seen: set[int] = set()
@@ -81,7 +80,7 @@ def pin_modules(modules: list[torch.nn.Module]) -> int:
     sizes = [(t.numel() * t.element_size() + 63) // 64 * 64 for *_, t in slots]
     total = sum(sizes)
     if not total:
-        return 0
+        return None
     flat = torch.empty(total, dtype=torch.uint8)
     offset = 0
     for (m, name, is_param, t), size in zip(slots, sizes):
@@ -93,6 +92,20 @@ def pin_modules(modules: list[torch.nn.Module]) -> int:
         else:
             m._buffers[name] = packed
         offset += size
+    return flat
+
+
+def pin_modules(modules: list[torch.nn.Module]) -> int:
+    """Pack the modules' CPU tensors into one buffer registered as page-locked memory; bytes pinned (0: not).
+
+    One exact-size buffer registered with ``cudaHostRegister`` (what ComfyUI itself uses for pinning), instead of
+    ``Tensor.pin_memory()`` per tensor: torch's pinned allocator rounds every block up to a power of two, which
+    measured ~1.9x the checkpoint's size in host RSS. The registration is undone when the buffer is freed.
+    """
+    flat = pack_modules(modules)
+    if flat is None:
+        return 0
+    total = flat.numel()
     cudart = torch.cuda.cudart()
     ptr = flat.data_ptr()
     if cudart.cudaHostRegister(ptr, total, 0) != 0:
@@ -139,6 +152,12 @@ def _view_apply(self: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor
         probe = target(t.dtype)
         return probe.device == host_t.device and probe.dtype == host_t.dtype
 
+    leaf = not self._modules
+    spec = _module_to_target(fn)
+    if leaf and _already_there(self, fn, target, spec):
+        # Nothing to move (e.g. ComfyUI's Module.to after bulk_load_view, twice per module and load): the loops
+        # below would change nothing but bookkeeping that the next real move redoes.
+        return self
     for name, host_ref in host.items():
         param, host_param = self._parameters.get(name), host_ref()
         if param is None or host_param is None:
@@ -161,7 +180,7 @@ def _view_apply(self: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor
         buf, host_buf = self._buffers.get(name), host_ref()
         if buf is not None and host_buf is not None and buf.device != host_buf.device and lands_on_host(buf, host_buf):
             self._buffers[name] = host_buf
-    if not self._modules and _already_there(self, fn):
+    if leaf and _already_there(self, fn, target, spec):
         return self  # what torch's _apply would do here: set every tensor to itself, ~40 us of Python per module
     ours = [name for name in own if self._parameters.get(name) is own[name]]
     result = torch.nn.Module._apply(self, fn, recurse)
@@ -170,10 +189,50 @@ def _view_apply(self: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor
     return result
 
 
-def _already_there(module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
-    """Does ``fn`` return every parameter and buffer of ``module`` itself (not its children's) unchanged?"""
+def _already_there(module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
+                   target: Callable[[torch.dtype], torch.Tensor],
+                   spec: tuple[torch.device, torch.dtype | None] | None) -> bool:
+    """Does ``fn`` return every parameter and buffer of ``module`` itself (not its children's) unchanged?
+
+    For ``Module.to`` (``spec``, see :func:`_module_to_target`) that is a comparison of devices and dtypes. Any
+    other ``fn`` is only asked about tensors already on its target device and dtype: for any other it would make
+    a copy just to be told no, and torch's ``_apply`` would then make it again.
+    """
+    tensors = [t for table in (module._parameters, module._buffers) for t in table.values() if t is not None]
+    if spec is not None:
+        device, dtype = spec
+        return all(t.device == device and (dtype is None or t.dtype == dtype
+                                           or not (t.is_floating_point() or t.is_complex())) for t in tensors)
     with torch.no_grad():
-        return all(t is None or fn(t) is t for table in (module._parameters, module._buffers) for t in table.values())
+        for t in tensors:
+            probe = target(t.dtype)
+            if probe.device != t.device or probe.dtype != t.dtype or fn(t) is not t:
+                return False
+    return True
+
+
+_MODULE_TO_CONVERT = "Module.to.<locals>.convert"
+
+
+def _module_to_target(fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.device, torch.dtype | None] | None:
+    """``(device, dtype)`` when ``fn`` is the conversion torch's ``Module.to(device[, dtype])`` passes to ``_apply``.
+
+    That function returns a tensor itself exactly when it is on ``device`` and, if floating or complex, of
+    ``dtype``; knowing so saves calling it on every tensor of a load (ComfyUI moves each module twice per load).
+    ``None`` (ask ``fn`` itself) for anything else: another torch version, a memory format, no device index.
+    """
+    if getattr(fn, "__qualname__", None) != _MODULE_TO_CONVERT:
+        return None
+    try:
+        cells = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
+    except ValueError:  # an empty cell
+        return None
+    device, dtype = cells.get("device"), cells.get("dtype")
+    if (set(cells) != {"convert_to_format", "device", "dtype", "non_blocking"} or cells["convert_to_format"] is not None
+            or not isinstance(device, torch.device) or (device.type != "cpu" and device.index is None)
+            or not (dtype is None or isinstance(dtype, torch.dtype))):
+        return None
+    return device, dtype
 
 
 def module_view(host: torch.nn.Module, memo: dict[int, Any] | None = None) -> dict[int, Any]:
@@ -200,6 +259,7 @@ def finish_view(host: torch.nn.Module, view: torch.nn.Module) -> None:
     The view knows its host parameters only weakly: the store's entry keeps them alive, and once the entry is
     evicted (``--weights-ram-limit``) a view that is loaded on its GPU no longer holds host memory.
     """
+    slots: list[tuple[torch.nn.Module, str, weakref.ref]] = []
     for (name_h, mh), (name_v, mv) in zip(host.named_modules(), view.named_modules()):
         assert name_h == name_v, (name_h, name_v)
         refs = {name: weakref.ref(p) for name, p in mh._parameters.items()
@@ -212,6 +272,146 @@ def finish_view(host: torch.nn.Module, view: torch.nn.Module) -> None:
         mv.__dict__["_cp_buffers"] = buffers
         mv.__dict__["_cp_params"] = {name: mv._parameters[name] for name in refs}
         mv.__dict__["_apply"] = types.MethodType(_view_apply, mv)
+        slots.extend((mv, name, ref) for name, ref in refs.items())
+    view.__dict__["_cp_slots"] = slots
+
+
+def _bulk_slots(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.Tensor]] | None:
+    """The view's parameters with their host tensors when every one of them is still the untouched host tensor
+    (nothing patched, nothing already on a device) and all lie in one page-locked buffer; else ``None``."""
+    slots: list[tuple[torch.nn.Module, str, weakref.ref]] = model.__dict__.get("_cp_slots", ())
+    found: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
+    storage_ptr = None
+    for module, name, host_ref in slots:
+        param, host_param = module._parameters.get(name), host_ref()
+        if (param is None or host_param is None or param is not module.__dict__["_cp_params"].get(name)
+                or param.data.data_ptr() != host_param.data.data_ptr()):
+            return None
+        host_t = host_param.data
+        ptr = host_t.untyped_storage().data_ptr()
+        if storage_ptr is None:
+            storage_ptr = ptr
+        if ptr != storage_ptr or not host_t.is_contiguous():
+            return None
+        found.append((module, name, host_t))
+    return found or None
+
+
+class _Layout(NamedTuple):
+    """Where a view's parameters lie in its host buffer (fixed for the host copy's life: it is never written)."""
+
+    base_ptr: int  # the host buffer's address: a layout is stale once that buffer is gone
+    lo: int
+    hi: int
+    pinned: bool
+    slices: list[tuple[int, torch.dtype, torch.Size, tuple[int, ...]]]  # per slot: offset from lo in elements,
+    # dtype, shape, stride
+
+
+def _layout(model: torch.nn.Module) -> _Layout | None:
+    """The view's layout, worked out on its first bulk load; ``None`` while it cannot be loaded in bulk."""
+    cached = model.__dict__.get("_cp_layout")
+    if cached is not None:
+        return cached or None
+    found = _bulk_slots(model)
+    if found is None:
+        return None  # patched or partly on a device now: may well work next time
+    base = found[0][2].untyped_storage()
+    offsets = [t.data_ptr() - base.data_ptr() for _, _, t in found]
+    sizes = [t.numel() * t.element_size() for _, _, t in found]
+    lo, hi = min(offsets), max(o + n for o, n in zip(offsets, sizes))
+    if hi - lo > 1.05 * sum(sizes) + 2**20:
+        model.__dict__["_cp_layout"] = False  # the range holds another model's tensors too: never worth it
+        return None
+    if any((o - lo) % t.element_size() for o, (_, _, t) in zip(offsets, found)):
+        model.__dict__["_cp_layout"] = False  # not packed by pack_modules (it aligns every tensor)
+        return None
+    layout = _Layout(base.data_ptr(), lo, hi, found[0][2].is_pinned(),
+                     [((o - lo) // t.element_size(), t.dtype, t.shape, t.stride()) for o, (_, _, t) in
+                      zip(offsets, found)])
+    model.__dict__["_cp_layout"] = layout
+    return layout
+
+
+def bulk_load_view(model: torch.nn.Module, device: torch.device | str, require_pinned: bool = True) -> int:
+    """Copy a whole view to ``device`` as one transfer; return the bytes copied (0: not possible, nothing done).
+
+    Per-tensor copies cost ~30-50 us of CPU each (~1,700 for an SDXL UNet), so issuing them took as long as the
+    transfer itself and ComfyUI's own per-module walk came on top. The host copy of a checkpoint is one packed
+    page-locked buffer, so a view's parameters are one contiguous range of it: one asynchronous copy of that
+    range into one device buffer, parameters pointed at their slices, and ComfyUI's walk then runs while the
+    bytes move (its ``Module.to`` finds each parameter already there). Only for a full load: while the view is
+    resident, ComfyUI's partial unloads must go through :func:`release_bulk` (one buffer is freed only whole).
+    ``require_pinned``: from pageable memory the one copy would hold the CPU for its whole length (tests: False).
+    """
+    layout = _layout(model)
+    if layout is None or (require_pinned and not layout.pinned):
+        return 0
+    slots: list[tuple[torch.nn.Module, str, weakref.ref]] = model.__dict__["_cp_slots"]
+    first = slots[0][2]()
+    if first is None or first.data.untyped_storage().data_ptr() != layout.base_ptr:
+        model.__dict__.pop("_cp_layout", None)  # the host copy was evicted (or replaced)
+        return 0
+    size = layout.hi - layout.lo
+    src = torch.empty(0, dtype=torch.uint8).set_(first.data.untyped_storage(), layout.lo, (size,))
+    dev = torch.empty((size + 63) // 64 * 64, dtype=torch.uint8, device=device)  # any dtype can view it
+    dev[:size].copy_(src, non_blocking=True)  # under way from here: the checks below run while the bytes move
+    for module, name, host_ref in slots:
+        param, host_param = module._parameters.get(name), host_ref()
+        if (param is None or host_param is None or param is not module.__dict__["_cp_params"].get(name)
+                or param.data_ptr() != host_param.data_ptr()):
+            return 0  # something was patched or moved since: the stock order (dev is freed in stream order)
+    typed: dict[torch.dtype, torch.Tensor] = {}
+    for (module, name, _), (offset, dtype, shape, stride) in zip(slots, layout.slices):
+        whole = typed.get(dtype)
+        if whole is None:
+            whole = typed[dtype] = dev.view(dtype)
+        _set_param(module, name, whole.as_strided(shape, stride, offset))
+    model.__dict__["_cp_bulk"] = (dev.data_ptr(), size)
+    return size
+
+
+def release_bulk(model: torch.nn.Module) -> int:
+    """Give every parameter still in a view's bulk device buffer its own allocation; return how many moved.
+
+    ComfyUI frees VRAM module by module (partial unloads), but one buffer is only freed when its last slice
+    goes; whatever stays loaded must own its memory for the rest to be given back.
+    """
+    bulk = model.__dict__.pop("_cp_bulk", None)
+    if bulk is None:
+        return 0
+    start, size = bulk
+    moved = 0
+    for module, name, _ in model.__dict__.get("_cp_slots", ()):
+        param = module._parameters.get(name)
+        if param is not None and param.device.type != "cpu" and start <= param.data_ptr() < start + size:
+            _set_param(module, name, param.data.clone())
+            moved += 1
+    return moved
+
+
+def bulk_resident(model: torch.nn.Module) -> bool:
+    """Is any parameter of this view still a slice of its bulk device buffer?"""
+    bulk = model.__dict__.get("_cp_bulk")
+    if bulk is None:
+        return False
+    start, size = bulk
+    for module, name, _ in model.__dict__.get("_cp_slots", ()):
+        param = module._parameters.get(name)
+        if param is not None and param.device.type != "cpu" and start <= param.data_ptr() < start + size:
+            return True
+    model.__dict__.pop("_cp_bulk", None)
+    return False
+
+
+def _set_param(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """Point a view's parameter at ``value``, keeping the Parameter object where torch allows it."""
+    param = module._parameters[name]
+    if torch._has_compatible_shallow_copy_type(param, value):  # CPU <-> CUDA
+        param.data = value
+    else:  # what torch's own _apply does between incompatible kinds (the 'meta' device of the tests)
+        module._parameters[name] = module.__dict__["_cp_params"][name] = torch.nn.Parameter(
+            value, requires_grad=param.requires_grad)
 
 
 def make_view(obj: Any, modules: Iterable[torch.nn.Module], share: Iterable[Any] = ()) -> Any:

@@ -29,7 +29,8 @@ def test_patches_apply_are_idempotent_and_undo(comfy_dir: Path) -> None:
         "seeded-generator-per-call", "interrupt-per-worker", "loaded-models-per-worker",
         "empty-cache-per-device", "unique-save-counters", "device-workers", "server-setup", "entry-ports", "scoped-queue-status",
         "websocket-send-per-client", "quiet-retried-attempt",
-        "host-load-on-cpu", "host-weights-read-only", "shared-model-loaders", "cuda-graphs"}
+        "host-load-on-cpu", "host-weights-read-only", "view-bulk-load", "shared-model-loaders",
+        "cuda-graphs"}
     for name in ("comfy.model_management.current_loaded_models", "comfy.model_management.soft_empty_cache",
                  "execution.get_progress_state", "main.get_progress_state", "main.prompt_worker",
                  "PromptServer.client_id", "PromptServer.add_routes", "server.send_socket_catch_exception",

@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -75,6 +76,89 @@ def test_view_still_converts_what_is_not_where_asked() -> None:
     assert set(_ptrs(view)).isdisjoint(_ptrs(host))
 
 
+class _CountMoves(torch.overrides.TorchFunctionMode):
+    """Counts tensors that ``Tensor.to`` really moved (not the ones it returned as they were)."""
+
+    count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.to and out is not args[0] and args[0].numel():
+            self.count += 1
+        return out
+
+
+def test_bulk_load_is_one_buffer_the_load_then_finds_in_place_and_a_release_frees() -> None:
+    host = _host()
+    weights.pack_modules([host])  # what pin_modules does before page-locking (no CUDA here)
+    weights.seal_host_modules([host])
+    view = make_view(host, [host])
+    nbytes = weights.bulk_load_view(view, "meta", require_pinned=False)
+    # from the first parameter to the end of the last (each 64-byte aligned); the buffer packed before them is left
+    assert nbytes == 8 * 8 * 4 + 3 * 64 + 8 * 4 * 4 + 4 * 4
+    assert all(p.device.type == "meta" for p in view.parameters()) and view.scale.device.type == "cpu"
+    assert all(p.device.type == "cpu" for p in host.parameters())
+    assert weights.bulk_resident(view)
+    assert weights.bulk_load_view(view, "meta", require_pinned=False) == 0  # already there: not copied twice
+    with _CountMoves() as moves:
+        view.to("meta")  # ComfyUI's own Module.to afterwards: only the buffer is left to move
+    assert moves.count == 1 and view.scale.device.type == "meta"
+    assert weights.release_bulk(view) == 6 and not weights.bulk_resident(view)
+    view.to("cpu")  # the unload points back at the host copy
+    assert _ptrs(view) == _ptrs(host)
+
+
+def test_bulk_load_leaves_a_view_with_a_patched_or_unpacked_weight_to_the_normal_path() -> None:
+    host = _host()
+    weights.pack_modules([host])
+    view = make_view(host, [host])
+    view[0].weight = torch.nn.Parameter(torch.full((8, 8), 3.0), requires_grad=False)  # a LoRA result
+    assert weights.bulk_load_view(view, "meta", require_pinned=False) == 0
+    assert all(p.device.type == "cpu" for p in view.parameters()) and not weights.bulk_resident(view)
+    loose = _host()  # never packed: one storage per tensor
+    assert weights.bulk_load_view(make_view(loose, [loose]), "meta", require_pinned=False) == 0
+    assert weights.bulk_load_view(view, "meta") == 0  # not page-locked: one big copy would block the CPU
+
+
+def _apply_fn(call: Callable[[torch.nn.Module], Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function torch's Module.to (or .half(), ...) hands to _apply."""
+    seen: list = []
+
+    class Spy(torch.nn.Module):
+        def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+            seen.append(fn)
+            return self
+
+    call(Spy())
+    return seen[0]
+
+
+@pytest.mark.parametrize("call, expected, read_directly", [
+    (lambda m: m.to("cpu"), True, True),
+    (lambda m: m.to("cpu", torch.float32), True, True),
+    (lambda m: m.to(torch.device("cpu"), dtype=torch.float64), False, True),
+    (lambda m: m.to("meta"), False, False),  # no device index: ask the function
+    (lambda m: m.to("cpu", memory_format=torch.channels_last), True, False),
+    (lambda m: m.half(), False, False),
+    (lambda m: m.float(), True, False),
+])
+def test_already_there_reads_module_to_like_asking_the_function(call: Callable, expected: bool,
+                                                                read_directly: bool) -> None:
+    m = torch.nn.Linear(2, 2)
+    m.register_buffer("steps", torch.arange(3))  # not floating: Module.to(dtype) leaves it as it is
+    fn = _apply_fn(call)
+    spec = weights._module_to_target(fn)
+    probes: dict = {}
+
+    def target(dtype: torch.dtype) -> torch.Tensor:
+        return probes.setdefault(dtype, fn(torch.empty(0, dtype=dtype)))
+
+    assert weights._already_there(m, fn, target, None) is expected
+    assert (spec is not None) is read_directly
+    if spec is not None:  # the same answer without calling fn on every tensor
+        assert weights._already_there(m, fn, target, spec) is expected
+
+
 def test_view_keeps_a_patched_weight_and_reclaims_a_restored_one() -> None:
     host = _host()
     view = make_view(host, [host])
@@ -111,7 +195,8 @@ def test_evicted_host_is_not_kept_alive_by_a_loaded_view() -> None:
         view.to("cpu")  # no host any more: ComfyUI's own copy back applies (and meta has nothing to copy)
 
 
-def test_sealed_host_tensors_are_known() -> None:
+def test_sealed_host_tensors_are_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(weights, "_host_ptrs", set())  # addresses of earlier tests' freed host copies get reused
     host = _host()
     assert not weights.is_host_tensor(host[0].weight)
     size = weights.seal_host_modules([host])
@@ -170,3 +255,4 @@ def test_view_for_is_stable_per_device() -> None:
 
     v0, v0_again, v1 = store.view_for(entry, 0, make), store.view_for(entry, 0, make), store.view_for(entry, 1, make)
     assert v0 is v0_again and v0 is not v1
+
