@@ -7,6 +7,7 @@ Each scenario starts one server (never two at once), runs its prompts over HTTP,
   parallel         comfy-parallel serve, 2 workers (2 GPUs, or --devices 0*2 on a one-GPU machine); each runs it
   parallel-unshared  the same with --shared-weights off (each worker's executor loads its own copy: "today")
   parallel-ram0    the same with --weights-ram-limit 0 (no host copy kept once the devices have theirs)
+  parallel-pagecache  the same with --host-copy page-cache (the host copy is the file's page cache)
   *-novram         the same with --novram (every weight offloaded, read from the host copy at each use), both
                    workers alternating two checkpoints
 
@@ -130,6 +131,8 @@ def main() -> int:
         "parallel-ram0": (parallel(["--weights-ram-limit", "0"], []), same),
         "stock-novram": (stock(["--novram"]), stock_alternate),
         "parallel-novram": (parallel([], ["--novram"]), alternate),
+        "parallel-pagecache": (parallel(["--host-copy", "page-cache"], []), same),
+        "parallel-pagecache-novram": (parallel(["--host-copy", "page-cache"], ["--novram"]), alternate),
     }
     results = []
     for name in args.scenarios.split(","):
@@ -147,7 +150,9 @@ def main() -> int:
         ratio = f"{r['rss_gib'] / base['rss_gib']:.2f}x" if base else "-"
         w = r.get("weights") or {}
         copies = ", ".join(f"{e['name']}: {e['host_bytes'] / 2**30:.2f}{' pinned' if e['pinned'] else ''}"
-                           f" on {e['devices_loaded']}" for e in w.get("entries", []) if e["host_bytes"] > 2**20)
+                           + (f" ({e['page_cache_bytes'] / 2**30:.2f} in the page cache)"
+                              if e.get("page_cache_bytes") else "")
+                           + f" on {e['devices_loaded']}" for e in w.get("entries", []) if e["host_bytes"] > 2**20)
         lines.append(f"| {r['scenario']} | {r['rss_gib']:.2f} | {r['rss_peak_gib']:.2f} | {r['rss_idle_gib']:.2f} "
                      f"| {ratio} | {copies or '-'} |")
     table = "\n".join(lines)

@@ -97,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--pin-weights", choices=("auto", "on", "off"), default="auto",
                          help="keep host copies in page-locked memory for fast host-to-GPU loads (auto: while "
                               "pinned copies fit in half the RAM; never on CPU-only machines)")
+    weights.add_argument("--host-copy", choices=("ram", "page-cache"), default="ram",
+                         help="where the one host copy of a model file lives. ram (default): the process's own "
+                              "memory, page-locked per --pin-weights; fastest loads to a GPU, and it costs the "
+                              "file's size in RSS. page-cache: .safetensors tensors ComfyUI loads unchanged stay "
+                              "in the kernel's page cache of the file (one read from disk while the kernel keeps "
+                              "it) and leave the process's RSS between prompts, as with stock ComfyUI; loads to a "
+                              "GPU copy from pageable memory, several times slower, and --pin-weights does not "
+                              "apply")
     weights.add_argument("--weights-ram-limit", metavar="SIZE",
                          help="host bytes of model copies kept for reuse, e.g. 64G; the least recently used "
                               "unused copy is evicted beyond it (default: no limit)")
@@ -162,7 +170,7 @@ def serve_settings(args: argparse.Namespace, env: dict[str, str] | None = None) 
                     warmup_checkpoint=getattr(args, "warmup_checkpoint", None),
                     cuda_graphs=parse_cuda_graphs(getattr(args, "cuda_graphs", "auto")),
                     **weight_settings(getattr(args, "shared_weights", "on"), getattr(args, "pin_weights", "auto"),
-                                       getattr(args, "weights_ram_limit", None)),
+                                       getattr(args, "weights_ram_limit", None), getattr(args, "host_copy", "ram")),
                     **_lifecycle(args, env))
 
 

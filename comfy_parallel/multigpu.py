@@ -50,11 +50,12 @@ class MultiDeviceServer:
         # torch is imported here, after ComfyUI set up its CUDA allocator options, never at our module import
         from .weights import HeapTrimmer, WeightStore
 
-        self.queues.add_listener(HeapTrimmer())
+        self.weight_store: "WeightStore | None" = (
+            WeightStore(settings.weights_ram_limit, settings.pin_weights, settings.host_copy)
+            if settings.shared_weights else None)
+        self.queues.add_listener(HeapTrimmer(self.weight_store))
         self.warmup = Warmup(self.queues, settings.warmup_checkpoint)
         self.queues.add_listener(self.warmup)
-        self.weight_store: "WeightStore | None" = (
-            WeightStore(settings.weights_ram_limit, settings.pin_weights) if settings.shared_weights else None)
         self.workers: list[DeviceWorker] = []
         self.prompt_server: Any = None
         self.ws_targets: dict[str, int] = {}

@@ -41,6 +41,7 @@ class Settings:
     shared_weights: bool = True  # one host copy per model file for all workers (weights.py)
     pin_weights: str = "auto"  # auto | on | off: page-locked host copies (auto: when they fit in half the RAM)
     weights_ram_limit: int | None = None  # bytes of host copies kept for reuse; LRU beyond it
+    host_copy: str = "ram"  # ram | page-cache: where the one host copy of a model file lives (weights.py)
     cuda_graphs: str = "auto"  # auto | on | off: replay captured CUDA graphs of the UNet (comfy_adapter/cuda_graphs.py)
 
     @property
@@ -179,7 +180,8 @@ def from_env(env: Mapping[str, str] | None = None, cpu_mode: bool = False) -> Se
                     cuda_graphs=parse_cuda_graphs(env.get("COMFY_PARALLEL_CUDA_GRAPHS", "auto")),
                     **weight_settings(env.get("COMFY_PARALLEL_SHARED_WEIGHTS", "on"),
                                       env.get("COMFY_PARALLEL_PIN_WEIGHTS", "auto"),
-                                      env.get("COMFY_PARALLEL_WEIGHTS_RAM_LIMIT")),
+                                      env.get("COMFY_PARALLEL_WEIGHTS_RAM_LIMIT"),
+                                      env.get("COMFY_PARALLEL_HOST_COPY", "ram")),
                     **lifecycle_settings(*lifecycle_env(env)))
 
 
@@ -204,13 +206,16 @@ def lifecycle_settings(drain_timeout: str, no_persist: bool, persist_path: str |
             "admin_token": token}
 
 
-def weight_settings(shared: str, pin: str, ram_limit: str | None) -> dict:
-    """``--shared-weights on|off``, ``--pin-weights auto|on|off``, ``--weights-ram-limit 48G`` as Settings fields."""
-    shared_text, pin_text = shared.strip().lower(), pin.strip().lower()
+def weight_settings(shared: str, pin: str, ram_limit: str | None, host_copy: str = "ram") -> dict:
+    """``--shared-weights on|off``, ``--pin-weights auto|on|off``, ``--weights-ram-limit 48G``,
+    ``--host-copy ram|page-cache`` as Settings fields."""
+    shared_text, pin_text, copy_text = shared.strip().lower(), pin.strip().lower(), host_copy.strip().lower()
     if shared_text not in ("on", "off", "1", "0", "true", "false"):
         raise SettingsError(f"shared weights: {shared!r} is not valid; use on or off")
     if pin_text not in ("auto", "on", "off"):
         raise SettingsError(f"pin weights: {pin!r} is not valid; use auto, on or off")
+    if copy_text not in ("ram", "page-cache"):
+        raise SettingsError(f"host copy: {host_copy!r} is not valid; use ram or page-cache")
     limit = None
     if ram_limit and ram_limit.strip().lower() not in ("none", "off", ""):
         try:
@@ -218,7 +223,7 @@ def weight_settings(shared: str, pin: str, ram_limit: str | None) -> dict:
         except ValueError as err:
             raise SettingsError(f"weights RAM limit: {err}") from None
     return {"shared_weights": shared_text in ("on", "1", "true"), "pin_weights": pin_text,
-            "weights_ram_limit": limit}
+            "weights_ram_limit": limit, "host_copy": copy_text}
 
 
 def parse_cuda_graphs(text: str) -> str:

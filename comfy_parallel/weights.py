@@ -11,8 +11,11 @@ This module is plain torch; which ComfyUI objects are views of what lives in ``c
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 import logging
+import mmap
 import os
 import threading
 import time
@@ -20,7 +23,7 @@ import types
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import torch
 
@@ -428,6 +431,140 @@ def make_view(obj: Any, modules: Iterable[torch.nn.Module], share: Iterable[Any]
     return view
 
 
+# -- host copies in the page cache (--host-copy page-cache) -------------------------------------------------------
+
+_recording = threading.local()
+
+
+@contextlib.contextmanager
+def recording_state_dicts() -> Iterator[list[tuple[torch.nn.Module, dict]]]:
+    """Note every state dict this thread loads into a module meanwhile (``note_state_dict``, called by the
+    adapter's ``Module.load_state_dict``): which file tensor each module tensor was copied from."""
+    previous = getattr(_recording, "pairs", None)
+    _recording.pairs = pairs = []
+    try:
+        yield pairs
+    finally:
+        _recording.pairs = previous
+
+
+def note_state_dict(module: torch.nn.Module, state_dict: Any) -> None:
+    pairs = getattr(_recording, "pairs", None)
+    if pairs is not None and hasattr(state_dict, "items"):
+        pairs.append((module, dict(state_dict.items())))
+
+
+def file_ranges(paths: Iterable[str]) -> list[tuple[int, int]]:
+    """Address ranges where this process has these files mapped (``/proc/self/maps``; empty elsewhere)."""
+    wanted = {os.path.realpath(p) for p in paths}
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        parts = line.split(None, 5)
+        if len(parts) == 6 and parts[5] in wanted:
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class FilePages(NamedTuple):
+    """The file mappings a page-cache host copy uses; holding ``storages`` keeps them mapped."""
+
+    ranges: list[tuple[int, int]]
+    storages: list[torch.UntypedStorage]
+    nbytes: int
+
+
+def adopt_file_pages(modules: list[torch.nn.Module], pairs: list[tuple[torch.nn.Module, dict]],
+                     paths: Iterable[str]) -> FilePages:
+    """Point host tensors at the identical bytes of their file's mapping; return what they now use.
+
+    ComfyUI reads a .safetensors file through a private memory mapping and copies every tensor into the
+    module's own memory. Where a module tensor equals, byte for byte, the mapped tensor it was loaded from, it
+    can use the mapping instead: its own copy is freed, and the bytes live in the kernel's page cache, which
+    this process drops from its RSS between uses (:func:`release_file_pages`) and maps again on the next use
+    without reading the disk while the kernel keeps the file cached (it keeps it for stock ComfyUI too, which
+    reads the same file the same way). Tensors ComfyUI converted (another dtype, a transposed or split
+    weight) keep their own copy.
+    """
+    none = FilePages([], [], 0)
+    ranges = file_ranges(paths)
+    if not ranges:
+        return none
+
+    def in_file(ptr: int, nbytes: int) -> bool:
+        return any(lo <= ptr and ptr + nbytes <= hi for lo, hi in ranges)
+
+    # A module tensor that already lies in a mapping (ComfyUI used a file tensor as it was) may have been
+    # written there; dropping the mapping's pages would undo that, so such a file is left as it is.
+    if any(in_file(t.data_ptr(), 1) for root in modules for t in module_tensors(root) if t.device.type == "cpu"):
+        return none
+    owned = {id(m) for root in modules for m in root.modules()}
+    candidates: list[tuple[torch.nn.Module, str, bool, torch.Tensor]] = []
+    for module, state_dict in pairs:
+        if id(module) not in owned:
+            continue
+        for key, value in state_dict.items():
+            if (not isinstance(value, torch.Tensor) or value.device.type != "cpu" or not value.numel()
+                    or not in_file(value.data_ptr(), _nbytes(value))):
+                continue  # not in the file's mapping (e.g. a converted tensor, or a .ckpt read into memory)
+            owner_name, _, attr = key.rpartition(".")
+            try:
+                owner = module.get_submodule(owner_name) if owner_name else module
+            except AttributeError:
+                continue
+            is_param = attr in owner._parameters
+            t = owner._parameters.get(attr) if is_param else owner._buffers.get(attr)
+            if (t is not None and t.device.type == "cpu" and t.dtype == value.dtype and t.shape == value.shape
+                    and t.stride() == value.stride()):
+                candidates.append((owner, attr, is_param, value))
+    if not candidates:
+        return none
+    # Dropping the pages first also reverts any page ComfyUI changed in place while converting: what is compared
+    # below is the file's own content, as it will be read again after every release.
+    release_file_pages(ranges)
+    storages: dict[int, torch.UntypedStorage] = {}
+    adopted = 0
+    with torch.no_grad():
+        for owner, attr, is_param, value in candidates:
+            t = owner._parameters[attr] if is_param else owner._buffers[attr]
+            if not torch.equal(t, value):
+                continue
+            if is_param:
+                t.data = value
+            else:
+                owner._buffers[attr] = value
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = storage
+            adopted += _nbytes(value)
+    release_file_pages(ranges)  # the comparisons mapped every page again
+    return FilePages(ranges, list(storages.values()), adopted) if adopted else none
+
+
+_MADV_DONTNEED = 4
+
+
+def release_file_pages(ranges: Iterable[tuple[int, int]]) -> None:
+    """Drop file-mapped host copies from this process's memory (``madvise(MADV_DONTNEED)``); the bytes stay in
+    the page cache and the next read maps them again. Only for private file mappings nobody writes, and only
+    while something holds them mapped (a range given back to the system could be reused for other memory)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    page = mmap.PAGESIZE
+    for lo, hi in ranges:
+        start, end = lo // page * page, -(-hi // page) * page
+        if libc.madvise(start, end - start, _MADV_DONTNEED) != 0:
+            log.debug("comfy-parallel: madvise failed (errno %d)", ctypes.get_errno())
+
+
 # -- the store -------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -445,14 +582,16 @@ class Entry:
     shared: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
     hits: int = 0
+    file_pages: FilePages | None = None  # --host-copy page-cache: the file mappings the host copy uses
 
 
 class WeightStore:
     """Loader results by file identity, each read once; an LRU bound on host bytes evicts unused ones."""
 
-    def __init__(self, ram_limit: int | None = None, pin: str = "auto") -> None:
+    def __init__(self, ram_limit: int | None = None, pin: str = "auto", host_copy: str = "ram") -> None:
         self.ram_limit = ram_limit
         self.pin = pin  # "auto" | "on" | "off"
+        self.host_copy = host_copy  # "ram" | "page-cache"
         self._entries: "OrderedDict[tuple, Entry]" = OrderedDict()
         self._lock = threading.RLock()
         self._loading: dict[tuple, threading.Lock] = {}
@@ -476,14 +615,22 @@ class WeightStore:
                 return entry
             started = time.monotonic()
             try:
-                host = load()
+                with recording_state_dicts() as pairs:
+                    host = load()
                 modules = host_modules(host)
                 if modules is None:
                     return Entry(key, label, files, host, 0, False, shared=False)
-                pinned = pin and self._maybe_pin(modules)
+                pages = None
+                if self.host_copy == "page-cache":
+                    pages = adopt_file_pages(modules, pairs, [f.path for f in files])
+                    pinned = False  # page-locking would keep every page in this process's memory
+                else:
+                    pinned = pin and self._maybe_pin(modules)
+                del pairs
                 host_bytes = seal_host_modules(modules)
                 trim_heap()  # the loader's temporary state dict and the unpacked tensors are gone
-                entry = Entry(key, label, files, host, host_bytes, pinned)
+                in_page_cache = pages.nbytes if pages else 0
+                entry = Entry(key, label, files, host, host_bytes, pinned, file_pages=pages if in_page_cache else None)
                 with self._lock:
                     self._entries[key] = entry
                     self.disk_loads += 1
@@ -492,7 +639,9 @@ class WeightStore:
                 with self._lock:
                     self._loading.pop(key, None)
             log.info("comfy-parallel: %s read once into host memory (%.2f GiB%s) in %.1f s", label,
-                     host_bytes / 2**30, ", pinned" if pinned else "", time.monotonic() - started)
+                     host_bytes / 2**30, ", pinned" if pinned else
+                     f", {in_page_cache / 2**30:.2f} GiB of it in the page cache" if in_page_cache else "",
+                     time.monotonic() - started)
             return entry
 
     def _hit(self, key: tuple) -> Entry | None:
@@ -539,6 +688,12 @@ class WeightStore:
                      "devices that still use it keep it alive until they drop it", entry.label,
                      entry.host_bytes / 2**30, self.ram_limit / 2**30)
 
+    def release_file_pages(self) -> None:
+        """Drop every page-cache host copy's pages from this process's memory (between prompts)."""
+        with self._lock:
+            ranges = [r for e in self._entries.values() if e.file_pages for r in e.file_pages.ranges]
+            release_file_pages(ranges)  # under the lock: an evicted entry's mapping may not go away meanwhile
+
     def entries(self) -> list[Entry]:
         with self._lock:
             return list(self._entries.values())
@@ -578,12 +733,14 @@ def status(store: WeightStore | None, loaded_models_of: Callable[[int], list]) -
             "name": e.label,
             "files": [f.path for f in e.files],
             "host_bytes": e.host_bytes,
+            "page_cache_bytes": e.file_pages.nbytes if e.file_pages else 0,
             "pinned": e.pinned,
             "views": sorted(k for k in e.views if isinstance(k, int)),
             "devices_loaded": devices,
             "hits": e.hits,
         })
     return {"shared": True, "host_bytes": store.host_bytes(), "ram_limit": store.ram_limit, "pin": store.pin,
+            "host_copy": store.host_copy,
             "disk_loads": store.disk_loads, "evictions": store.evictions, "entries": entries}
 
 
@@ -602,13 +759,19 @@ def trim_heap() -> None:
 
 
 class HeapTrimmer:
-    """Queue listener: trim the heap after every prompt (loads and unloads happen inside prompts)."""
+    """Queue listener: trim the heap after every prompt (loads and unloads happen inside prompts), and drop the
+    pages of page-cache host copies that the prompt mapped."""
+
+    def __init__(self, store: "WeightStore | None" = None) -> None:
+        self.store = store
 
     def on_start(self, index: int, prompt_id: str, waited_s: float) -> None:
         pass
 
     def on_done(self, index: int, prompt_id: str, status: dict | None, exec_s: float) -> None:
         trim_heap()
+        if self.store is not None and self.store.host_copy == "page-cache":
+            self.store.release_file_pages()
 
     def on_oom_retry(self, index: int) -> None:
         pass

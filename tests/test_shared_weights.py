@@ -66,20 +66,32 @@ def _entry(weights: dict, prefix: str) -> dict:
     return next(e for e in weights["entries"] if e["name"].startswith(prefix))
 
 
-def test_two_workers_one_host_copy_different_loras_match_stock(comfy_dir: Path, sd15_models: Path,
-                                                               lora_dir: Path) -> None:
-    wf_a, wf_b = lora_workflow(11, "lora1.safetensors"), lora_workflow(11, "lora2.safetensors")
-    common = dict(models_dir=sd15_models, model_paths={"loras": lora_dir}, entry_ports=False)
+WF_A, WF_B = lora_workflow(11, "lora1.safetensors"), lora_workflow(11, "lora2.safetensors")
 
-    stock = Server(comfy_dir, mode="stock", name=f"sw-stock-{comfy_dir.name}", **common).start()
+
+@pytest.fixture(scope="session")
+def stock_lora_images(comfy_dir: Path, sd15_models: Path, lora_dir: Path) -> tuple[np.ndarray, np.ndarray]:  # noqa: F811
+    """Stock ComfyUI's image for each of the two LoRAs, each run alone."""
+    stock = Server(comfy_dir, mode="stock", name=f"sw-stock-{comfy_dir.name}", models_dir=sd15_models,
+                   model_paths={"loras": lora_dir}, entry_ports=False).start()
     try:
-        stock_a, stock_b = _run(stock, [("", wf_a)])[0], _run(stock, [("", wf_b)])[0]
+        stock_a, stock_b = _run(stock, [("", WF_A)])[0], _run(stock, [("", WF_B)])[0]
     finally:
         stock.stop()
-    # the two LoRAs must matter, or the comparisons below prove nothing
+    # the two LoRAs must matter, or the comparisons with these images prove nothing
     assert np.abs(stock_a - stock_b).mean() > 5, np.abs(stock_a - stock_b).mean()
+    return stock_a, stock_b
 
-    server = Server(comfy_dir, mode="multi", devices="cpu,cpu", name=f"sw-multi-{comfy_dir.name}", **common).start()
+
+@pytest.mark.parametrize("host_copy", ["ram", "page-cache"])
+def test_two_workers_one_host_copy_different_loras_match_stock(comfy_dir: Path, sd15_models: Path,  # noqa: F811
+                                                               lora_dir: Path, stock_lora_images: tuple,
+                                                               host_copy: str) -> None:
+    wf_a, wf_b = WF_A, WF_B
+    stock_a, stock_b = stock_lora_images
+    server = Server(comfy_dir, mode="multi", devices="cpu,cpu", name=f"sw-multi-{host_copy}-{comfy_dir.name}",
+                    models_dir=sd15_models, model_paths={"loras": lora_dir}, entry_ports=False,
+                    serve_args=["--host-copy", host_copy]).start()
     try:
         a0, b1 = _run(server, [("0", wf_a), ("1", wf_b)])
         digest_before = server.get("/cp_test/host_digest").json()
@@ -103,6 +115,13 @@ def test_two_workers_one_host_copy_different_loras_match_stock(comfy_dir: Path, 
         assert weights["disk_loads"] == 3 and weights["shared"] is True
         assert ckpt["views"] == [0, 1] and ckpt["devices_loaded"] == [0, 1], ckpt
         assert ckpt["host_bytes"] > 1 << 30 and ckpt["pinned"] is False  # CPU-only: nothing to pin for
+        assert weights["host_copy"] == host_copy
+        if host_copy == "page-cache":
+            # ComfyUI keeps CLIP in the file's fp16 on the CPU (the UNet and VAE become fp32 copies): at least the
+            # text encoder (235 MiB) is the file's own pages, and LoRAs on it still went to the device copies
+            assert ckpt["page_cache_bytes"] > 200 << 20, ckpt
+        else:
+            assert ckpt["page_cache_bytes"] == 0, ckpt
 
         # /free on one device unloads only that device's copy; the host copy stays for the other
         assert server.post("/free", {"unload_models": True}, headers={"X-TARGET-GPU": "0"}).status == 200

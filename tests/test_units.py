@@ -34,6 +34,14 @@ def test_cuda_graph_setting() -> None:
     assert from_env({"COMFY_PARALLEL_DEVICES": "0,1", "COMFY_PARALLEL_CUDA_GRAPHS": "off"}).cuda_graphs == "off"
 
 
+def test_host_copy_setting() -> None:
+    env = {"COMFY_PARALLEL_DEVICES": "0,1"}
+    assert from_env(env).host_copy == "ram"
+    assert from_env({**env, "COMFY_PARALLEL_HOST_COPY": " Page-Cache "}).host_copy == "page-cache"
+    with pytest.raises(SettingsError, match="ram or page-cache"):
+        from_env({**env, "COMFY_PARALLEL_HOST_COPY": "disk"})
+
+
 def test_entry_ports_and_default_route() -> None:
     assert parse_entry_ports("auto", 3) == (8181, 8182, 8183)
     assert parse_entry_ports("9000", 2) == (9000, 9001)

@@ -256,3 +256,45 @@ def test_view_for_is_stable_per_device() -> None:
     v0, v0_again, v1 = store.view_for(entry, 0, make), store.view_for(entry, 0, make), store.view_for(entry, 1, make)
     assert v0 is v0_again and v0 is not v1
 
+
+def _rss_file_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_page_cache_host_copy_uses_the_files_pages_and_drops_them_between_uses(tmp_path: Path) -> None:
+    """What --host-copy page-cache does with a module loaded the way ComfyUI loads one (safetensors, load_state_dict)."""
+    import safetensors.torch
+    from safetensors import safe_open
+
+    torch.manual_seed(3)
+    source = torch.nn.Sequential(torch.nn.Linear(2048, 4096), torch.nn.Linear(4096, 8))  # 32 MiB of weights
+    path = tmp_path / "m.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    with safe_open(str(path), framework="pt") as f:  # what comfy.utils.load_torch_file does
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    sd["1.weight"] = sd["1.weight"].double().float()  # a converted tensor: not the file's bytes, keeps its copy
+    host = torch.nn.Sequential(torch.nn.Linear(2048, 4096), torch.nn.Linear(4096, 8))
+    with weights.recording_state_dicts() as pairs:
+        host.load_state_dict(sd)  # via the adapter's patch in the server; noted by hand here
+        weights.note_state_dict(host, sd)
+    del sd
+    pages = weights.adopt_file_pages([host], pairs, [str(path)])
+    assert pages.nbytes == (2048 * 4096 + 4096 + 8) * 4  # all but the converted weight
+    in_file = [any(lo <= t.data_ptr() < hi for lo, hi in pages.ranges) for t in host.parameters()]
+    assert in_file == [True, True, False, True]
+    assert all(torch.equal(a, b) for a, b in zip(host.parameters(), source.parameters()))
+
+    host[0].weight.sum()  # a use maps the pages again...
+    before = _rss_file_kib()
+    weights.release_file_pages(pages.ranges)
+    assert before - _rss_file_kib() > 24 << 10  # ...and a release drops them from this process (KiB)
+    assert all(torch.equal(a, b) for a, b in zip(host.parameters(), source.parameters()))  # still there
+
+    # nothing is adopted where a module tensor already lies in the mapping (it could have been written there)
+    with safe_open(str(path), framework="pt") as f:
+        direct = torch.nn.Linear(2048, 4096)
+        direct.weight = torch.nn.Parameter(f.get_tensor("0.weight"), requires_grad=False)
+    assert weights.adopt_file_pages([direct], [(direct, {"weight": direct.weight})], [str(path)]).nbytes == 0

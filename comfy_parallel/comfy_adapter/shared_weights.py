@@ -341,6 +341,27 @@ class ViewBulkLoad(Patch):
         self.log.replace(cls, "partially_unload", partially_unload)
 
 
+class NoteStateDictSources(Patch):
+    name = "note-state-dict-sources"
+    replaces = "torch.nn.Module.load_state_dict (noting only while a shared host copy is built)"
+    why = ("--host-copy page-cache points a host copy's tensors at the file's memory mapping they were copied "
+           "from; which file tensor went into which module tensor is only known inside ComfyUI's loaders")
+    checked_on = CHECKED
+
+    def check(self, comfy: Comfy) -> str | None:
+        params = list(inspect.signature(torch.nn.Module.load_state_dict).parameters)
+        return None if params[:2] == ["self", "state_dict"] else f"Module.load_state_dict takes {params}"
+
+    def _apply(self, comfy: Comfy) -> None:
+        original = torch.nn.Module.load_state_dict
+
+        def load_state_dict(self_: torch.nn.Module, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
+            weights.note_state_dict(self_, state_dict)
+            return original(self_, state_dict, *args, **kwargs)
+
+        self.log.replace(torch.nn.Module, "load_state_dict", load_state_dict)
+
+
 class HostWeightsReadOnly(Patch):
     name = "host-weights-read-only"
     replaces = "comfy.utils.copy_to_param"
@@ -368,4 +389,7 @@ class HostWeightsReadOnly(Patch):
 
 
 def shared_weight_patches(store: WeightStore) -> list[Patch]:
-    return [HostLoadOnCpu(), HostWeightsReadOnly(), ViewBulkLoad(), SharedModelLoaders(store)]
+    patches: list[Patch] = [HostLoadOnCpu(), HostWeightsReadOnly(), ViewBulkLoad(), SharedModelLoaders(store)]
+    if store.host_copy == "page-cache":
+        patches.insert(0, NoteStateDictSources())
+    return patches
