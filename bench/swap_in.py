@@ -64,6 +64,12 @@ def partial_unload_check(mp, sync) -> dict:  # type: ignore[no-untyped-def]
     mm.load_models_gpu([mp], force_full_load=True)
     sync()
     res = {"bulk_resident": weights.bulk_resident(mp.model), "allocated_loaded_gib": torch.cuda.memory_allocated()}
+    # every parameter's device bytes are its host tensor's (a wrong offset would still run, with wrong weights)
+    slots = mp.model.__dict__.get("_cp_slots", ())
+    res["params_checked"] = len(slots)
+    res["params_differing"] = sum(
+        1 for module, name, host_ref in slots
+        if not torch.equal(module._parameters[name].data, host_ref().data.to(module._parameters[name].device)))
     loaded = [lm for lm in mm.current_loaded_models if lm.model is mp][0]
     loaded.model_unload(memory_to_free=2**30)
     sync()

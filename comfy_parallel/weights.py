@@ -307,8 +307,8 @@ class _Layout(NamedTuple):
     lo: int
     hi: int
     pinned: bool
-    slices: list[tuple[int, torch.dtype, torch.Size, tuple[int, ...]]]  # per slot: offset from lo in elements,
-    # dtype, shape, stride
+    # per slot: (offset from lo in elements of its dtype, dtype, shape, stride)
+    slices: list[tuple[int, torch.dtype, torch.Size, tuple[int, ...]]]
 
 
 def _layout(model: torch.nn.Module) -> _Layout | None:
@@ -462,12 +462,15 @@ def file_ranges(paths: Iterable[str]) -> list[tuple[int, int]]:
             lines = f.read().splitlines()
     except OSError:
         return []
-    ranges = []
+    ranges: list[tuple[int, int]] = []
     for line in lines:
         parts = line.split(None, 5)
         if len(parts) == 6 and parts[5] in wanted:
             start, end = (int(x, 16) for x in parts[0].split("-"))
-            ranges.append((start, end))
+            if ranges and ranges[-1][1] == start:  # one mapping the kernel lists in pieces
+                ranges[-1] = (ranges[-1][0], end)
+            else:
+                ranges.append((start, end))
     return ranges
 
 
@@ -528,6 +531,8 @@ def adopt_file_pages(modules: list[torch.nn.Module], pairs: list[tuple[torch.nn.
                 candidates.append((owner, attr, is_param, value))
     if not candidates:
         return none
+    # Only the mappings this load read (another loader may have the same file mapped for its own use).
+    ranges = [(lo, hi) for lo, hi in ranges if any(lo <= v.data_ptr() < hi for *_, v in candidates)]
     # Dropping the pages first also reverts any page ComfyUI changed in place while converting: what is compared
     # below is the file's own content, as it will be read again after every release.
     release_file_pages(ranges)
