@@ -279,6 +279,16 @@ def finish_view(host: torch.nn.Module, view: torch.nn.Module) -> None:
     view.__dict__["_cp_slots"] = slots
 
 
+def _untouched_host(module: torch.nn.Module, name: str, host_ref: weakref.ref) -> torch.nn.Parameter | None:
+    """The host parameter behind a view's parameter while that parameter is still the view's own and points at
+    it (not patched, not on a device); else ``None``."""
+    param, host_param = module._parameters.get(name), host_ref()
+    if (param is None or host_param is None or param is not module.__dict__["_cp_params"].get(name)
+            or param.data_ptr() != host_param.data_ptr()):
+        return None
+    return host_param
+
+
 def _bulk_slots(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.Tensor]] | None:
     """The view's parameters with their host tensors when every one of them is still the untouched host tensor
     (nothing patched, nothing already on a device) and all lie in one page-locked buffer; else ``None``."""
@@ -286,9 +296,8 @@ def _bulk_slots(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torc
     found: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
     storage_ptr = None
     for module, name, host_ref in slots:
-        param, host_param = module._parameters.get(name), host_ref()
-        if (param is None or host_param is None or param is not module.__dict__["_cp_params"].get(name)
-                or param.data.data_ptr() != host_param.data.data_ptr()):
+        host_param = _untouched_host(module, name, host_ref)
+        if host_param is None:
             return None
         host_t = host_param.data
         ptr = host_t.untyped_storage().data_ptr()
@@ -321,7 +330,7 @@ def _layout(model: torch.nn.Module) -> _Layout | None:
         return None  # patched or partly on a device now: may well work next time
     base = found[0][2].untyped_storage()
     offsets = [t.data_ptr() - base.data_ptr() for _, _, t in found]
-    sizes = [t.numel() * t.element_size() for _, _, t in found]
+    sizes = [_nbytes(t) for _, _, t in found]
     lo, hi = min(offsets), max(o + n for o, n in zip(offsets, sizes))
     if hi - lo > 1.05 * sum(sizes) + 2**20:
         model.__dict__["_cp_layout"] = False  # the range holds another model's tensors too: never worth it
@@ -359,11 +368,8 @@ def bulk_load_view(model: torch.nn.Module, device: torch.device | str, require_p
     src = torch.empty(0, dtype=torch.uint8).set_(first.data.untyped_storage(), layout.lo, (size,))
     dev = torch.empty((size + 63) // 64 * 64, dtype=torch.uint8, device=device)  # any dtype can view it
     dev[:size].copy_(src, non_blocking=True)  # under way from here: the checks below run while the bytes move
-    for module, name, host_ref in slots:
-        param, host_param = module._parameters.get(name), host_ref()
-        if (param is None or host_param is None or param is not module.__dict__["_cp_params"].get(name)
-                or param.data_ptr() != host_param.data_ptr()):
-            return 0  # something was patched or moved since: the stock order (dev is freed in stream order)
+    if any(_untouched_host(module, name, host_ref) is None for module, name, host_ref in slots):
+        return 0  # something was patched or moved since: the stock order (dev is freed in stream order)
     typed: dict[torch.dtype, torch.Tensor] = {}
     for (module, name, _), (offset, dtype, shape, stride) in zip(slots, layout.slices):
         whole = typed.get(dtype)
@@ -374,35 +380,35 @@ def bulk_load_view(model: torch.nn.Module, device: torch.device | str, require_p
     return size
 
 
+def _in_bulk(model: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, str, torch.nn.Parameter]]:
+    """The view's parameters that are still slices of its bulk device buffer."""
+    bulk = model.__dict__.get("_cp_bulk")
+    if bulk is None:
+        return
+    start, size = bulk
+    for module, name, _ in model.__dict__.get("_cp_slots", ()):
+        param = module._parameters.get(name)
+        if param is not None and param.device.type != "cpu" and start <= param.data_ptr() < start + size:
+            yield module, name, param
+
+
 def release_bulk(model: torch.nn.Module) -> int:
     """Give every parameter still in a view's bulk device buffer its own allocation; return how many moved.
 
     ComfyUI frees VRAM module by module (partial unloads), but one buffer is only freed when its last slice
     goes; whatever stays loaded must own its memory for the rest to be given back.
     """
-    bulk = model.__dict__.pop("_cp_bulk", None)
-    if bulk is None:
-        return 0
-    start, size = bulk
-    moved = 0
-    for module, name, _ in model.__dict__.get("_cp_slots", ()):
-        param = module._parameters.get(name)
-        if param is not None and param.device.type != "cpu" and start <= param.data_ptr() < start + size:
-            _set_param(module, name, param.data.clone())
-            moved += 1
-    return moved
+    remaining = list(_in_bulk(model))
+    model.__dict__.pop("_cp_bulk", None)
+    for module, name, param in remaining:
+        _set_param(module, name, param.data.clone())
+    return len(remaining)
 
 
 def bulk_resident(model: torch.nn.Module) -> bool:
     """Is any parameter of this view still a slice of its bulk device buffer?"""
-    bulk = model.__dict__.get("_cp_bulk")
-    if bulk is None:
-        return False
-    start, size = bulk
-    for module, name, _ in model.__dict__.get("_cp_slots", ()):
-        param = module._parameters.get(name)
-        if param is not None and param.device.type != "cpu" and start <= param.data_ptr() < start + size:
-            return True
+    if next(_in_bulk(model), None) is not None:
+        return True
     model.__dict__.pop("_cp_bulk", None)
     return False
 

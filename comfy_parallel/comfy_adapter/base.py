@@ -7,6 +7,7 @@ that ``undo`` puts the originals back exactly. Applying twice is a no-op.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -142,6 +143,14 @@ def require_modules(*names: str) -> str | None:
     missing = [n for n in names if n not in sys.modules]
     if missing:
         return f"{' / '.join(missing)} {'is' if len(missing) == 1 else 'are'} not imported"
+    return None
+
+
+def require_parameters(func: Any, label: str, *names: str) -> str | None:
+    """Does ``func`` take these parameters first, in this order (a wrapper passes them on by position)?"""
+    params = list(inspect.signature(func).parameters)
+    if params[:len(names)] != list(names):
+        return f"{label} takes {params}, not ({', '.join(names)}, ...)"
     return None
 
 

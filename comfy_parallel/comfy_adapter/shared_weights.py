@@ -9,7 +9,6 @@ See ``comfy_parallel.weights`` for views; DESIGN.md section 4 for why one module
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import sys
@@ -20,7 +19,7 @@ import torch
 
 from .. import weights, worker_context
 from ..weights import FileKey, WeightStore
-from .base import Comfy, Patch, first_problem, require_callables, require_modules
+from .base import Comfy, Patch, first_problem, require_callables, require_modules, require_parameters
 
 log = logging.getLogger("comfy_parallel.adapter")
 
@@ -301,16 +300,13 @@ class ViewBulkLoad(Patch):
         if problem:
             return problem
         cls = sys.modules["comfy.model_patcher"].ModelPatcher
-        problem = require_callables(cls, "load", "partially_unload", "model_size")
-        if problem:
-            return problem
-        for method, expected in (("load", ["self", "device_to", "lowvram_model_memory", "force_patch_weights",
-                                           "full_load"]),
-                                 ("partially_unload", ["self", "device_to", "memory_to_free"])):
-            params = list(inspect.signature(getattr(cls, method)).parameters)
-            if params[:len(expected)] != expected:
-                return f"ModelPatcher.{method} takes {params}, not {expected}"
-        return None
+        return first_problem(
+            lambda: require_callables(cls, "load", "partially_unload", "model_size"),
+            lambda: require_parameters(cls.load, "ModelPatcher.load", "self", "device_to", "lowvram_model_memory",
+                                       "force_patch_weights", "full_load"),
+            lambda: require_parameters(cls.partially_unload, "ModelPatcher.partially_unload", "self", "device_to",
+                                       "memory_to_free"),
+        )
 
     def _apply(self, comfy: Comfy) -> None:
         cls = sys.modules["comfy.model_patcher"].ModelPatcher
@@ -349,8 +345,7 @@ class NoteStateDictSources(Patch):
     checked_on = CHECKED
 
     def check(self, comfy: Comfy) -> str | None:
-        params = list(inspect.signature(torch.nn.Module.load_state_dict).parameters)
-        return None if params[:2] == ["self", "state_dict"] else f"Module.load_state_dict takes {params}"
+        return require_parameters(torch.nn.Module.load_state_dict, "Module.load_state_dict", "self", "state_dict")
 
     def _apply(self, comfy: Comfy) -> None:
         original = torch.nn.Module.load_state_dict
