@@ -126,8 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check ComfyUI, devices, packages and which patches apply")
     _comfy_location_args(doctor)
 
-    prov = sub.add_parser("provision", help="download and extract pinned ComfyUI releases")
-    prov.add_argument("--versions", default=provision.DEFAULT_VERSION)
+    prov = sub.add_parser("provision", help="download (or take from a local archive), hash-check and extract pinned "
+                                            "ComfyUI releases")
+    prov.add_argument("--versions", default=provision.DEFAULT_VERSION,
+                      help=f"comma-separated versions (known: {', '.join(provision.RELEASES)}); "
+                           f"{', '.join(v for v, r in provision.RELEASES.items() if r.archive)} come from a local "
+                           f"archive looked for in ${provision.ARCHIVES_ENV}, <cache>/archives or shared/comfyui")
+    prov.add_argument("--skip-missing-archives", action="store_true",
+                      help="skip, with one line, a release whose local archive is not on this machine")
 
     node = sub.add_parser("install-node", help="link this package into a ComfyUI custom_nodes folder (drop-in mode)")
     _comfy_location_args(node)
@@ -320,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         return cmd_doctor(args)
     if args.command == "provision":
-        return provision.main(["--versions", args.versions])
+        return provision.main(["--versions", args.versions,
+                               *(["--skip-missing-archives"] if args.skip_missing_archives else [])])
     if args.command == "install-node":
         return cmd_install_node(args)
     if args.command == "scan":

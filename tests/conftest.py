@@ -16,12 +16,50 @@ from harness import ARTIFACTS, REPO, TEST_NODES, Server  # noqa: E402
 
 from comfy_parallel import provision  # noqa: E402
 
-VERSIONS = [v.strip() for v in os.environ.get("COMFY_TEST_VERSIONS", "0.3.75,0.3.52").split(",") if v.strip()]
 
 
-@pytest.fixture(scope="session", params=VERSIONS, ids=lambda v: f"comfyui-{v}")
+def _matrix() -> tuple[list[str], list[str]]:
+    """The ComfyUI versions the suite runs on, and one line for each version it cannot run on here.
+
+    ``COMFY_TEST_COMFYUI=/path/to/ComfyUI`` runs the suite against that checkout alone; otherwise
+    ``COMFY_TEST_VERSIONS`` (default 0.3.75 and 0.33.0) names provisioned releases. A release that comes from a
+    local archive (0.33.0) is skipped when its archive is not on this machine, as on a user's fresh machine.
+    """
+    own = os.environ.get("COMFY_TEST_COMFYUI", "").strip()
+    if own:
+        return [own], []
+    wanted = [v.strip() for v in os.environ.get("COMFY_TEST_VERSIONS", "0.3.75,0.33.0").split(",") if v.strip()]
+    versions, skipped = [], []
+    for version in wanted:
+        release = provision.RELEASES.get(version)
+        if release is not None and release.archive and not provision.is_provisioned(version):
+            try:
+                provision.find_archive(release)
+            except provision.ArchiveMissing as err:
+                skipped.append(f"ComfyUI {version} tests skipped: {err}")
+                continue
+        versions.append(version)
+    return versions, skipped
+
+
+VERSIONS, SKIPPED_VERSIONS = _matrix()
+
+
+def _comfy_id(version: str) -> str:
+    return f"comfyui-{version}" if version in provision.RELEASES else f"comfyui-{Path(version).name}"
+
+
+@pytest.fixture(scope="session", params=VERSIONS, ids=_comfy_id)
 def comfy_dir(request: pytest.FixtureRequest) -> Path:
+    if request.param not in provision.RELEASES:
+        from comfy_parallel.comfy_adapter.loader import check_comfyui_dir
+
+        return check_comfyui_dir(request.param)  # COMFY_TEST_COMFYUI: the user's own checkout
     return provision.ensure_comfyui(request.param, quiet=True)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return [f"ComfyUI under test: {', '.join(VERSIONS)}", *SKIPPED_VERSIONS]
 
 
 @pytest.fixture(scope="session")
