@@ -1,7 +1,8 @@
 """Routes comfy-parallel adds to ComfyUI's server, and the device-aware versions of stock routes.
 
-Added: ``GET /debug/queues`` (the seed's format), ``GET /multigpu/status`` and the status page for people at
-``GET /multigpu/`` (``status_page.html``, which polls ``status`` relative to itself). Replaced in multi-device mode:
+Added: ``GET /debug/queues`` (the seed's format), ``GET /multigpu/status``, the status page for people at
+``GET /multigpu/`` (``status_page.html``, which polls ``status`` relative to itself) and ``GET /multigpu/unbind``
+(ends the browser binding that opening ``/gpuN/`` made). Replaced in multi-device mode:
 ``POST /interrupt`` (stock interrupts "the" worker; here a prompt id stops only the worker running it, a target
 stops that device, no target stops every device). Everything else stays ComfyUI's own handler and becomes
 device-aware through the queues.
@@ -17,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import device_status, validation, worker_context
-from .routing import current_route
+from .routing import UNBIND_PATH, current_route, unbind_response
 
 if TYPE_CHECKING:
     from .multigpu import MultiDeviceServer
@@ -131,6 +132,10 @@ def add_routes(server: "MultiDeviceServer", routes: web.RouteTableDef) -> None:
     async def get_status_page_slash(request: web.Request) -> web.Response:
         # Relative, so it keeps whatever prefix the client used (/gpu1/, /api/, a reverse proxy's path).
         raise web.HTTPFound(location="multigpu/")
+
+    @routes.get(UNBIND_PATH)
+    async def get_unbind(request: web.Request) -> web.Response:
+        return unbind_response(request.path)
 
     @routes.get("/metrics")
     async def get_metrics(request: web.Request) -> web.Response:

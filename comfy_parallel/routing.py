@@ -1,8 +1,13 @@
-"""Decide which device an HTTP request targets: ``X-TARGET-GPU`` header, entry port, or ``/gpuN/`` prefix.
+"""Decide which device an HTTP request targets: ``X-TARGET-GPU`` header, entry port, ``/gpuN/`` prefix or cookie.
 
 Every request passes through :func:`make_middleware`. It resolves the target once, rejects bad targets with a
 JSON 400 that names the valid ones, and stores the decision in a context variable that the queues and the
 adapter read while the request is handled (including the whole life of a websocket).
+
+The web UI cannot run under ``/gpuN/``: the frontend's router matches absolute paths (``/``), so under a prefix
+it renders nothing after its first API call. Opening ``/gpuN/`` in a browser therefore binds the browser to
+device N with a cookie and sends it to ``/``; every later request that carries the cookie (the UI, ``/api/...``,
+``/ws``) targets N unless it names a target explicitly. ``/multigpu/unbind`` clears the cookie.
 
 Path prefixes are served by :class:`DevicePrefixResource`, an aiohttp resource registered for ``/gpuN`` that
 resolves the rest of the path against the app's own router, so every route (``/ws``, ``/api/...``, the web UI,
@@ -23,6 +28,9 @@ from aiohttp.web_urldispatcher import AbstractResource, UrlMappingMatchInfo
 from yarl import URL
 
 HEADER = "X-TARGET-GPU"
+COOKIE = "comfy_parallel_gpu"
+UNBIND_PATH = "/multigpu/unbind"
+_MAX_LOGGED_COOKIES = 64
 log = logging.getLogger("comfy_parallel.routing")
 _PREFIX_LIKE_RE = re.compile(r"^/gpu([^/]*)(/.*)?$")
 
@@ -47,7 +55,7 @@ class RequestRoute:
     """The routing decision for one request; ``assigned`` is set when a prompt is queued on a device."""
 
     target: int | None
-    source: str  # "header", "port", "prefix" or "none"
+    source: str  # "header", "port", "prefix", "cookie" or "none"; agreeing explicit ones joined with "+"
     assigned: int | None = None
 
 
@@ -118,8 +126,13 @@ def header_values(headers: Any) -> list[str]:
 
 
 def resolve(headers: Any, path: str, local_port: int | None, n_devices: int,
-            port_map: dict[int, int]) -> RequestRoute:
-    """Combine header, entry port and path prefix; they must agree when more than one is given."""
+            port_map: dict[int, int], cookie: int | None = None) -> RequestRoute:
+    """Combine header, entry port and path prefix; they must agree when more than one is given.
+
+    ``cookie`` (a browser's binding, already parsed) applies only when none of them names a target and no
+    ``X-TARGET-GPU: auto`` asks for the default route: a cookie is sent to every port of the host, so an entry
+    port or an explicit header that differs from it is the client's intent, not a conflict.
+    """
     valid = list(range(n_devices))
     found: list[tuple[str, int]] = []
     if local_port is not None and local_port in port_map:
@@ -127,10 +140,15 @@ def resolve(headers: Any, path: str, local_port: int | None, n_devices: int,
     prefix = prefix_of(path)
     if prefix is not None and is_device_prefix(prefix[0]):
         found.append(("prefix", parse_prefix(prefix[0], prefix[1], n_devices)))
+    asked_auto = False
     for header_value in header_values(headers):
-        if header_value.strip().lower() != "auto":
+        if header_value.strip().lower() == "auto":
+            asked_auto = True
+        else:
             found.append(("header", parse_index(header_value, n_devices, f"{HEADER} header")))
     if not found:
+        if cookie is not None and not asked_auto:
+            return RequestRoute(cookie, "cookie")
         return RequestRoute(None, "none")
     if len({index for _, index in found}) > 1:
         parts = ", ".join(f"{source}={index}" for source, index in found)
@@ -149,6 +167,55 @@ def local_port_of(request: web.BaseRequest) -> int | None:
     return None
 
 
+def is_ui_entry(path: str) -> int | None:
+    """The device N of ``/gpuN/`` or ``/gpuN/index.html`` (the web UI's page), else ``None``."""
+    m = re.fullmatch(r"/gpu([0-9]+)/(index\.html)?", path)
+    return int(m.group(1)) if m is not None and m.group(1) == str(int(m.group(1))) else None
+
+
+def to_root(path: str) -> str:
+    """A relative URL from ``path`` to the server's root: keeps whatever path a reverse proxy mounted us under."""
+    depth = path.count("/") - 1
+    return "../" * depth if depth > 0 else "./"
+
+
+def bind_response(index: int, path: str) -> web.Response:
+    """303 to the UI at the root, with the cookie that binds this browser to device ``index``."""
+    response = web.Response(status=303, headers={"Location": to_root(path), "Cache-Control": "no-store"})
+    response.set_cookie(COOKIE, str(index), path="/", httponly=True, samesite="Lax")
+    return response
+
+
+def unbind_response(path: str) -> web.Response:
+    """303 to the UI at the root, clearing the binding: the browser's requests are untargeted again."""
+    response = web.Response(status=303, headers={"Location": to_root(path), "Cache-Control": "no-store"})
+    response.del_cookie(COOKIE, path="/")
+    return response
+
+
+class CookieReader:
+    """Parse the binding cookie; a bad one (not an index, or out of range after a restart with fewer devices)
+    is ignored and cleared, and logged once per value so that a client that keeps sending it cannot flood
+    the log."""
+
+    def __init__(self, n_devices: int) -> None:
+        self.n_devices = n_devices
+        self._logged: set[str] = set()
+
+    def read(self, request: web.BaseRequest) -> tuple[int | None, bool]:
+        """(device index or ``None``, whether the request carried a bad cookie to clear)."""
+        value = request.cookies.get(COOKIE)
+        if value is None:
+            return None, False
+        try:
+            return parse_index(value, self.n_devices, f"cookie {COOKIE}"), False
+        except RoutingError as err:
+            if value not in self._logged and len(self._logged) < _MAX_LOGGED_COOKIES:
+                self._logged.add(value)
+                log.info("comfy-parallel: ignoring and clearing a stale binding: %s", err.message)
+            return None, True
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -159,19 +226,27 @@ def make_middleware(n_devices: int, port_map: dict[int, int],
 
     ``on_client_left`` is called for each request whose client closed the connection before it was answered.
     """
+    cookies = CookieReader(n_devices)
 
     @web.middleware
     async def comfy_parallel_routing(request: web.Request, handler: Handler) -> web.StreamResponse:
+        cookie, stale_cookie = cookies.read(request)
         try:
-            route = resolve(request.headers, request.path, local_port_of(request), n_devices, port_map)
+            route = resolve(request.headers, request.path, local_port_of(request), n_devices, port_map, cookie)
         except RoutingError as err:
             return err.response()
         prefix = prefix_of(request.path)
         if prefix is not None and is_device_prefix(prefix[0]) and request.path == f"/gpu{prefix[0]}":
             raise web.HTTPMovedPermanently(location=str(request.rel_url.with_path(request.path + "/")))
+        ui_device = is_ui_entry(request.path)
+        if ui_device is not None and request.method in ("GET", "HEAD"):
+            return bind_response(ui_device, request.path)
         token = use_route(route)
         try:
-            return await on_route(request, route, handler)
+            response = await on_route(request, route, handler)
+            if stale_cookie and not response.prepared:
+                response.del_cookie(COOKIE, path="/")
+            return response
         except ConnectionResetError:
             if request.transport is not None and not request.transport.is_closing():
                 raise

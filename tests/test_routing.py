@@ -1,11 +1,14 @@
-"""Every routing mode (header, entry port, path prefix, auto) and every bad target, over real HTTP."""
+"""Every routing mode (header, entry port, path prefix, browser cookie, auto) and every bad target, over real HTTP."""
 
 from __future__ import annotations
 
 import http.client
+import json
 
 import pytest
 from harness import Server, record_of, sleep_prompt
+
+from comfy_parallel.routing import COOKIE, is_ui_entry, resolve, to_root
 
 
 def _history_ids(server: Server) -> set[str]:
@@ -156,3 +159,96 @@ def test_malformed_input_is_a_json_400_not_a_500(idle_multi: Server, method: str
     assert resp.status == 400, resp.body
     assert resp.json()["error"]["message"]
     assert idle_multi.get("/debug/queues").json() == before
+
+
+# -- the browser binding: /gpuN/ sets a cookie that later requests carry --------------------------------------------
+def _raw(server: Server, method: str, path: str, headers: dict | None = None, body: bytes | None = None,
+         port: int | None = None) -> http.client.HTTPResponse:
+    """One request without following redirects (urllib would), the response read."""
+    conn = http.client.HTTPConnection("127.0.0.1", port or server.port, timeout=30)
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    return resp
+
+
+def _bound(index: int | str) -> dict:
+    return {"Cookie": f"{COOKIE}={index}"}
+
+
+@pytest.mark.parametrize("cookie,headers,path,port,expected", [
+    (1, {}, "/prompt", None, (1, "cookie")),
+    (1, {}, "/ws", None, (1, "cookie")),
+    (1, {"X-TARGET-GPU": "2"}, "/prompt", None, (2, "header")),  # explicit beats the binding, no 400
+    (1, {"X-TARGET-GPU": "auto"}, "/prompt", None, (None, "none")),  # so does an explicit "auto"
+    (1, {}, "/gpu0/api/prompt", None, (0, "prefix")),
+    (1, {}, "/prompt", 9002, (2, "port")),  # the cookie reaches every port of the host
+    (None, {}, "/prompt", None, (None, "none")),
+])
+def test_resolve_cookie_is_the_lowest_source(cookie: int | None, headers: dict, path: str, port: int | None,
+                                             expected: tuple) -> None:
+    route = resolve(headers, path, port, 3, {9000: 0, 9001: 1, 9002: 2}, cookie)
+    assert (route.target, route.source) == expected
+
+
+def test_ui_entry_and_relative_root() -> None:
+    assert [is_ui_entry(p) for p in ("/gpu1/", "/gpu12/index.html", "/gpu1", "/gpu01/", "/gpu1/api/prompt",
+                                     "/gpu1/index.htm", "/", "/gpu/")] == [1, 12, None, None, None, None, None, None]
+    assert [to_root(p) for p in ("/gpu1/", "/gpu1/index.html", "/multigpu/unbind", "/gpu2/api/multigpu/unbind",
+                                 "/x")] == ["../", "../", "../", "../../../", "./"]
+
+
+def test_ui_entry_binds_the_browser_and_redirects_to_the_root(idle_multi: Server) -> None:
+    for path in ("/gpu2/", "/gpu2/index.html"):
+        resp = _raw(idle_multi, "GET", path)
+        assert resp.status == 303 and resp.getheader("Location") == "../", path
+        cookie = resp.getheader("Set-Cookie")
+        assert cookie.startswith(f"{COOKIE}=2;"), cookie
+        assert "Path=/" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    # a prefix that disagrees with the entry port is still a conflict, not a new binding
+    resp = _raw(idle_multi, "GET", "/gpu2/", port=idle_multi.ports[0])
+    assert resp.status == 400 and resp.getheader("Set-Cookie") is None
+    # the other routes under /gpuN/ are not redirected: API clients keep their prefix
+    assert _raw(idle_multi, "GET", "/gpu2/api/queue").status == 200
+    assert _raw(idle_multi, "GET", "/gpu2/queue").getheader("Set-Cookie") is None
+
+
+def test_cookie_routes_prompts_and_scopes_the_queue(idle_multi: Server) -> None:
+    busy = idle_multi.submit(sleep_prompt(30, 300), headers={"X-TARGET-GPU": "0"})
+    try:
+        idle_multi.wait_running(busy["prompt_id"])
+        resp = idle_multi.submit(sleep_prompt(0.05, 1), headers=_bound(2))
+        assert resp["gpu_id"] == 2
+        assert record_of(idle_multi.wait_history(resp["prompt_id"]))["thread"] == "comfy-parallel-worker-2"
+        assert idle_multi.get("/api/queue", headers=_bound(2)).json()["queue_running"] == []
+        assert len(idle_multi.get("/queue").json()["queue_running"]) == 1  # unbound: the merged view
+        # explicit sources win over the binding without a 400
+        assert idle_multi.submit(sleep_prompt(0.05, 1), headers={**_bound(2), "X-TARGET-GPU": "1"})["gpu_id"] == 1
+        assert idle_multi.submit(sleep_prompt(0.05, 1), headers=_bound(2), base=idle_multi.entry_url(1))[
+            "gpu_id"] == 1
+        assert idle_multi.submit(sleep_prompt(0.05, 1), headers=_bound(2), path="/gpu1/prompt")["gpu_id"] == 1
+    finally:
+        idle_multi.post("/interrupt")
+        idle_multi.wait_idle()
+
+
+@pytest.mark.parametrize("value", ["7", "x", "-1", "01x"])
+def test_stale_cookie_is_ignored_and_cleared(idle_multi: Server, value: str) -> None:
+    body = json.dumps({"prompt": sleep_prompt(0.05, 1)}).encode()
+    resp = _raw(idle_multi, "POST", "/prompt", headers={**_bound(value), "Content-Type": "application/json"},
+                body=body)
+    assert resp.status == 200
+    cleared = resp.getheader("Set-Cookie")
+    assert cleared is not None and cleared.startswith(f'{COOKIE}="";') and "Max-Age=0" in cleared, cleared
+    assert _raw(idle_multi, "GET", "/queue", headers=_bound("1")).getheader("Set-Cookie") is None
+    idle_multi.wait_idle()
+
+
+def test_unbind_clears_the_cookie(idle_multi: Server) -> None:
+    for path in ("/multigpu/unbind", "/api/multigpu/unbind", "/gpu1/multigpu/unbind"):
+        resp = _raw(idle_multi, "GET", path, headers=_bound(1))
+        assert resp.status == 303, path
+        assert resp.getheader("Location") == to_root(path)
+        cleared = resp.getheader("Set-Cookie")
+        assert cleared.startswith(f'{COOKIE}="";') and "Max-Age=0" in cleared and "Path=/" in cleared, cleared
