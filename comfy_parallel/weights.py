@@ -423,14 +423,20 @@ def _set_param(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
             value, requires_grad=param.requires_grad)
 
 
-def make_view(obj: Any, modules: Iterable[torch.nn.Module], share: Iterable[Any] = ()) -> Any:
-    """Deep-copy ``obj`` (a loader result) into a device view of the host ``modules`` it holds."""
+def make_view(obj: Any, modules: Iterable[torch.nn.Module], share: Iterable[Any] = (),
+              prepare: Callable[[dict[int, Any]], None] | None = None) -> Any:
+    """Deep-copy ``obj`` (a loader result) into a device view of the host ``modules`` it holds.
+
+    ``prepare`` may enter its own copies into the memo first, for objects ``copy.deepcopy`` cannot copy.
+    """
     memo: dict[int, Any] = {}
     mods = list(modules)
     for m in mods:
         module_view(m, memo)
     for s in share:
         memo[id(s)] = s
+    if prepare is not None:
+        prepare(memo)
     view = copy.deepcopy(obj, memo)
     for m in mods:
         finish_view(m, memo[id(m)])

@@ -294,6 +294,13 @@ class PerWorkerList(MutableSequence):
     def index(self, value: Any, *args: Any) -> int:  # type: ignore[override]
         return self._list().index(value, *args)
 
+    def copy(self) -> list:
+        """ComfyUI 0.33's ``unload_model_and_clones`` iterates ``current_loaded_models.copy()``."""
+        return list(self._list())
+
+    def clear(self) -> None:
+        self._list().clear()
+
     def __repr__(self) -> str:
         return f"PerWorkerList({self._list()!r})"
 

@@ -9,6 +9,8 @@ See ``comfy_parallel.weights`` for views; DESIGN.md section 4 for why one module
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 import os
 import sys
@@ -100,6 +102,40 @@ def _retarget(view: Any, host_device: torch.device, device: torch.device) -> Non
                     setattr(obj, attr, device)
 
 
+def _copy_model_configs(modules: list[torch.nn.Module]) -> Callable[[dict[int, Any]], None]:
+    """Copy the model config objects of ``modules`` (``BaseModel.model_config``) field by field.
+
+    ComfyUI 0.33's config class (``supported_models_base.BASE``) answers every missing attribute with ``None``
+    and a warning, so ``copy.deepcopy`` finds a ``__setstate__`` of ``None`` and fails ("'NoneType' object is
+    not callable"); 0.3.75's has no such ``__getattr__``. The copy is what deepcopy would make of it.
+    """
+    def prepare(memo: dict[int, Any]) -> None:
+        for module in modules:
+            config = module.__dict__.get("model_config")
+            if config is None or id(config) in memo or not hasattr(config, "__dict__"):
+                continue
+            clone = object.__new__(type(config))
+            memo[id(config)] = clone
+            clone.__dict__.update(copy.deepcopy(config.__dict__, memo))
+
+    return prepare
+
+
+def _own_reload_factories(view: Any) -> None:
+    """Point a view's ``cached_patcher_init`` (ComfyUI 0.33+) at ComfyUI's own loader instead of the shared one.
+
+    0.33's loaders record how to load the same file again, and ComfyUI calls that when it needs a patcher with
+    weights of its own (``ModelPatcher.deepclone_multigpu``, a non-dynamic delegate). Through the shared loader
+    it would get this worker's cached view back, whose module it already uses; ComfyUI's own loader gives the
+    private copy that code expects.
+    """
+    for item in _items(view):
+        for obj in [item] + [getattr(item, a, None) for a in _PATCHER_ATTRS]:
+            init = getattr(obj, "cached_patcher_init", None)
+            if isinstance(init, tuple) and init and isinstance(init[0], _Loader):
+                obj.cached_patcher_init = (init[0].original, *init[1:])
+
+
 def _shared_objects(result: Any) -> list[Any]:
     """Read-only objects every view may share as they are (tokenizers are large to copy and never written)."""
     return [item.tokenizer for item in _items(result) if getattr(item, "tokenizer", None) is not None]
@@ -111,6 +147,10 @@ class _Loader:
     def __init__(self, store: WeightStore, mm: Any, name: str, original: Callable[..., Any],
                  files: Callable[..., tuple[str, ...]]) -> None:
         self.store, self.mm, self.name, self.original, self.files = store, mm, name, original, files
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_Loader":
+        """A loader is a function: copies of a model that name it as its factory name this one."""
+        return self
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not all(_plain(a) for a in (*args, *kwargs.values())):
@@ -134,8 +174,10 @@ class _Loader:
         host_device = entry.meta.setdefault("host_device", loading_device[0] if loading_device else None)
 
         def make(host: Any) -> tuple[Any, list[torch.nn.Module]]:
-            view = weights.make_view(host, host_modules(host), share=_shared_objects(host))
+            modules = host_modules(host)
+            view = weights.make_view(host, modules, share=_shared_objects(host), prepare=_copy_model_configs(modules))
             _retarget(view, host_device, self.mm.get_torch_device())
+            _own_reload_factories(view)
             return view, host_modules(view)
 
         return self.store.view_for(entry, device_key(), make)
@@ -237,17 +279,24 @@ class SharedModelLoaders(Patch):
         original = cls.load_lora
         store = self.store
 
+        # ComfyUI 0.33 passes a LoRA file's metadata on (load_lora_for_models(..., lora_metadata=) and a third field
+        # of loaded_lora); 0.3.75 reads the tensors only.
+        with_metadata = "lora_metadata" in inspect.signature(sys.modules["comfy.sd"].load_lora_for_models).parameters
+
         def load_lora(self_: Any, model: Any, clip: Any, lora_name: str, strength_model: float,
                       strength_clip: float) -> Any:
             path = folder_paths.get_full_path("loras", lora_name)
             if path is not None and not (strength_model == 0 and strength_clip == 0):
                 files = (FileKey.of(path),)
                 entry = store.get_or_load(("lora", files), f"lora({lora_name})", files,
-                                          lambda: comfy_utils.load_torch_file(path, safe_load=True),
-                                          lambda tensors: [weights.tensor_bag(tensors)], pin=False)
-                # WARNING: LoraLoader keeps the last file it read in self.loaded_lora (0.3.52-0.3.75); handing it
-                # the shared tensors makes it skip its own read. The tensors are only read by load_lora_for_models.
-                self_.loaded_lora = (path, entry.host)
+                                          lambda: comfy_utils.load_torch_file(path, safe_load=True,
+                                                                              return_metadata=True),
+                                          lambda loaded: [weights.tensor_bag(loaded[0])], pin=False)
+                tensors, metadata = entry.host
+                # WARNING: LoraLoader keeps the last file it read in self.loaded_lora (0.3.75: (path, tensors);
+                # 0.33: (path, tensors, metadata)); handing it the shared tensors makes it skip its own read. The
+                # tensors are only read by load_lora_for_models.
+                self_.loaded_lora = (path, tensors, metadata) if with_metadata else (path, tensors)
             return original(self_, model, clip, lora_name, strength_model, strength_clip)
 
         self.log.replace(cls, "load_lora", load_lora)
