@@ -15,6 +15,10 @@ from typing import Any, Callable
 
 _MISSING = object()
 
+# The ComfyUI versions every patch was checked on: the versions `make test` runs (CI). Another version starts in
+# multi-device mode only if every check passes and the user asks for it (--allow-unchecked-comfyui).
+CHECKED = ("0.3.75", "0.33.0")
+
 
 class AdapterError(RuntimeError):
     """ComfyUI does not offer a patch point we need; the message lists which patches failed and why."""
@@ -159,6 +163,37 @@ def require_callables(obj: Any, *names: str) -> str | None:
     if missing:
         label = getattr(obj, "__name__", type(obj).__name__)
         return f"{label} has no callable {', '.join(missing)}"
+    return None
+
+
+def uses(func: Any, *names: str) -> str | None:
+    """Does ``func``'s code still name these globals/attributes/locals (the state a patch takes over)?"""
+    code = getattr(func, "__code__", None)
+    if code is None:
+        return f"{func!r} is not a Python function"
+    missing = [n for n in names if n not in code.co_names and n not in code.co_varnames]
+    if missing:
+        return f"{func.__qualname__} no longer refers to {', '.join(missing)}"
+    return None
+
+
+def does_not_use(func: Any, label: str, *names: str) -> str | None:
+    """Does ``func`` touch state the patch does not take over (new in a later ComfyUI)?"""
+    code = getattr(func, "__code__", None)
+    found = [n for n in names if code is not None and n in code.co_names]
+    if found:
+        return f"{label} now uses {', '.join(found)}, which comfy-parallel does not make per worker"
+    return None
+
+
+def require_signature(func: Any, label: str, *names: str) -> str | None:
+    """Does ``func`` take exactly these parameters (a replacement that calls or mirrors it passes all of them)?"""
+    try:
+        params = list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):
+        return f"{label} has no inspectable signature"
+    if params != list(names):
+        return f"{label} takes ({', '.join(params)}), not ({', '.join(names)})"
     return None
 
 

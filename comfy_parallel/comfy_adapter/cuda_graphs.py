@@ -28,8 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .base import Comfy, Patch, require_callables, require_modules
-from .patches import CHECKED
+from .base import CHECKED, Comfy, Patch, require_callables, require_modules
 
 log = logging.getLogger("comfy_parallel.cuda_graphs")
 

@@ -21,11 +21,10 @@ import torch
 
 from .. import weights, worker_context
 from ..weights import FileKey, WeightStore
-from .base import Comfy, Patch, first_problem, require_callables, require_modules, require_parameters
+from .base import CHECKED, Comfy, Patch, first_problem, require_callables, require_modules, require_parameters
 
 log = logging.getLogger("comfy_parallel.adapter")
 
-from .patches import CHECKED
 
 _host_loading = threading.local()
 
