@@ -41,8 +41,14 @@ RECORD = """(() => {
     window.__cp = {answers: [], statuses: [], errors: []};
     const queue = api.queuePrompt.bind(api);
     api.queuePrompt = async (...args) => {
-        try { const answer = await queue(...args); window.__cp.answers.push(answer); return answer; }
-        catch (err) { window.__cp.errors.push(String(err && (err.message || JSON.stringify(err.response)))); throw err; }
+        try {
+            const answer = await queue(...args);
+            window.__cp.answers.push(answer);
+            return answer;
+        } catch (err) {
+            window.__cp.errors.push(String(err && (err.message || JSON.stringify(err.response))));
+            throw err;
+        }
     };
     api.addEventListener("status", (e) => { if (e.detail) window.__cp.statuses.push(e.detail); });
     return true;
