@@ -20,7 +20,7 @@ def activate(settings: Settings, main_module: ModuleType | None = None) -> Adapt
     if len(settings.devices) <= 1:
         label = settings.devices[0].label if settings.devices else "none"
         if settings.cuda_graphs == "on" and not settings.cpu_mode:
-            _graphs_only(Comfy.from_sys_modules(main_module))
+            _graphs_only(Comfy.from_sys_modules(main_module), settings.allow_unchecked_comfyui)
             log.info("comfy-parallel: one device (%s); stock ComfyUI plus CUDA graph replay (--cuda-graphs on)",
                      label)
             return None
@@ -30,18 +30,19 @@ def activate(settings: Settings, main_module: ModuleType | None = None) -> Adapt
         log.info("comfy-parallel: already active in this process")
         return active()
     comfy = Comfy.from_sys_modules(main_module)
-    adapter = Adapter(comfy, MultiDeviceServer(settings)).apply()
+    adapter = Adapter(comfy, MultiDeviceServer(settings), allow_unchecked=settings.allow_unchecked_comfyui).apply()
     log.info("comfy-parallel: ComfyUI %s patched (%s)", comfy.version, ", ".join(adapter.applied))
     return adapter
 
 
-def _graphs_only(comfy: Comfy) -> None:
+def _graphs_only(comfy: Comfy, allow_unchecked: bool) -> None:
     """``--cuda-graphs on`` with one device: the graph patch alone, which needs no worker machinery."""
-    from .comfy_adapter import AdapterError
+    from .comfy_adapter import AdapterError, PatchStatus, gate
     from .comfy_adapter.cuda_graphs import CudaGraphs
 
     patch = CudaGraphs(concurrent=False)
-    problem = patch.check(comfy)
-    if problem:
-        raise AdapterError(f"ComfyUI {comfy.version}: patch {patch.name} does not apply: {problem}")
+    status = PatchStatus(patch.name, patch.replaces, patch.why, patch.checked_on, patch.check(comfy))
+    refusal = gate(comfy, [status], allow_unchecked)
+    if refusal is not None:
+        raise AdapterError(refusal)
     patch.apply(comfy)

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import deploy, provision, scan
 from .settings import (Settings, SettingsError, default_devices, env_enabled, parse_default_route,
                        parse_cuda_graphs, parse_devices, parse_entry_ports, weight_settings)
-from .settings import DEFAULT_DRAIN_TIMEOUT_S, lifecycle_env, lifecycle_settings
+from .settings import ALLOW_UNCHECKED_ENV, DEFAULT_DRAIN_TIMEOUT_S, env_flag, lifecycle_env, lifecycle_settings
 
 log = logging.getLogger("comfy_parallel")
 
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: auto when there is more than one device)")
     serve.add_argument("--default-route", default="auto",
                        help="where untargeted prompts go: 'auto' (shortest queue) or a device index")
+    _unchecked_arg(serve)
     serve.add_argument("--warmup-checkpoint", metavar="NAME",
                        help="at start, load this checkpoint on every device and run one 64x64 sampling step; "
                             "/ready answers 503 until it is done")
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser("doctor", help="check ComfyUI, devices, packages and which patches apply")
     _comfy_location_args(doctor)
+    _unchecked_arg(doctor)
 
     prov = sub.add_parser("provision", help="download (or take from a local archive), hash-check and extract pinned "
                                             "ComfyUI releases")
@@ -143,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_parser(sub)
     deploy.add_parser(sub)
     return parser
+
+
+def _unchecked_arg(p: argparse.ArgumentParser) -> None:
+    from .comfy_adapter.base import CHECKED
+
+    p.add_argument("--allow-unchecked-comfyui", action="store_true",
+                   help=f"run multi-device mode on a ComfyUI version comfy-parallel was not checked on "
+                        f"({', '.join(CHECKED)} are), if every patch check passes (default: refuse to start and "
+                        f"list what did not match; env {ALLOW_UNCHECKED_ENV}=1)")
 
 
 def _comfy_location_args(p: argparse.ArgumentParser) -> None:
@@ -177,6 +188,8 @@ def serve_settings(args: argparse.Namespace, env: dict[str, str] | None = None) 
                     cuda_graphs=parse_cuda_graphs(getattr(args, "cuda_graphs", "auto")),
                     **weight_settings(getattr(args, "shared_weights", "on"), getattr(args, "pin_weights", "auto"),
                                        getattr(args, "weights_ram_limit", None), getattr(args, "host_copy", "ram")),
+                    allow_unchecked_comfyui=bool(getattr(args, "allow_unchecked_comfyui", False))
+                    or env_flag(env, ALLOW_UNCHECKED_ENV),
                     **_lifecycle(args, env))
 
 
@@ -196,7 +209,8 @@ def graph_safe_allocator(settings: Settings, comfy_args: list[str]) -> tuple[lis
     captures from two workers abort the process (comfy_adapter/cuda_graphs.py). The choice must be made before
     torch is imported, hence here. An explicit ``--cuda-malloc`` or ``--disable-cuda-malloc`` is left alone.
     """
-    if not (settings.multi_device and not settings.cpu_mode and settings.graphs_enabled) or {"--cuda-malloc", "--disable-cuda-malloc"} & set(comfy_args):
+    given = {"--cuda-malloc", "--disable-cuda-malloc"} & set(comfy_args)
+    if not (settings.multi_device and not settings.cpu_mode and settings.graphs_enabled) or given:
         return comfy_args, None
     return ([*comfy_args, "--disable-cuda-malloc"],
             "ComfyUI runs with --disable-cuda-malloc (torch's native allocator): CUDA graphs captured by several "
@@ -275,7 +289,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as err:
         print(f"ComfyUI: not available ({err})")
         return 1
-    from .comfy_adapter import Comfy, load_comfyui, read_version, report
+    from .comfy_adapter import Comfy, gate, load_comfyui, read_version, report
 
     print(f"ComfyUI: {read_version(comfy_dir)} at {comfy_dir}")
     if missing:
@@ -285,20 +299,29 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     load_comfyui(comfy_dir, [*cpu, "--disable-all-custom-nodes", "--dont-print-server"])
     comfy = Comfy.from_sys_modules()
     print("patches:")
-    for status in report(comfy, hooks=_NoHooks()):
+    statuses = report(comfy, hooks=_NoHooks())
+    for status in statuses:
         state = "ok" if status.problem is None else f"DOES NOT APPLY: {status.problem}"
         checked = "checked on " + ", ".join(status.checked_on)
         print(f"  {status.name:32} {state} ({checked})\n      replaces {status.replaces}")
-        if status.problem:
-            problems.append(f"patch {status.name}: {status.problem}")
-    if comfy.version not in __import__("comfy_parallel.comfy_adapter", fromlist=["CHECKED"]).CHECKED:
-        print(f"note: ComfyUI {comfy.version} is not among the checked versions")
-    print("result: " + ("ready" if not problems else f"{len(problems)} problem(s)"))
+    refusal = gate(comfy, statuses, args.allow_unchecked_comfyui)
+    if refusal is not None:
+        print("multi-device mode would not start:\n" + "\n".join(f"  {line}" for line in refusal.splitlines()))
+        problems.append("ComfyUI does not pass the version gate")
+    print("result: " + ("ready" if not problems else f"NOT READY, {len(problems)} problem(s)"))
     return 0 if not problems else 1
 
 
 class _NoHooks:
-    """``doctor`` only checks patch points; it never starts a server."""
+    """``doctor`` only checks patch points (every patch's, the shared-weight and CUDA graph ones too); it never
+    starts a server."""
+
+    def __init__(self) -> None:
+        from .settings import parse_devices
+        from .weights import WeightStore
+
+        self.weight_store = WeightStore(pin="off")
+        self.settings = Settings(devices=parse_devices("cpu,cpu"), cuda_graphs="on")
 
 
 def cmd_install_node(args: argparse.Namespace) -> int:

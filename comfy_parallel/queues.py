@@ -419,6 +419,22 @@ class DeviceQueues(_SharedHistoryAccess):
         for q in self._scope():
             q.set_flag(name, data)
 
+    def interrupt_if_running(self, prompt_id: str) -> bool:
+        """ComfyUI 0.33's Jobs API cancel: stop ``prompt_id`` if a worker in this request's scope runs it now.
+
+        Stock sets the one process-wide flag under the queue mutex; here only the worker running the prompt is
+        told (its context's flag), under the same mutex, so the cancel cannot land on a prompt started since.
+        """
+        with self.mutex:
+            for q in self._scope():
+                if prompt_id in q.running_prompt_ids():
+                    ctx = worker_context.get(q.index)
+                    if ctx is None:
+                        return False
+                    ctx.set_interrupt(True)
+                    return True
+        return False
+
     def get_flags(self, reset: bool = True) -> dict:
         merged: dict = {}
         for q in self._scope():

@@ -51,6 +51,7 @@ class Settings:
     persist: bool = True  # prompts left at shutdown are saved and queued again at the next start
     persist_path: str | None = None  # default: <ComfyUI user directory>/__comfy_parallel/queue.sqlite3
     admin_token: str | None = field(default=None, repr=False)  # access.py; kept out of repr so it is never logged
+    allow_unchecked_comfyui: bool = False  # a ComfyUI outside comfy_adapter.CHECKED starts if every check passes
 
     @property
     def multi_device(self) -> bool:
@@ -182,7 +183,15 @@ def from_env(env: Mapping[str, str] | None = None, cpu_mode: bool = False) -> Se
                                       env.get("COMFY_PARALLEL_PIN_WEIGHTS", "auto"),
                                       env.get("COMFY_PARALLEL_WEIGHTS_RAM_LIMIT"),
                                       env.get("COMFY_PARALLEL_HOST_COPY", "ram")),
+                    allow_unchecked_comfyui=env_flag(env, ALLOW_UNCHECKED_ENV),
                     **lifecycle_settings(*lifecycle_env(env)))
+
+
+ALLOW_UNCHECKED_ENV = "COMFY_PARALLEL_ALLOW_UNCHECKED_COMFYUI"
+
+
+def env_flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def lifecycle_env(env: Mapping[str, str]) -> tuple[str, bool, str | None, str | None]:

@@ -1,6 +1,6 @@
 """Run in a subprocess by test_adapter.py: import a real ComfyUI, patch it, undo, and report what happened.
 
-usage: python adapter_probe.py COMFYUI_DIR [break]
+usage: python adapter_probe.py COMFYUI_DIR [break | unchecked]
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def copy_on_write_check() -> bool:
 
 def main() -> None:
     comfy_dir = sys.argv[1]
-    breaking = len(sys.argv) > 2 and sys.argv[2] == "break"
+    mode = sys.argv[2] if len(sys.argv) > 2 else ""
+    breaking = mode == "break"
     from comfy_parallel.comfy_adapter import Adapter, AdapterError, Comfy, load_comfyui
 
     main_module = load_comfyui(comfy_dir, ["--cpu", "--disable-all-custom-nodes"])
@@ -126,8 +127,23 @@ def main() -> None:
     if breaking:
         del comfy.model_management.soft_empty_cache  # as if a newer ComfyUI had renamed it
         comfy.server.PromptServer.start_multi_address = None
+
+        def prompt_worker(q, server_instance, asset_manager):  # 0.38's signature: a third argument
+            server_instance.last_prompt_id = None
+            server_instance.send_sync(None, None)
+            q.task_done(None, None)
+
+        comfy.main.prompt_worker = prompt_worker
+        comfy.execution.PromptQueue.cancel_everything = lambda self: None  # a queue method DeviceQueues lacks
+    if mode == "unchecked":
+        comfy.version = "0.99.0"
+        try:
+            Adapter(comfy, Hooks()).apply()
+            result["refused"] = None
+        except AdapterError as err:
+            result["refused"] = str(err)
     before = snapshot(comfy)
-    adapter = Adapter(comfy, Hooks())
+    adapter = Adapter(comfy, Hooks(), allow_unchecked=mode == "unchecked")
     try:
         adapter.apply()
     except AdapterError as err:

@@ -59,6 +59,29 @@ def request(method: str, url: str, body: Any = None, headers: dict | None = None
         return Response(err.code, err.read(), dict(err.headers))
 
 
+#: Namespace of the prompt ids tests choose (uuid5 of their tags).
+PROMPT_ID_NAMESPACE = uuid.UUID("6c1f3a52-9a0e-4d1b-8f4e-2b7d5c0e9a31")
+_TAGS: dict[str, str] = {}
+
+
+def prompt_id_for(tag: str) -> str:
+    """The prompt id a test sends for its readable ``tag``.
+
+    ComfyUI 0.33 answers 400 to a client-supplied ``prompt_id`` that is not a canonical lowercase UUID (0.3.75
+    took any string), so tests send ``uuid5(tag)`` and keep the tag for filters and failure messages. The same
+    tag gives the same id, as the readable id did: stock and comfy-parallel see identical ids in a conversation.
+    """
+    pid = str(uuid.uuid5(PROMPT_ID_NAMESPACE, tag))
+    _TAGS[pid] = tag
+    return pid
+
+
+def tag_of(prompt_id: str) -> str:
+    """The tag ``prompt_id_for`` made ``prompt_id`` from; an id no test chose (made by the server, or changed on
+    the way) reads ``unknown <id>``, which matches no test's tag prefix, so filters count it as foreign."""
+    return _TAGS.get(prompt_id, f"unknown {prompt_id}")
+
+
 def sleep_prompt(seconds: float = 0.5, steps: int = 5, tag: str | None = None) -> dict:
     return {"1": {"class_type": "CPSleep", "inputs": {"seconds": seconds, "steps": steps,
                                                        "tag": tag or uuid.uuid4().hex}}}
@@ -158,6 +181,18 @@ class Server:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def wait_log(self, text: str, timeout: float = 60) -> str:
+        """The log once it holds ``text`` (lines written after the listener is up, e.g. by worker threads)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            log = self.log()
+            if text in log:
+                return log
+            if self.proc is not None and self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"{text!r} not in the server log after {timeout}s:\n{self.log()[-3000:]}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -30,7 +30,7 @@ def test_patches_apply_are_idempotent_and_undo(comfy_dir: Path) -> None:
         "empty-cache-per-device", "unique-save-counters", "device-workers", "server-setup", "entry-ports", "scoped-queue-status",
         "websocket-send-per-client", "quiet-retried-attempt",
         "host-load-on-cpu", "host-weights-read-only", "view-bulk-load", "shared-model-loaders",
-        "cuda-graphs"}
+        "cuda-graphs", "devices-per-worker"}
     for name in ("comfy.model_management.current_loaded_models", "comfy.model_management.soft_empty_cache",
                  "execution.get_progress_state", "main.get_progress_state", "main.prompt_worker",
                  "PromptServer.client_id", "PromptServer.add_routes", "server.send_socket_catch_exception",
@@ -51,7 +51,21 @@ def test_patches_apply_are_idempotent_and_undo(comfy_dir: Path) -> None:
 
 def test_missing_patch_point_fails_loudly_and_changes_nothing(comfy_dir: Path) -> None:
     result = probe(comfy_dir, "break")
-    assert "empty-cache-per-device" in result["error"]
-    assert "entry-ports" in result["error"]
-    assert "do not apply" in result["error"]
+    error = result["error"]
+    assert "These patches do not fit" in error
+    assert "empty-cache-per-device" in error and "entry-ports" in error
+    # signatures and contracts, not only names: a third prompt_worker argument (0.38), a new queue method
+    assert "device-workers: main.prompt_worker takes (q, server_instance, asset_manager)" in error
+    assert "server-setup: execution.PromptQueue has cancel_everything, which DeviceQueues lacks" in error
+    assert "COMFY_MULTI_GPU_SCHED=0" in error
     assert result["unchanged_after_error"] is True
+
+
+def test_unchecked_version_is_refused_unless_allowed(comfy_dir: Path) -> None:
+    result = probe(comfy_dir, "unchecked")
+    refused = result["refused"]
+    assert refused and "ComfyUI 0.99.0 is not a version comfy-parallel was checked on (0.3.75, 0.33.0)" in refused
+    assert "--allow-unchecked-comfyui" in refused and "Every patch check passed" in refused
+    # with the user's consent and every check passing it applies, and is undone like any other start
+    assert "error" not in result and "devices-per-worker" in result["applied"]
+    assert result["restored"] is True, result["not_restored"]

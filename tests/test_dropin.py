@@ -11,7 +11,7 @@ def test_dropin_switch_on_serves_two_devices(comfy_dir: Path, dropin_nodes: Path
     server = Server(comfy_dir, mode="dropin", devices="cpu,cpu", custom_nodes=dropin_nodes,
                     env={"COMFY_NUM_GPUS": "2"}, name=f"dropin-{comfy_dir.name}").start()
     try:
-        assert "multi-device mode with 2 workers" in server.log()
+        server.wait_log("multi-device mode with 2 workers")  # written by the worker start, after the listener
         assert server.get("/debug/queues").json()["queues"][1]["gpu_id"] == 1
         a = server.submit(sleep_prompt(1.5, 5), headers={"X-TARGET-GPU": "0"})
         b = server.submit(sleep_prompt(1.5, 5), path="/gpu1/prompt")
@@ -30,7 +30,7 @@ def test_dropin_switch_off_is_stock(comfy_dir: Path, dropin_nodes: Path) -> None
     server = Server(comfy_dir, mode="dropin", devices="cpu,cpu", custom_nodes=dropin_nodes,
                     env={"COMFY_MULTI_GPU_SCHED": "0"}, name=f"dropin-off-{comfy_dir.name}").start()
     try:
-        assert "nothing is patched" in server.log()
+        server.wait_log("nothing is patched")
         assert server.get("/debug/queues").status == 404
         p = server.submit(sleep_prompt(0.05, 1), headers={"X-TARGET-GPU": "7"})  # stock ignores the header
         assert "gpu_id" not in p

@@ -135,3 +135,17 @@ def test_launcher_does_not_import_torch_before_comfyui() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_gpu_option_inside_a_worker_is_its_own_device_or_a_clear_error() -> None:
+    import pytest
+    import torch
+
+    from comfy_parallel.comfy_adapter.model_management import device_for_option
+
+    devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert device_for_option("gpu:1", devices, torch.device("cuda", 1), 1) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="'gpu:0' names cuda:0, which another comfy-parallel worker owns"):
+        device_for_option("gpu:0", devices, torch.device("cuda", 1), 1)
+    assert device_for_option("gpu:7", devices, torch.device("cuda", 1), 1) is None  # ComfyUI's own fallback
+    assert device_for_option("gpu:x", devices, torch.device("cuda", 1), 1) is None

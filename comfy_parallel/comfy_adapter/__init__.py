@@ -14,7 +14,8 @@ from .base import AdapterError, Comfy, Patch
 from .loader import load_comfyui, read_version
 from .patches import CHECKED, ServerHooks, all_patches
 
-__all__ = ["Adapter", "AdapterError", "Comfy", "PatchStatus", "load_comfyui", "read_version", "report", "CHECKED"]
+__all__ = ["Adapter", "AdapterError", "Comfy", "PatchStatus", "gate", "load_comfyui", "read_version", "report",
+           "CHECKED"]
 log = logging.getLogger("comfy_parallel.adapter")
 
 # The adapter is process-wide: ComfyUI's modules are.
@@ -35,10 +36,34 @@ def report(comfy: Comfy, hooks: ServerHooks | None = None) -> list[PatchStatus]:
     return [PatchStatus(p.name, p.replaces, p.why, p.checked_on, p.check(comfy)) for p in all_patches(hooks)]
 
 
+def gate(comfy: Comfy, statuses: list[PatchStatus], allow_unchecked: bool) -> str | None:
+    """Why comfy-parallel must not patch this ComfyUI (every mismatch listed), or ``None`` when it may.
+
+    Fails closed: a version outside ``CHECKED`` is refused unless the user asked for it and every check passes.
+    """
+    failed = [f"  - {s.name}: {s.problem}" for s in statuses if s.problem]
+    unchecked = comfy.version not in CHECKED
+    if not failed and (not unchecked or allow_unchecked):
+        return None
+    lines = []
+    if unchecked:
+        lines.append(f"ComfyUI {comfy.version} is not a version comfy-parallel was checked on "
+                     f"({', '.join(CHECKED)}).")
+    if failed:
+        lines.append(f"These patches do not fit ComfyUI {comfy.version}:")
+        lines += failed
+    elif unchecked:
+        lines.append("Every patch check passed; --allow-unchecked-comfyui (COMFY_PARALLEL_ALLOW_UNCHECKED_COMFYUI=1 "
+                     "in drop-in mode) starts it anyway, at your own risk.")
+    lines.append("Start with COMFY_MULTI_GPU_SCHED=0 for stock ComfyUI, or use a checked ComfyUI version.")
+    return "\n".join(lines)
+
+
 class Adapter:
-    def __init__(self, comfy: Comfy, hooks: ServerHooks | None) -> None:
+    def __init__(self, comfy: Comfy, hooks: ServerHooks | None, allow_unchecked: bool = False) -> None:
         self.comfy = comfy
         self.patches: list[Patch] = all_patches(hooks)
+        self.allow_unchecked = allow_unchecked
 
     def apply(self) -> "Adapter":
         """Apply every patch or none: all patch points are checked before the first change."""
@@ -46,16 +71,14 @@ class Adapter:
         if _active is not None:
             log.info("comfy-parallel patches are already applied; not applying twice")
             return _active
-        problems = [(p.name, p.check(self.comfy)) for p in self.patches]
-        failed = [f"  - {name}: {problem}" for name, problem in problems if problem]
-        if failed:
-            raise AdapterError(
-                f"ComfyUI {self.comfy.version} does not offer what comfy-parallel patches (checked on "
-                f"{', '.join(CHECKED)}); these patches do not apply:\n" + "\n".join(failed)
-                + "\nStart with COMFY_MULTI_GPU_SCHED=0 for stock behaviour, or use a checked ComfyUI version.")
+        statuses = [PatchStatus(p.name, p.replaces, p.why, p.checked_on, p.check(self.comfy)) for p in self.patches]
+        refusal = gate(self.comfy, statuses, self.allow_unchecked)
+        if refusal is not None:
+            raise AdapterError(refusal)
         if self.comfy.version not in CHECKED:
-            log.warning("ComfyUI %s was not checked with comfy-parallel (checked: %s); every patch point was "
-                        "found, continuing", self.comfy.version, ", ".join(CHECKED))
+            log.warning("comfy-parallel: ComfyUI %s is not among the checked versions (%s); every patch check "
+                        "passed and --allow-unchecked-comfyui was given, so it runs in multi-device mode",
+                        self.comfy.version, ", ".join(CHECKED))
         for patch in self.patches:
             patch.apply(self.comfy)
         _active = self

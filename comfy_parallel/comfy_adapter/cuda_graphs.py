@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .base import CHECKED, Comfy, Patch, require_callables, require_modules
+from .base import CHECKED, Comfy, Patch, first_problem, require_callables, require_modules, require_parameters
 
 log = logging.getLogger("comfy_parallel.cuda_graphs")
 
@@ -245,8 +245,15 @@ class CudaGraphs(Patch):
         mp, pe = sys.modules["comfy.model_patcher"], sys.modules["comfy.patcher_extension"]
         if not hasattr(getattr(pe, "WrappersMP", None), "DIFFUSION_MODEL"):
             return "comfy.patcher_extension has no WrappersMP.DIFFUSION_MODEL"
-        return require_callables(mp.ModelPatcher, "load", "unpatch_model", "partially_unload") or require_callables(
-            unet_mod.UNetModel, "forward")
+        return first_problem(
+            lambda: require_callables(mp.ModelPatcher, "load", "unpatch_model", "partially_unload"),
+            lambda: require_callables(unet_mod.UNetModel, "forward"),
+            # forward_with_graphs receives and passes on these by position
+            lambda: require_parameters(unet_mod.UNetModel.forward, "UNetModel.forward", "self", "x", "timesteps",
+                                       "context", "y", "control", "transformer_options"),
+            lambda: require_parameters(mp.ModelPatcher.unpatch_model, "ModelPatcher.unpatch_model", "self",
+                                       "device_to", "unpatch_weights"),
+        )
 
     def _apply(self, comfy: Comfy) -> None:
         STATS.off_reason = allocator_problem(self.concurrent)

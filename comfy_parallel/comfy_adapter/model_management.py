@@ -8,7 +8,7 @@ from collections.abc import MutableSequence
 from typing import Any
 
 from .. import worker_context
-from .base import CHECKED, Comfy, Patch, require_callables, uses
+from .base import CHECKED, Comfy, Patch, first_problem, require_callables, require_signature, uses
 
 
 class InterruptPerWorker(Patch):
@@ -21,7 +21,14 @@ class InterruptPerWorker(Patch):
     FUNCS = ("interrupt_current_processing", "processing_interrupted", "throw_exception_if_processing_interrupted")
 
     def check(self, comfy: Comfy) -> str | None:
-        return require_callables(comfy.model_management, *self.FUNCS, "InterruptProcessingException")
+        mm = comfy.model_management
+        return first_problem(
+            lambda: require_callables(mm, *self.FUNCS, "InterruptProcessingException"),
+            lambda: require_signature(mm.interrupt_current_processing, "interrupt_current_processing", "value"),
+            lambda: require_signature(mm.processing_interrupted, "processing_interrupted"),
+            lambda: require_signature(mm.throw_exception_if_processing_interrupted,
+                                      "throw_exception_if_processing_interrupted"),
+        )
 
     def _apply(self, comfy: Comfy) -> None:
         mm = comfy.model_management
@@ -126,7 +133,10 @@ class EmptyCachePerDevice(Patch):
     checked_on = CHECKED
 
     def check(self, comfy: Comfy) -> str | None:
-        return require_callables(comfy.model_management, "soft_empty_cache")
+        return first_problem(
+            lambda: require_callables(comfy.model_management, "soft_empty_cache"),
+            lambda: require_signature(comfy.model_management.soft_empty_cache, "soft_empty_cache", "force"),
+        )
 
     def _apply(self, comfy: Comfy) -> None:
         mm = comfy.model_management
@@ -144,3 +154,61 @@ class EmptyCachePerDevice(Patch):
                 return original(force)
 
         self.log.replace_everywhere(mm, "soft_empty_cache", soft_empty_cache)
+
+
+def device_for_option(option: str, devices: list, own: Any, index: int) -> Any:
+    """What ``gpu:N`` means inside worker ``index`` on ``own``: that device when it is this worker's, else an error.
+
+    ComfyUI numbers the options over every GPU of the process; the GPU of another worker must never be used
+    behind its back (its VRAM and queue belong to that worker).
+    """
+    try:
+        wanted = devices[int(option[len("gpu:"):])]
+    except (ValueError, IndexError):
+        return None  # malformed or out of range: ComfyUI's own answer (the node falls back to its default)
+    if wanted == own:
+        return wanted
+    raise ValueError(f"device option {option!r} names {wanted}, which another comfy-parallel worker owns; this "
+                     f"prompt runs on {own} (device {index}). Send the prompt to that GPU instead (X-TARGET-GPU "
+                     "header, entry port or /gpuN/ prefix) or choose 'default'")
+
+
+class DevicesPerWorker(Patch):
+    name = "devices-per-worker"
+    replaces = "comfy.model_management.get_all_torch_devices, resolve_gpu_device_option (ComfyUI 0.33)"
+    why = ("ComfyUI 0.33's own multi-GPU features (MultiGPU CFG Split, Select Model/CLIP/VAE Device, "
+           "unload_all_models) use every GPU of the process, and each of them belongs to a worker; inside a worker "
+           "they see that worker's device only, and a node that names another worker's GPU fails with a clear "
+           "error instead of using it")
+    checked_on = ("0.33.0",)
+
+    def check(self, comfy: Comfy) -> str | None:
+        mm = comfy.model_management
+        if not hasattr(mm, "get_all_torch_devices"):
+            return None  # 0.3.75: no such features, nothing to patch
+        return first_problem(
+            lambda: require_signature(mm.get_all_torch_devices, "get_all_torch_devices", "exclude_current"),
+            lambda: require_signature(mm.resolve_gpu_device_option, "resolve_gpu_device_option", "option"),
+        )
+
+    def _apply(self, comfy: Comfy) -> None:
+        mm = comfy.model_management
+        if not hasattr(mm, "get_all_torch_devices"):
+            return
+        original_all = mm.get_all_torch_devices
+        original_resolve = mm.resolve_gpu_device_option
+
+        def get_all_torch_devices(exclude_current: bool = False) -> list:
+            ctx = worker_context.current()
+            if ctx is None:
+                return original_all(exclude_current)
+            return [] if exclude_current else [mm.get_torch_device()]
+
+        def resolve_gpu_device_option(option: str) -> Any:
+            ctx = worker_context.current()
+            if ctx is None or not isinstance(option, str) or not option.startswith("gpu:"):
+                return original_resolve(option)
+            return device_for_option(option, original_all(False), mm.get_torch_device(), ctx.index)
+
+        self.log.replace_everywhere(mm, "get_all_torch_devices", get_all_torch_devices)
+        self.log.replace_everywhere(mm, "resolve_gpu_device_option", resolve_gpu_device_option)

@@ -18,7 +18,8 @@ globals on threads that are not device workers, so code on the event loop thread
 from __future__ import annotations
 
 from .base import CHECKED, Patch
-from .model_management import EmptyCachePerDevice, InterruptPerWorker, LoadedModelsPerWorker, PerWorkerList
+from .model_management import (DevicesPerWorker, EmptyCachePerDevice, InterruptPerWorker, LoadedModelsPerWorker,
+                               PerWorkerList)
 from .progress import ProgressRegistryPerWorker, ProgressStateToSubmitter
 from .prompt_server import (DeviceWorkers, EntryPorts, HookedPatch, QuietRetriedAttempt, ScopedQueueStatus,
                             ServerHooks, ServerSetup, ServerWorkerAttrs, WebsocketSendPerClient)
@@ -35,6 +36,7 @@ WORKER_STATE_PATCHES: tuple[type[Patch], ...] = (
     InterruptPerWorker,
     LoadedModelsPerWorker,
     EmptyCachePerDevice,
+    DevicesPerWorker,
     UniqueSaveCounters,
 )
 SERVER_PATCHES: tuple[type[HookedPatch], ...] = (DeviceWorkers, ServerSetup, EntryPorts, ScopedQueueStatus,

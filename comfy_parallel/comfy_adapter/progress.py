@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import worker_context
-from .base import CHECKED, Comfy, Patch, first_problem, require_callables, uses
+from .base import CHECKED, Comfy, Patch, first_problem, require_callables, require_signature, uses
 
 
 class ProgressRegistryPerWorker(Patch):
@@ -21,6 +21,10 @@ class ProgressRegistryPerWorker(Patch):
         return first_problem(
             lambda: require_callables(comfy.progress, "get_progress_state", "reset_progress_state", "ProgressRegistry"),
             lambda: uses(comfy.progress.reset_progress_state, "global_progress_registry"),
+            lambda: require_signature(comfy.progress.get_progress_state, "get_progress_state"),
+            lambda: require_signature(comfy.progress.reset_progress_state, "reset_progress_state", "prompt_id",
+                                      "dynprompt"),
+            lambda: require_signature(comfy.progress.ProgressRegistry, "ProgressRegistry", "prompt_id", "dynprompt"),
         )
 
     def _apply(self, comfy: Comfy) -> None:
@@ -79,6 +83,8 @@ class ProgressStateToSubmitter(Patch):
         return first_problem(
             lambda: require_callables(comfy.progress, "WebUIProgressHandler"),
             lambda: require_callables(comfy.progress.WebUIProgressHandler, "_send_progress_state"),
+            lambda: require_signature(comfy.progress.WebUIProgressHandler._send_progress_state,
+                                      "WebUIProgressHandler._send_progress_state", "self", "prompt_id", "nodes"),
         )
 
     def _apply(self, comfy: Comfy) -> None:

@@ -13,7 +13,8 @@ from collections import deque
 from typing import Any, Callable, Iterable, Protocol
 
 from .. import worker_context
-from .base import CHECKED, Comfy, Patch, first_problem, require_callables, uses
+from .base import (CHECKED, Comfy, Patch, does_not_use, first_problem, require_callables, require_parameters,
+                   require_signature, uses)
 
 log = logging.getLogger("comfy_parallel.adapter")
 
@@ -34,6 +35,30 @@ class ServerHooks(Protocol):
     def websocket_dropped(self, reason: str) -> None: ...
 
     def quiet_worker_message(self, event: str, data: Any) -> bool: ...
+
+
+def stock_prompt_worker(comfy: Comfy) -> Any:
+    """ComfyUI's own ``prompt_worker`` (also once ``device-workers`` has replaced it)."""
+    return getattr(comfy.main.prompt_worker, "__wrapped__", comfy.main.prompt_worker)
+
+
+def queue_contract_gaps(comfy: Comfy) -> str | None:
+    """Which methods of ComfyUI's ``PromptQueue`` the per-device queues that replace it do not offer.
+
+    ComfyUI's routes call these on ``PromptServer.prompt_queue``; one missing (0.33 added ``interrupt_if_running``
+    for the Jobs API) would answer a 500, or act on every device, at the first such request.
+    """
+    from ..queues import DeviceQueue, DeviceQueues
+
+    stock = getattr(comfy.execution, "PromptQueue", None)
+    if stock is None:
+        return "execution.PromptQueue is gone"
+    # prompt_worker's own calls go to its device's queue; everything else to the merged one
+    worker_side = ("get", "task_done")
+    missing = sorted(name for name, value in vars(stock).items()
+                     if callable(value) and not name.startswith("_") and not isinstance(value, type)
+                     and not callable(getattr(DeviceQueue if name in worker_side else DeviceQueues, name, None)))
+    return f"execution.PromptQueue has {', '.join(missing)}, which DeviceQueues lacks" if missing else None
 
 
 class _PerWorkerAttr:
@@ -70,7 +95,9 @@ class ServerWorkerAttrs(Patch):
             lambda: require_callables(comfy.server, "PromptServer"),
             lambda: require_callables(comfy.execution, "PromptExecutor"),
             lambda: uses(comfy.server.PromptServer.__init__, "client_id", "last_node_id"),
-            lambda: uses(comfy.main.prompt_worker, "last_prompt_id"),
+            lambda: uses(stock_prompt_worker(comfy), "last_prompt_id"),
+            # 0.38 stamps each prompt's workflow_metadata on the server object: one value for all workers again
+            lambda: does_not_use(stock_prompt_worker(comfy), "main.prompt_worker", "workflow_metadata"),
         )
 
     def _apply(self, comfy: Comfy) -> None:
@@ -94,6 +121,8 @@ class DeviceWorkers(HookedPatch):
         return first_problem(
             lambda: require_callables(comfy.main, "prompt_worker", "start_comfyui"),
             lambda: uses(comfy.main.start_comfyui, "prompt_worker"),
+            # the replacement takes and passes on exactly these (0.38 adds asset_manager)
+            lambda: require_signature(stock_prompt_worker(comfy), "main.prompt_worker", "q", "server_instance"),
         )
 
     def _apply(self, comfy: Comfy) -> None:
@@ -119,6 +148,7 @@ class ServerSetup(HookedPatch):
             lambda: require_callables(comfy.server.PromptServer, "add_routes"),
             lambda: uses(comfy.server.PromptServer.__init__, "routes", "app", "prompt_queue"),
             lambda: uses(comfy.server.PromptServer.add_routes, "app", "routes"),
+            lambda: queue_contract_gaps(comfy),
         )
 
     def _apply(self, comfy: Comfy) -> None:
@@ -140,7 +170,11 @@ class EntryPorts(HookedPatch):
     checked_on = CHECKED
 
     def check(self, comfy: Comfy) -> str | None:
-        return require_callables(comfy.server.PromptServer, "start_multi_address")
+        return first_problem(
+            lambda: require_callables(comfy.server.PromptServer, "start_multi_address"),
+            lambda: require_parameters(comfy.server.PromptServer.start_multi_address,
+                                       "PromptServer.start_multi_address", "self", "addresses"),
+        )
 
     def _apply(self, comfy: Comfy) -> None:
         original = comfy.server.PromptServer.start_multi_address
@@ -160,7 +194,10 @@ class ScopedQueueStatus(HookedPatch):
     checked_on = CHECKED
 
     def check(self, comfy: Comfy) -> str | None:
-        return require_callables(comfy.server.PromptServer, "queue_updated", "get_queue_info", "send_sync")
+        return first_problem(
+            lambda: require_callables(comfy.server.PromptServer, "queue_updated", "get_queue_info", "send_sync"),
+            lambda: require_signature(comfy.server.PromptServer.queue_updated, "PromptServer.queue_updated", "self"),
+        )
 
     def _apply(self, comfy: Comfy) -> None:
         hooks = self.hooks
@@ -182,10 +219,11 @@ class QuietRetriedAttempt(HookedPatch):
     def check(self, comfy: Comfy) -> str | None:
         return first_problem(
             lambda: require_callables(comfy.server.PromptServer, "send_sync"),
+            lambda: require_signature(comfy.server.PromptServer.send_sync, "PromptServer.send_sync", "self", "event",
+                                      "data", "sid"),
             lambda: require_callables(comfy.execution.PromptExecutor, "add_message"),
             lambda: uses(comfy.execution.PromptExecutor.add_message, "send_sync"),
-            lambda: uses(getattr(comfy.main.prompt_worker, "__wrapped__", comfy.main.prompt_worker),
-                          "send_sync", "task_done"),
+            lambda: uses(stock_prompt_worker(comfy), "send_sync", "task_done"),
         )
 
     def _apply(self, comfy: Comfy) -> None:
@@ -226,6 +264,8 @@ class WebsocketSendPerClient(HookedPatch):
         server = comfy.server
         return first_problem(
             lambda: require_callables(server, "send_socket_catch_exception"),
+            lambda: require_signature(server.send_socket_catch_exception, "server.send_socket_catch_exception",
+                                      "function", "message"),
             lambda: require_callables(server.PromptServer, "publish_loop", "send_json", "send_bytes"),
             lambda: uses(server.PromptServer.send_json, "send_socket_catch_exception"),
             lambda: uses(server.PromptServer.send_bytes, "send_socket_catch_exception"),

@@ -7,7 +7,7 @@ import sys
 import threading
 from typing import Any, Callable
 
-from .base import CHECKED, Comfy, Patch, require_callables, require_modules
+from .base import CHECKED, Comfy, Patch, require_callables, require_modules, require_parameters, require_signature
 
 
 class UniqueSaveCounters(Patch):
@@ -25,7 +25,11 @@ class UniqueSaveCounters(Patch):
         if save_image is None:
             return "nodes.SaveImage is missing"
         return (require_modules("folder_paths") or require_callables(sys.modules["folder_paths"], "get_save_image_path")
-                or require_callables(save_image, "save_images"))
+                or require_callables(save_image, "save_images")
+                or require_signature(sys.modules["folder_paths"].get_save_image_path,
+                                     "folder_paths.get_save_image_path", "filename_prefix", "output_dir",
+                                     "image_width", "image_height")
+                or require_parameters(save_image.save_images, "SaveImage.save_images", "self", "images"))
 
     def _apply(self, comfy: Comfy) -> None:
         fp = sys.modules["folder_paths"]

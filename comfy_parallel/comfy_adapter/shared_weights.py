@@ -21,7 +21,8 @@ import torch
 
 from .. import weights, worker_context
 from ..weights import FileKey, WeightStore
-from .base import CHECKED, Comfy, Patch, first_problem, require_callables, require_modules, require_parameters
+from .base import (CHECKED, Comfy, Patch, first_problem, require_callables, require_modules, require_parameters,
+                   require_signature)
 
 log = logging.getLogger("comfy_parallel.adapter")
 
@@ -225,6 +226,16 @@ class SharedModelLoaders(Patch):
             lambda: require_callables(comfy.nodes.LoraLoader, "load_lora"),
             lambda: None if "loaded_lora" in comfy.nodes.LoraLoader.__init__.__code__.co_names
             else "LoraLoader does not keep loaded_lora",
+            # the file argument is read by name or position; the node methods are called with these
+            lambda: require_parameters(sd.load_checkpoint_guess_config, "load_checkpoint_guess_config", "ckpt_path"),
+            lambda: require_parameters(sd.load_diffusion_model, "load_diffusion_model", "unet_path"),
+            lambda: require_parameters(sd.load_clip, "load_clip", "ckpt_paths"),
+            lambda: require_parameters(controlnet.load_controlnet, "load_controlnet", "ckpt_path"),
+            lambda: require_signature(comfy.nodes.VAELoader.load_vae, "VAELoader.load_vae", "self", "vae_name"),
+            lambda: require_signature(comfy.nodes.LoraLoader.load_lora, "LoraLoader.load_lora", "self", "model",
+                                      "clip", "lora_name", "strength_model", "strength_clip"),
+            lambda: require_parameters(sys.modules["comfy.utils"].load_torch_file, "load_torch_file", "ckpt",
+                                       "safe_load", "device", "return_metadata"),
         )
 
     def _apply(self, comfy: Comfy) -> None:
@@ -309,8 +320,12 @@ class HostLoadOnCpu(Patch):
     checked_on = CHECKED
 
     def check(self, comfy: Comfy) -> str | None:
-        return require_callables(comfy.model_management, "unet_inital_load_device", "text_encoder_initial_device",
-                                 "load_models_gpu")
+        mm = comfy.model_management
+        return first_problem(
+            lambda: require_callables(mm, "unet_inital_load_device", "text_encoder_initial_device", "load_models_gpu"),
+            lambda: require_parameters(mm.text_encoder_initial_device, "text_encoder_initial_device", "load_device",
+                                       "offload_device"),
+        )
 
     def _apply(self, comfy: Comfy) -> None:
         mm = comfy.model_management
@@ -413,8 +428,11 @@ class HostWeightsReadOnly(Patch):
     checked_on = CHECKED
 
     def check(self, comfy: Comfy) -> str | None:
-        return require_modules("comfy.utils") or require_callables(sys.modules["comfy.utils"], "copy_to_param",
-                                                                   "set_attr_param", "get_attr")
+        return require_modules("comfy.utils") or first_problem(
+            lambda: require_callables(sys.modules["comfy.utils"], "copy_to_param", "set_attr_param", "get_attr"),
+            lambda: require_signature(sys.modules["comfy.utils"].copy_to_param, "copy_to_param", "obj", "attr",
+                                      "value"),
+        )
 
     def _apply(self, comfy: Comfy) -> None:
         utils = sys.modules["comfy.utils"]
