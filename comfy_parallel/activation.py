@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from types import ModuleType
 
-from .comfy_adapter import Adapter, Comfy, active
+from .comfy_adapter import Adapter, AdapterError, Comfy, active
+from .comfy_adapter.model_management import dynamic_vram_problem
 from .multigpu import MultiDeviceServer
 from .settings import Settings
 
@@ -30,6 +31,8 @@ def activate(settings: Settings, main_module: ModuleType | None = None) -> Adapt
         log.info("comfy-parallel: already active in this process")
         return active()
     comfy = Comfy.from_sys_modules(main_module)
+    if not settings.cpu_mode and (problem := dynamic_vram_problem()) is not None:
+        raise AdapterError(problem)
     adapter = Adapter(comfy, MultiDeviceServer(settings), allow_unchecked=settings.allow_unchecked_comfyui).apply()
     log.info("comfy-parallel: ComfyUI %s patched (%s)", comfy.version, ", ".join(adapter.applied))
     return adapter
@@ -37,7 +40,7 @@ def activate(settings: Settings, main_module: ModuleType | None = None) -> Adapt
 
 def _graphs_only(comfy: Comfy, allow_unchecked: bool) -> None:
     """``--cuda-graphs on`` with one device: the graph patch alone, which needs no worker machinery."""
-    from .comfy_adapter import AdapterError, PatchStatus, gate
+    from .comfy_adapter import PatchStatus, gate
     from .comfy_adapter.cuda_graphs import CudaGraphs
 
     patch = CudaGraphs(concurrent=False)

@@ -217,6 +217,28 @@ def graph_safe_allocator(settings: Settings, comfy_args: list[str]) -> tuple[lis
             "workers need it (--cuda-graphs off or --cuda-malloc keep ComfyUI's default)")
 
 
+def classic_vram(settings: Settings, comfy_dir: Path, comfy_args: list[str]) -> tuple[list[str], str | None]:
+    """Add ``--disable-dynamic-vram`` for several CUDA workers on a ComfyUI that has DynamicVRAM (0.33+).
+
+    DynamicVRAM's state is process-wide (comfy_adapter.model_management.dynamic_vram_problem says what broke);
+    the choice is made before ComfyUI is imported, hence here. Raises ``SettingsError`` for an explicit
+    ``--enable-dynamic-vram``.
+    """
+    if not (settings.multi_device and not settings.cpu_mode):
+        return comfy_args, None
+    if "--enable-dynamic-vram" in comfy_args:
+        raise SettingsError("--enable-dynamic-vram: ComfyUI's DynamicVRAM keeps process-wide state that several "
+                            "workers corrupt (measured: a CUDA illegal memory access aborted the process); leave it "
+                            "out, and comfy-parallel starts ComfyUI with --disable-dynamic-vram")
+    cli_args = comfy_dir / "comfy" / "cli_args.py"
+    has_flag = cli_args.exists() and "--disable-dynamic-vram" in cli_args.read_text(errors="replace")
+    if not has_flag or "--disable-dynamic-vram" in comfy_args:
+        return comfy_args, None
+    return ([*comfy_args, "--disable-dynamic-vram"],
+            "ComfyUI runs with --disable-dynamic-vram: its DynamicVRAM state is process-wide, and several workers "
+            "broke it (README, 'ComfyUI versions')")
+
+
 def cmd_serve(args: argparse.Namespace, comfy_args: list[str]) -> int:
     try:
         settings = serve_settings(args)
@@ -227,6 +249,11 @@ def cmd_serve(args: argparse.Namespace, comfy_args: list[str]) -> int:
     if settings.cpu_mode and "--cpu" not in comfy_args:
         comfy_args = [*comfy_args, "--cpu"]
     comfy_args, allocator_note = graph_safe_allocator(settings, comfy_args)
+    try:
+        comfy_args, vram_note = classic_vram(settings, comfy_dir, comfy_args)
+    except SettingsError as err:
+        print(f"comfy-parallel serve: {err}", file=sys.stderr)
+        return 2
     if settings.multi_device and not settings.cpu_mode and "--cuda-device" in comfy_args:
         print("comfy-parallel serve: --cuda-device selects one GPU; use --devices instead", file=sys.stderr)
         return 2
@@ -239,8 +266,9 @@ def cmd_serve(args: argparse.Namespace, comfy_args: list[str]) -> int:
         print(f"comfy-parallel serve: {err}", file=sys.stderr)
         return 2
     log.info("comfy-parallel %s: ComfyUI at %s", __import__("comfy_parallel").__version__, comfy_dir)
-    if allocator_note:
-        log.info("comfy-parallel: %s", allocator_note)
+    for note in (allocator_note, vram_note):
+        if note:
+            log.info("comfy-parallel: %s", note)
     try:
         activate(settings, main_module)
     except AdapterError as err:

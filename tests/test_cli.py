@@ -60,3 +60,23 @@ def test_graphs_on_several_gpus_start_comfyui_on_the_native_allocator() -> None:
                             (Settings(devices=two_gpus, enabled=False), [])):
         assert graph_safe_allocator(settings, given) == (given, None), settings
 
+
+
+def test_several_gpus_start_comfyui_033_without_dynamic_vram(comfy_dir: Path) -> None:
+    import pytest
+
+    from comfy_parallel.cli import classic_vram
+    from comfy_parallel.settings import Settings, SettingsError, parse_devices
+
+    has_dynamic_vram = "--disable-dynamic-vram" in (comfy_dir / "comfy" / "cli_args.py").read_text()
+    two_gpus = Settings(devices=parse_devices("0,1"))
+    args, note = classic_vram(two_gpus, comfy_dir, ["--port", "1"])
+    if has_dynamic_vram:  # 0.33
+        assert args == ["--port", "1", "--disable-dynamic-vram"] and note and "process-wide" in note
+        with pytest.raises(SettingsError, match="--enable-dynamic-vram"):
+            classic_vram(two_gpus, comfy_dir, ["--enable-dynamic-vram"])
+    else:  # 0.3.75 has no such flag and no DynamicVRAM
+        assert (args, note) == (["--port", "1"], None)
+    for settings in (Settings(devices=parse_devices("0")), Settings(devices=parse_devices("cpu,cpu")),
+                     Settings(devices=parse_devices("0,1"), enabled=False)):
+        assert classic_vram(settings, comfy_dir, []) == ([], None), settings

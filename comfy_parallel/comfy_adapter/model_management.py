@@ -3,6 +3,7 @@ CUDA cache flush become per worker."""
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import MutableSequence
 from typing import Any
@@ -212,3 +213,21 @@ class DevicesPerWorker(Patch):
 
         self.log.replace_everywhere(mm, "get_all_torch_devices", get_all_torch_devices)
         self.log.replace_everywhere(mm, "resolve_gpu_device_option", resolve_gpu_device_option)
+
+
+def dynamic_vram_problem() -> str | None:
+    """Why this ComfyUI's model loading cannot serve several workers, or ``None``.
+
+    ComfyUI 0.33 turns on DynamicVRAM (comfy-aimdo, ``ModelPatcherDynamic``) by default on NVIDIA GPUs. Its state
+    is process-wide and reset after every node of any prompt (``model_prefetch.cleanup_prefetch_queues``,
+    ``reset_cast_buffers``), and it decides host residency and pinning itself. Measured with two workers on one
+    H200 (issue 13, two workers, shared weights off): 11 of 14 images differed from stock's, and with CUDA graphs
+    off too a CUDA illegal memory access aborted the process. ``comfy-parallel serve`` starts such a ComfyUI with
+    ``--disable-dynamic-vram``.
+    """
+    memory_management = sys.modules.get("comfy.memory_management")
+    if getattr(memory_management, "aimdo_enabled", False):
+        return ("ComfyUI runs with DynamicVRAM (comfy-aimdo), whose state is process-wide: with several workers it "
+                "aborted the process (CUDA illegal memory access) and changed images. Start ComfyUI with "
+                "--disable-dynamic-vram (comfy-parallel serve does so by itself)")
+    return None
