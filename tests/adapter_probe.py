@@ -104,6 +104,37 @@ def copy_on_write_check() -> bool:
             and bool(torch.all(plain.weight == 7.0)))
 
 
+def ram_release_check() -> bool | str:
+    """0.33: each worker registers and calls its own RAM-pressure release; the headroom is the largest running."""
+    import threading
+
+    mem = sys.modules.get("comfy.memory_management")
+    if mem is None or not hasattr(mem, "set_ram_cache_release_state"):
+        return "n/a"
+    from comfy_parallel import worker_context
+    from comfy_parallel.settings import DeviceSpec
+
+    calls: list[tuple[int, int]] = []
+    both_set, headrooms = threading.Barrier(2), {}
+
+    def worker(index: int, headroom: int) -> None:
+        worker_context.bind(worker_context.WorkerContext(DeviceSpec(index, "cpu")))
+        mem.set_ram_cache_release_state(lambda target, free_active=False: calls.append((index, target)) or index,
+                                        headroom)
+        both_set.wait()
+        headrooms[index] = mem.RAM_CACHE_HEADROOM
+        assert mem.extra_ram_release(100 + index) == index
+        both_set.wait()
+        mem.set_ram_cache_release_state(None, 0)
+
+    threads = [threading.Thread(target=worker, args=(i, h)) for i, h in ((0, 5), (1, 9))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sorted(calls) == [(0, 100), (1, 101)] and headrooms == {0: 9, 1: 9} and mem.RAM_CACHE_HEADROOM == 0
+
+
 def main() -> None:
     comfy_dir = sys.argv[1]
     mode = sys.argv[2] if len(sys.argv) > 2 else ""
@@ -163,6 +194,7 @@ def main() -> None:
     result["execution_sees_patch"] = execution.get_progress_state is comfy.progress.get_progress_state
     result["noise_is_private_and_stock_equal"] = noise_check(comfy)
     result["host_copy_on_write"] = copy_on_write_check()
+    result["ram_release_per_worker"] = ram_release_check()
     adapter.undo()
     after = snapshot(comfy)
     result["restored"] = after == before

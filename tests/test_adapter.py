@@ -30,7 +30,7 @@ def test_patches_apply_are_idempotent_and_undo(comfy_dir: Path) -> None:
         "empty-cache-per-device", "unique-save-counters", "device-workers", "server-setup", "entry-ports", "scoped-queue-status",
         "websocket-send-per-client", "quiet-retried-attempt",
         "host-load-on-cpu", "host-weights-read-only", "view-bulk-load", "shared-model-loaders",
-        "cuda-graphs", "devices-per-worker"}
+        "cuda-graphs", "devices-per-worker", "ram-release-per-worker"}
     for name in ("comfy.model_management.current_loaded_models", "comfy.model_management.soft_empty_cache",
                  "execution.get_progress_state", "main.get_progress_state", "main.prompt_worker",
                  "PromptServer.client_id", "PromptServer.add_routes", "server.send_socket_catch_exception",
@@ -44,6 +44,9 @@ def test_patches_apply_are_idempotent_and_undo(comfy_dir: Path) -> None:
     assert result["execution_sees_patch"] is True
     assert result["noise_is_private_and_stock_equal"] is True
     assert result["host_copy_on_write"] is True
+    memory_management = comfy_dir / "comfy" / "memory_management.py"
+    has_ram_hook = memory_management.exists() and "set_ram_cache_release_state" in memory_management.read_text()
+    assert result["ram_release_per_worker"] == (True if has_ram_hook else "n/a")  # 0.33 has the hook, 0.3.75 not
     assert result["second_apply_is_noop"] is True
     assert result["restored"] is True, result["not_restored"]
     assert result["loaded_models_type_after"] == "list"

@@ -10,6 +10,7 @@ globals on threads that are not device workers, so code on the event loop thread
 | progress | comfy_execution.progress |
 | sampling | comfy.sample (noise) |
 | model_management | comfy.model_management (interrupts, loaded models, cache flushes, devices) |
+| ram_cache | comfy.memory_management's RAM-pressure cache hook (0.33) |
 | save_image | folder_paths, SaveImage (file numbers) |
 | shared_weights | comfy.sd / nodes loaders, ModelPatcher, comfy.utils (one host copy per file) |
 | cuda_graphs | the SD1.x/SDXL UNet's forward |
@@ -23,6 +24,7 @@ from .model_management import (DevicesPerWorker, EmptyCachePerDevice, InterruptP
 from .progress import ProgressRegistryPerWorker, ProgressStateToSubmitter
 from .prompt_server import (DeviceWorkers, EntryPorts, HookedPatch, QuietRetriedAttempt, ScopedQueueStatus,
                             ServerHooks, ServerSetup, ServerWorkerAttrs, WebsocketSendPerClient)
+from .ram_cache import RamReleasePerWorker
 from .sampling import SeededGeneratorPerCall
 from .save_image import UniqueSaveCounters
 
@@ -37,6 +39,7 @@ WORKER_STATE_PATCHES: tuple[type[Patch], ...] = (
     LoadedModelsPerWorker,
     EmptyCachePerDevice,
     DevicesPerWorker,
+    RamReleasePerWorker,
     UniqueSaveCounters,
 )
 SERVER_PATCHES: tuple[type[HookedPatch], ...] = (DeviceWorkers, ServerSetup, EntryPorts, ScopedQueueStatus,
