@@ -1,4 +1,5 @@
-"""Figures of the reliability tests (load, faults), collected in test-artifacts/reliability.json.
+"""Figures of the reliability tests (load, faults) and of upstream's suite (conformance), collected in
+test-artifacts/reliability.json.
 
 Tests call :func:`record`; several pytest processes may write at once, so every write is a read-modify-write of
 the whole file under an exclusive ``fcntl`` lock. ``conftest.py`` clears the file when a session starts and
@@ -105,29 +106,67 @@ def _cell(value: Figure | None) -> str:
     return str(value)
 
 
+# Sections recorded by tests/test_upstream_execution.py: upstream's own suite run against stock and the drop-in.
+# Their figures are per server (``stock_passed``, ``dropin_passed``, ...), so they get a table of their own.
+CONFORMANCE = "conformance"
+CONFORMANCE_RUNS: tuple[tuple[str, str], ...] = (("stock", "stock"), ("dropin", "drop-in, {workers} CPU workers"))
+CONFORMANCE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("passed", "passed"), ("failed", "failed"), ("skipped", "skipped"), ("wall s", "wall_s"))
+
+
+def _conformance_lines(rows: list[tuple[str, dict[str, Figure]]]) -> list[str]:
+    """One row per server (stock, drop-in) of each conformance section; the two runs went at the same time."""
+    lines = [
+        "", "## Conformance: upstream's own tests, unmodified", "",
+        "Stock ComfyUI and the drop-in run the suite at the same time, each from its own copy of the ComfyUI tree,",
+        "with upstream's `--skip-timing-checks` (`tests/test_upstream_execution.py`).",
+        "",
+        "| suite | ComfyUI | server | " + " | ".join(h for h, _ in CONFORMANCE_COLUMNS) + " |",
+        "|---|---|---|" + "---|" * len(CONFORMANCE_COLUMNS),
+    ]
+    for _, figs in rows:
+        for prefix, label in CONFORMANCE_RUNS:
+            cells = [str(figs.get("suite", "-")), str(figs.get("comfyui", "-")),
+                     label.format(workers=figs.get("dropin_workers", "?"))]
+            cells += [_cell(figs.get(f"{prefix}_{key}")) for _, key in CONFORMANCE_COLUMNS]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_markdown(sections: dict[str, dict[str, Figure]], command: str,
                     when: _dt.datetime | None = None) -> str:
-    """The committed summary: one row per section and ComfyUI version, then every other figure recorded."""
+    """The committed summary: one row per section and ComfyUI version, the conformance runs, then every other
+    figure recorded."""
     when = when or _dt.datetime.now(_dt.timezone.utc)
     shown = {key for _, key in COLUMNS} | {"comfyui", "section", "_session"}
+    shown_conformance = {"comfyui", "section", "_session", "suite", "dropin_workers"} | {
+        f"{prefix}_{key}" for prefix, _ in CONFORMANCE_RUNS for _, key in CONFORMANCE_COLUMNS}
     rows = sorted(sections.items(), key=lambda kv: (str(kv[1].get("section", kv[0])), str(kv[1].get("comfyui", ""))))
+    conformance = [(name, figs) for name, figs in rows if figs.get("section") == CONFORMANCE]
+    rows = [(name, figs) for name, figs in rows if figs.get("section") != CONFORMANCE]
     lines = [
         "# Reliability results",
         "",
         f"Produced by `make test` (this file: `{command}`) on {when.strftime('%Y-%m-%d %H:%M UTC')}.",
         "Real ComfyUI, real HTTP and websockets on 127.0.0.1, three CPU workers standing in for GPUs.",
         "Rendered from `test-artifacts/reliability.json` by `tests/conftest.py` at the end of the session.",
-        "",
-        "| section | ComfyUI | " + " | ".join(h for h, _ in COLUMNS) + " |",
-        "|---|---|" + "---|" * len(COLUMNS),
     ]
+    if rows:
+        lines += [
+            "",
+            "| section | ComfyUI | " + " | ".join(h for h, _ in COLUMNS) + " |",
+            "|---|---|" + "---|" * len(COLUMNS),
+        ]
     for name, figs in rows:
         cells = [str(figs.get("section", name)), str(figs.get("comfyui", "-"))]
         cells += [_cell(figs.get(key)) for _, key in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
+    if conformance:
+        lines += _conformance_lines(conformance)
     lines += ["", "## Other figures", ""]
-    for name, figs in rows:
-        extra = {k: v for k, v in figs.items() if k not in shown}
+    for name, figs in rows + conformance:
+        extra = {k: v for k, v in figs.items()
+                 if k not in (shown_conformance if figs.get("section") == CONFORMANCE else shown)}
         if extra:
             details = ", ".join(f"{k}={_cell(v)}" for k, v in sorted(extra.items()))
             lines.append(f"- {name}: {details}")
