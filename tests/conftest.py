@@ -99,12 +99,24 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     reliability_results.clear(uuid.uuid4().hex)
 
 
+def full_run(config: pytest.Config) -> bool:
+    """Did this session run the whole suite (no paths, -k, -m, --lf or --deselect, every version)?
+
+    tests/results/reliability.md must come from a full run; a partial run's figures would replace the whole file.
+    """
+    option = config.option
+    return (config.args_source == pytest.Config.ArgsSource.TESTPATHS and not option.keyword and not option.markexpr
+            and not getattr(option, "lf", False) and not getattr(option, "deselect", None)
+            and not SKIPPED_VERSIONS and not os.environ.get("COMFY_TEST_COMFYUI")
+            and "COMFY_TEST_VERSIONS" not in os.environ)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Render the reliability figures this run recorded (none: the committed file stays as it is)."""
+    """Render the reliability figures of a full run (a partial run leaves the committed file as it is)."""
     import reliability_results
 
     session_id = os.environ.get(reliability_results.SESSION_ENV)
-    if not session_id:
+    if not session_id or not full_run(session.config):
         return
     args = " ".join(session.config.invocation_params.args)
     command = f"COMFY_TEST_VERSIONS={','.join(VERSIONS)} python -m pytest {args}".rstrip()
