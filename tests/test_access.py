@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from harness import Server, sleep_prompt
+from harness import Server, prompt_id_for, sleep_prompt
 
 from comfy_parallel.cli import build_parser, serve_settings
 
@@ -59,7 +59,10 @@ def test_interrupt_needs_the_token_only_when_it_stops_everything(guarded: Server
     assert_denied(s.post("/interrupt", {}), "untargeted /interrupt")
     assert_denied(s.post("/api/interrupt", {}), "untargeted /api/interrupt")
     assert s.post("/interrupt", {}, headers=bearer()).status == 200
+    # an id that runs nowhere, in both spellings: /interrupt takes any string on 0.3.75 and 0.33 alike (only
+    # 0.33's /prompt insists on a UUID), and a targeted interrupt never needs the token
     assert s.post("/interrupt", {"prompt_id": "not-running"}).status == 200
+    assert s.post("/interrupt", {"prompt_id": prompt_id_for("not-running")}).status == 200
     assert s.post("/interrupt", {}, headers={"X-TARGET-GPU": "1"}).status == 200
     assert s.post("/gpu1/interrupt", {}).status == 200
     assert s.post("/interrupt", {}, base=s.entry_url(0)).status == 200

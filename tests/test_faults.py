@@ -23,14 +23,15 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 import reliability_results
-from harness import Server
+from harness import Server, prompt_id_for, tag_of
 
 TERMINAL = ("execution_success", "execution_error", "execution_interrupted")
 
 
 def sleep_body(prompt_id: str, client_id: str | None, seconds: float = 0.0, steps: int = 1) -> dict:
+    """A CPSleep prompt whose record carries the id's readable tag."""
     body: dict = {"prompt": {"1": {"class_type": "CPSleep", "inputs": {"seconds": seconds, "steps": steps,
-                                                                        "tag": prompt_id}}},
+                                                                        "tag": tag_of(prompt_id)}}},
                   "prompt_id": prompt_id}
     if client_id is not None:
         body["client_id"] = client_id
@@ -90,7 +91,7 @@ class Api:
             if entry is not None:
                 return entry
             await asyncio.sleep(0.05)
-        raise AssertionError(f"prompt {prompt_id} not in /history after {timeout}s")
+        raise AssertionError(f"prompt {tag_of(prompt_id)} ({prompt_id}) not in /history after {timeout}s")
 
     async def metrics(self) -> str:
         async with self.session.get(self.server.url + "/metrics") as resp:
@@ -213,7 +214,7 @@ async def test_worker_faults_under_traffic(idle_multi: Server) -> None:
             rng = random.Random(7)
             i = 0
             while not stop.is_set():
-                pid = f"bg-{run}-{i:04d}"
+                pid = prompt_id_for(f"bg-{run}-{i:04d}")
                 device = rng.choice([None, 0, 1, 2])
                 await api.submit(sleep_body(pid, bg_cid, 0.02), device)
                 background.append(pid)
@@ -224,7 +225,7 @@ async def test_worker_faults_under_traffic(idle_multi: Server) -> None:
         await asyncio.sleep(0.5)
 
         async def next_prompt_served(device: int) -> bool:
-            pid = f"next-{uuid.uuid4().hex[:8]}"
+            pid = prompt_id_for(f"next-{uuid.uuid4().hex[:8]}-{run}")
             await api.submit(sleep_body(pid, fault_cid), device)
             entry = await api.wait_history(pid)
             return entry["status"]["status_str"] == "success" and entry["gpu_id"] == device
@@ -235,8 +236,8 @@ async def test_worker_faults_under_traffic(idle_multi: Server) -> None:
 
         # out of memory once: freed and retried, the prompt succeeds
         oom_before = await api.metric("comfy_parallel_oom_total", device="1")
-        pid = f"oom1-{run}"
-        await api.submit(node_body(pid, fault_cid, "CPOOM", times=1, tag=pid), 1)
+        pid = prompt_id_for(f"oom1-{run}")
+        await api.submit(node_body(pid, fault_cid, "CPOOM", times=1, tag=tag_of(pid)), 1)
         entry = await api.wait_history(pid)
         tally.check("oom_retried", {
             "success after retry": entry["status"]["status_str"] == "success" and entry["gpu_id"] == 1,
@@ -248,8 +249,8 @@ async def test_worker_faults_under_traffic(idle_multi: Server) -> None:
 
         # out of memory twice: recorded as an error naming the second OOM
         oom_before = await api.metric("comfy_parallel_oom_total", device="1")
-        pid = f"oom2-{run}"
-        await api.submit(node_body(pid, fault_cid, "CPOOM", times=2, tag=pid), 1)
+        pid = prompt_id_for(f"oom2-{run}")
+        await api.submit(node_body(pid, fault_cid, "CPOOM", times=2, tag=tag_of(pid)), 1)
         entry = await api.wait_history(pid)
         events = [event for event, _ in entry["status"]["messages"]]
         tally.check("oom_twice", {
@@ -261,13 +262,13 @@ async def test_worker_faults_under_traffic(idle_multi: Server) -> None:
 
         # an exception in a node
         errors_before = await api.metric("comfy_parallel_prompts_total", device="0", outcome="error")
-        pid = f"fail-{run}"
-        await api.submit(node_body(pid, fault_cid, "CPFail", message=f"injected {pid}"), 0)
+        pid = prompt_id_for(f"fail-{run}")
+        await api.submit(node_body(pid, fault_cid, "CPFail", message=f"injected {tag_of(pid)}"), 0)
         entry = await api.wait_history(pid)
         error = dict(entry["status"]["messages"]).get("execution_error", {})
         tally.check("node_exception", {
             "error recorded": entry["status"]["status_str"] == "error"
-            and error.get("exception_message", "").strip() == f"injected {pid}",
+            and error.get("exception_message", "").strip() == f"injected {tag_of(pid)}",
             "error counted": await api.metric("comfy_parallel_prompts_total", device="0", outcome="error")
             == errors_before + 1,
             "submitter told": await told(pid, "execution_error"),
@@ -276,8 +277,8 @@ async def test_worker_faults_under_traffic(idle_multi: Server) -> None:
 
         # a BaseException that ends the worker's loop: the prompt is recorded, the worker starts again
         restarts_before = await api.metric("comfy_parallel_worker_restarts_total", device="2", reason="crash")
-        pid = f"crash-{run}"
-        await api.submit(node_body(pid, fault_cid, "CPCrash", tag=pid), 2)
+        pid = prompt_id_for(f"crash-{run}")
+        await api.submit(node_body(pid, fault_cid, "CPCrash", tag=tag_of(pid)), 2)
         entry = await api.wait_history(pid)
         tally.check("worker_crash", {
             "error recorded": entry["status"]["status_str"] == "error" and "crashed" in str(entry["status"]),
@@ -296,12 +297,12 @@ async def test_worker_faults_under_traffic(idle_multi: Server) -> None:
         await bg_ws.close()
         await fault_ws.close()
 
-    lost = [pid for pid, e in bg_entries.items() if e is None]
-    failed = [pid for pid, e in bg_entries.items() if e is not None and e["status"]["status_str"] != "success"]
-    foreign = [(kind, pid) for kind, pid, _ in bg_ws.messages if not pid.startswith(f"bg-{run}-")]
-    foreign += [(kind, pid) for kind, pid, _ in fault_ws.messages
-                if not (pid.endswith(f"-{run}") or pid.startswith("next-"))]
-    successes = Counter(pid for kind, pid, _ in bg_ws.messages if kind == "execution_success")
+    lost = [tag_of(pid) for pid, e in bg_entries.items() if e is None]
+    failed = [tag_of(pid) for pid, e in bg_entries.items()
+              if e is not None and e["status"]["status_str"] != "success"]
+    foreign = [(kind, tag_of(pid)) for kind, pid, _ in bg_ws.messages if not tag_of(pid).startswith(f"bg-{run}-")]
+    foreign += [(kind, tag_of(pid)) for kind, pid, _ in fault_ws.messages if not tag_of(pid).endswith(f"-{run}")]
+    successes = Counter(tag_of(pid) for kind, pid, _ in bg_ws.messages if kind == "execution_success")
     reliability_results.record(f"faults: worker ({_version(s)})", {
         "section": "faults: worker", "comfyui": _version(s), "prompts_sent": len(background) + 4 + 4,
         "lost": len(lost), "duplicated": sum(n - 1 for n in successes.values() if n > 1),
@@ -354,7 +355,7 @@ async def test_clients_that_leave(idle_multi: Server) -> None:
         clients_before = await api.metric("comfy_parallel_websocket_clients")
         ws = await Listener.connect(session, f"{s.url}/gpu0/ws?clientId={cid}")
         connected = await api.metric("comfy_parallel_websocket_clients") == clients_before + 1
-        pid = f"wsleft-{run}"
+        pid = prompt_id_for(f"wsleft-{run}")
         await api.submit(sleep_body(pid, cid, 1.0, 10), 0)
         sent += 1
         deadline = time.monotonic() + 20
@@ -366,7 +367,7 @@ async def test_clients_that_leave(idle_multi: Server) -> None:
         gone = await api.metric_becomes(clients_before, "comfy_parallel_websocket_clients")
         # the same client comes back and gets its next prompt's messages
         back = await Listener.connect(session, f"{s.url}/gpu0/ws?clientId={cid}")
-        pid2 = f"wsback-{run}"
+        pid2 = prompt_id_for(f"wsback-{run}")
         await api.submit(sleep_body(pid2, cid), 0)
         sent += 1
         told = await back.wait_terminal([pid2], 10)
@@ -381,7 +382,7 @@ async def test_clients_that_leave(idle_multi: Server) -> None:
 
         # an HTTP client that sends its POST and leaves before the answer (FIN, then RST)
         for reset in (False, True):
-            pid = f"httpleft-{'rst' if reset else 'fin'}-{run}"
+            pid = prompt_id_for(f"httpleft-{'rst' if reset else 'fin'}-{run}")
             success_before = await api.metric("comfy_parallel_prompts_total", device="1", outcome="success")
             raw = _post_bytes("/gpu1/prompt", s.port, json.dumps(sleep_body(pid, None, 0.05)).encode())
             await asyncio.get_running_loop().run_in_executor(None, _raw_http, s.port, raw, reset)
@@ -391,7 +392,7 @@ async def test_clients_that_leave(idle_multi: Server) -> None:
             except AssertionError:
                 entry = None
             success_after = await api.metric("comfy_parallel_prompts_total", device="1", outcome="success")
-            nxt = f"after-{pid}"
+            nxt = prompt_id_for(f"after-{tag_of(pid)}")
             await api.submit(sleep_body(nxt, None), 1)
             sent += 1
             served = (await api.wait_history(nxt))["status"]["status_str"] == "success"
@@ -403,7 +404,7 @@ async def test_clients_that_leave(idle_multi: Server) -> None:
             })
 
         # an HTTP client that leaves halfway through its body: nothing is queued, nothing breaks
-        pid = f"halfbody-{run}"
+        pid = prompt_id_for(f"halfbody-{run}")
         log_mark = len(s.log())
         left_before = await api.metric("comfy_parallel_http_clients_left_total")
         body = json.dumps(sleep_body(pid, None)).encode()
@@ -411,7 +412,7 @@ async def test_clients_that_leave(idle_multi: Server) -> None:
         await asyncio.get_running_loop().run_in_executor(None, _raw_http, s.port, raw, True)
         sent += 1
         await asyncio.sleep(1.0)
-        nxt = f"after-{pid}"
+        nxt = prompt_id_for(f"after-{tag_of(pid)}")
         await api.submit(sleep_body(nxt, None))
         sent += 1
         tally.check("http_left_mid_body", {
@@ -466,8 +467,8 @@ async def test_websocket_client_that_never_reads(idle_multi: Server) -> None:
     tally = Tally()
     began = time.monotonic()
     slow_cid, fast_cid = f"slow-{run}", f"fast-{run}"
-    slow_ids = [f"slow-{run}-{i:02d}" for i in range(SLOW_PROMPTS)]
-    fast_ids = [f"fast-{run}-{i:02d}" for i in range(9)]
+    slow_ids = [prompt_id_for(f"slow-{run}-{i:02d}") for i in range(SLOW_PROMPTS)]
+    fast_ids = [prompt_id_for(f"fast-{run}-{i:02d}") for i in range(9)]
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         api = Api(s, session)
         text = await api.metrics()
@@ -478,7 +479,7 @@ async def test_websocket_client_that_never_reads(idle_multi: Server) -> None:
                                                                 f"/ws?clientId={slow_cid}")
         fast = await Listener.connect(session, f"{s.url}/ws?clientId={fast_cid}")
         for i, pid in enumerate(slow_ids):
-            await api.submit(node_body(pid, slow_cid, "CPBigOutput", kilobytes=SLOW_KB, tag=pid), i % 3)
+            await api.submit(node_body(pid, slow_cid, "CPBigOutput", kilobytes=SLOW_KB, tag=tag_of(pid)), i % 3)
         for pid in slow_ids:
             await api.wait_history(pid, timeout=60)
         # the slow client's outputs are all sent (or stuck in its socket) by now; everyone else must still be served

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 import reliability_results
-from harness import Server
+from harness import Server, prompt_id_for, tag_of
 
 N_PROMPTS = 1000
 ROUTES = ("header", "port", "prefix", "auto")
@@ -30,11 +30,15 @@ DEADLINE_S = 150
 
 @dataclass
 class Planned:
-    prompt_id: str
+    tag: str  # load-<run>-<i>: readable, in failure messages and the CPSleep record
     route: str
     device: int | None  # None: untargeted, the server picks
     client: str
     assigned: int | None = None
+    prompt_id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.prompt_id = prompt_id_for(self.tag)
 
 
 @dataclass
@@ -88,6 +92,14 @@ def _request_of(s: Server, p: Planned) -> tuple[str, dict[str, str]]:
     return s.url + "/prompt", {}
 
 
+def _record_tag(entry: dict) -> str:
+    """The tag the CPSleep record of a history entry carries ("" when it has no record, e.g. it failed)."""
+    try:
+        return str(entry["outputs"]["1"]["record"][0]["tag"])
+    except (KeyError, IndexError, TypeError):
+        return ""
+
+
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     keys = [k for k, _ in pairs]
     dupes = [k for k, n in Counter(keys).items() if n > 1]
@@ -126,19 +138,19 @@ async def test_thousand_prompts_over_every_route(idle_multi: Server) -> None:
         async def submit(p: Planned) -> None:
             url, headers = _request_of(s, p)
             body = {"prompt": {"1": {"class_type": "CPSleep",
-                                     "inputs": {"seconds": 0.0, "steps": 1, "tag": p.prompt_id}}},
+                                     "inputs": {"seconds": 0.0, "steps": 1, "tag": p.tag}}},
                     "client_id": by_name[p.client].client_id, "prompt_id": p.prompt_id}
             async with gate:
                 async with session.post(url, json=body, headers=headers) as resp:
                     statuses[resp.status] += 1
                     text = await resp.text()
             if resp.status != 200:
-                failures.append(f"{p.route} {p.prompt_id}: HTTP {resp.status} {text[:200]}")
+                failures.append(f"{p.route} {p.tag}: HTTP {resp.status} {text[:200]}")
                 return
             answer = json.loads(text)
             p.assigned = answer.get("gpu_id")
             if answer.get("prompt_id") != p.prompt_id:
-                failures.append(f"{p.prompt_id}: answered prompt_id {answer.get('prompt_id')}")
+                failures.append(f"{p.tag}: answered prompt_id {answer.get('prompt_id')} for {p.prompt_id}")
 
         started = time.monotonic()
         await asyncio.gather(*(submit(p) for p in plan))
@@ -158,20 +170,24 @@ async def test_thousand_prompts_over_every_route(idle_multi: Server) -> None:
             statuses[resp.status] += 1
             history = json.loads(await resp.text(), object_pairs_hook=_no_duplicate_keys)
 
-    ours = {pid: entry for pid, entry in history.items() if pid.startswith(f"load-{run}-")}
-    lost = [p.prompt_id for p in plan if p.prompt_id not in ours]
+    # ours: by the id's tag, or by the tag the prompt itself ran with (an entry of ours under an id we never sent)
+    mine = f"load-{run}-"
+    ours = {pid: entry for pid, entry in history.items()
+            if tag_of(pid).startswith(mine) or _record_tag(entry).startswith(mine)}
+    lost = [p.tag for p in plan if p.prompt_id not in ours]
     planned_ids = {p.prompt_id for p in plan}
-    extra = [pid for pid in ours if pid not in planned_ids]
-    not_success = [pid for pid, e in ours.items() if e["status"]["status_str"] != "success"]
+    extra = [f"{tag_of(pid)} ran {_record_tag(e) or 'no record'}" for pid, e in ours.items()
+             if pid not in planned_ids or _record_tag(e) not in ("", tag_of(pid))]
+    not_success = [tag_of(pid) for pid, e in ours.items() if e["status"]["status_str"] != "success"]
     wrong_device = []
     for p in plan:
         entry = ours.get(p.prompt_id)
         want = p.device if p.device is not None else p.assigned
         if p.device is not None and p.assigned != p.device:
-            wrong_device.append(f"{p.prompt_id} routed {p.route}={p.device}, answered gpu_id {p.assigned}")
+            wrong_device.append(f"{p.tag} routed {p.route}={p.device}, answered gpu_id {p.assigned}")
         elif entry is not None and (entry.get("gpu_id") != want
                                     or entry["outputs"]["1"]["record"][0]["thread"] != f"comfy-parallel-worker-{want}"):
-            wrong_device.append(f"{p.prompt_id} routed {p.route}={want}, ran on {entry.get('gpu_id')}")
+            wrong_device.append(f"{p.tag} routed {p.route}={want}, ran on {entry.get('gpu_id')}")
 
     misdelivered: list[str] = []
     duplicated: list[str] = []
@@ -179,14 +195,14 @@ async def test_thousand_prompts_over_every_route(idle_multi: Server) -> None:
     for c in clients:
         for kind, pid in c.events:
             if pid not in c.expected:
-                misdelivered.append(f"{c.name} got {kind} of {pid}")
+                misdelivered.append(f"{c.name} got {kind} of {tag_of(pid)}")
         counts = Counter(c.events)
         for pid in c.expected:
             if counts[("execution_success", pid)] > 1 or counts[("execution_start", pid)] > 1:
-                duplicated.append(pid)
+                duplicated.append(tag_of(pid))
             absent = [k for k in EXECUTION_EVENTS if counts[(k, pid)] == 0]
             if absent:
-                missing_events.append(f"{c.name} {pid} lacks {absent}")
+                missing_events.append(f"{c.name} {tag_of(pid)} lacks {absent}")
     http_5xx = sum(n for status, n in statuses.items() if status >= 500)
     routes = Counter(p.route for p in plan)
     auto_spread = Counter(p.assigned for p in plan if p.route == "auto")

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import reliability_results
-from harness import Server, request, sleep_prompt
+from harness import Server, prompt_id_for, request, sleep_prompt
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -504,6 +504,8 @@ def test_interrupt_bodies(probe: Probe) -> None:
     @SETTINGS
     @given(where=wheres, prompt_id=id_strings.filter(lambda s: s != ""), extra=st.dictionaries(
         st.sampled_from(["x", "client_id"]), json_values, max_size=2))
+    @example(where=Where(), prompt_id=prompt_id_for("interrupt-unknown"), extra={})  # what a 0.33 client sends
+    @example(where=Where(port=1), prompt_id=prompt_id_for("interrupt-unknown"), extra={})
     def harmless_property(where: Where, prompt_id: str, extra: dict) -> None:
         reply = probe.send("POST", "/interrupt", encode({**extra, "prompt_id": prompt_id}), where=where)
         assert_ok(reply, (prompt_id, where))

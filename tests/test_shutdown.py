@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import reliability_results
-from harness import ARTIFACTS, Server, record_of, sleep_prompt
+from harness import ARTIFACTS, Server, prompt_id_for, record_of, sleep_prompt, tag_of
 
 from comfy_parallel.persistence import QUEUED, RUNNING, PersistedPrompt, PromptStore, as_queue_item
 
@@ -63,23 +63,25 @@ def test_store_keeps_order_and_drops_secrets(tmp_path: Path) -> None:
     store = PromptStore(tmp_path / "q" / "queue.sqlite3")
     assert store.load() == [] and store.count() == 0
     secret = "sk-" + uuid.uuid4().hex
+    late, front, cut = (prompt_id_for(f"store-{name}") for name in ("late", "front", "cut"))  # UUIDs, as on 0.33
     items = [
-        PersistedPrompt(2, (7, "late", {"1": {}}, {"client_id": "c1"}, ["1"], {"auth_token_comfy_org": secret}),
+        PersistedPrompt(2, (7, late, {"1": {}}, {"client_id": "c1"}, ["1"], {"auth_token_comfy_org": secret}),
                         QUEUED),
-        PersistedPrompt(0, (-3, "front", {"1": {}}, {"api_key_comfy_org": secret, "x": 1}, ["1"]), QUEUED),
-        PersistedPrompt(1, (5.5, "cut", {"1": {}}, {}, ["1"], {}), RUNNING),
+        PersistedPrompt(0, (-3, front, {"1": {}}, {"api_key_comfy_org": secret, "x": 1}, ["1"]), QUEUED),
+        PersistedPrompt(1, (5.5, cut, {"1": {}}, {}, ["1"], {}), RUNNING),
     ]
-    assert sorted(store.save(items)) == ["cut", "front", "late"]
+    assert sorted(store.save(items)) == sorted([cut, front, late])
     assert secret.encode() not in (tmp_path / "q" / "queue.sqlite3").read_bytes()
     loaded = store.load()
-    assert [p.prompt_id for p in loaded] == ["front", "cut", "late"]  # number order
-    late = loaded[2]
-    assert late.gpu_id == 2 and late.item[3] == {"client_id": "c1"} and late.dropped_keys == ("auth_token_comfy_org",)
+    assert [tag_of(p.prompt_id) for p in loaded] == ["store-front", "store-cut", "store-late"]  # number order
+    stored_late = loaded[2]
+    assert (stored_late.gpu_id == 2 and stored_late.item[3] == {"client_id": "c1"}
+            and stored_late.dropped_keys == ("auth_token_comfy_org",))
     assert loaded[0].item[3] == {"x": 1} and loaded[1].state == RUNNING
-    assert as_queue_item(late, 6) == (7, "late", {"1": {}}, {"client_id": "c1"}, ["1"], {})
-    assert as_queue_item(late, 5) == (7, "late", {"1": {}}, {"client_id": "c1"}, ["1"])
-    store.remove(["front", "late"])
-    assert [p.prompt_id for p in store.load()] == ["cut"]
+    assert as_queue_item(stored_late, 6) == (7, late, {"1": {}}, {"client_id": "c1"}, ["1"], {})
+    assert as_queue_item(stored_late, 5) == (7, late, {"1": {}}, {"client_id": "c1"}, ["1"])
+    store.remove([front, late])
+    assert [tag_of(p.prompt_id) for p in store.load()] == ["store-cut"]
 
 
 def test_shutdown_settings_from_options_and_environment() -> None:

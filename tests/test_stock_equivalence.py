@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from harness import Server, sleep_prompt
+from harness import Server, prompt_id_for, sleep_prompt
 
 VOLATILE = {"timestamp", "create_time", "start", "end", "thread", "traceback", "number"}
 
@@ -66,27 +66,32 @@ def conversation(server: Server, tag: str) -> list[Any]:
         out.append((method, path, resp.status, normalise(payload)))
         return payload
 
+    ok, fail = prompt_id_for(f"ok-{tag}"), prompt_id_for(f"fail-{tag}")  # the same ids on every server
     call("GET", "/queue")
     call("GET", "/prompt")
-    call("POST", "/prompt", {"prompt": sleep_prompt(0.1, 2, tag), "prompt_id": f"ok-{tag}", "client_id": "eq"})
-    server.wait_history(f"ok-{tag}")
-    call("GET", f"/history/ok-{tag}")
+    call("POST", "/prompt", {"prompt": sleep_prompt(0.1, 2, tag), "prompt_id": ok, "client_id": "eq"})
+    server.wait_history(ok)
+    call("GET", f"/history/{ok}")
     call("POST", "/prompt", {"prompt": {"1": {"class_type": "NoSuchNode", "inputs": {}}}})
     call("POST", "/prompt", {"no_prompt": True})
+    # a readable id: 0.33 refuses it (invalid_prompt_id) before validating the prompt, 0.3.75 takes it; the
+    # prompt is invalid either way, so nothing is queued
+    call("POST", "/prompt", {"prompt": {"1": {"class_type": "NoSuchNode", "inputs": {}}}, "prompt_id": f"bad-{tag}"})
     call("POST", "/prompt", {"prompt": {"1": {"class_type": "CPSleep", "inputs": {"seconds": "x"}}}})
     call("POST", "/prompt", {"prompt": {"1": {"class_type": "CPFail", "inputs": {"message": "bad"}}},
-                             "prompt_id": f"fail-{tag}"})
-    server.wait_history(f"fail-{tag}")
-    call("GET", f"/history/fail-{tag}")
+                             "prompt_id": fail})
+    server.wait_history(fail)
+    call("GET", f"/history/{fail}")
     call("GET", "/object_info/CPSleep")
     call("POST", "/queue", {"clear": True})
     call("POST", "/queue", {"delete": ["nope"]})
     call("POST", "/interrupt", {})
     call("POST", "/free", {"unload_models": True, "free_memory": True})
-    call("POST", "/history", {"delete": [f"ok-{tag}"]})
-    call("GET", f"/history/ok-{tag}")
+    call("POST", "/history", {"delete": [ok]})
+    call("GET", f"/history/{ok}")
     call("GET", "/queue")
-    out.append(("WS", asyncio.run(_ws_trace(server, "ws-eq", sleep_prompt(0.2, 2, tag), f"ws-{tag}"))))
+    out.append(("WS", asyncio.run(_ws_trace(server, "ws-eq", sleep_prompt(0.2, 2, tag),
+                                        prompt_id_for(f"ws-{tag}")))))
     return out
 
 
@@ -116,6 +121,7 @@ def test_multi_device_answers_like_stock(stock: Server, multi: Server) -> None:
     got = conversation(multi, "t2")
     prompt_answer = next(x for x in got if x[0] == "POST" and x[1] == "/prompt" and x[2] == 200)
     assert "gpu_id" in prompt_answer[3]
-    history = next(x for x in got if x[0] == "GET" and x[1] == "/history/ok-t2")
-    assert history[3]["ok-t2"]["gpu_id"] in (0, 1, 2)
+    ok = prompt_id_for("ok-t2")
+    history = next(x for x in got if x[0] == "GET" and x[1] == f"/history/{ok}")
+    assert history[3][ok]["gpu_id"] in (0, 1, 2)
     assert without_gpu_id(got) == without_gpu_id(expected)
