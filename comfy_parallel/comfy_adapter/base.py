@@ -158,6 +158,19 @@ def require_parameters(func: Any, label: str, *names: str) -> str | None:
     return None
 
 
+def accepts_keywords(func: Any, label: str, *names: str) -> str | None:
+    """Can ``func`` be called with these keyword arguments (its own parameters, or ``**kwargs`` of a wrapper that
+    a custom node put around it)?"""
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return f"{label} has no inspectable signature"
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    missing = [n for n in names if n not in params or params[n].kind is inspect.Parameter.POSITIONAL_ONLY]
+    return f"{label} takes no {', '.join(missing)} keyword" if missing else None
+
+
 def require_callables(obj: Any, *names: str) -> str | None:
     missing = [n for n in names if not callable(getattr(obj, n, None))]
     if missing:

@@ -21,8 +21,8 @@ import torch
 
 from .. import weights, worker_context
 from ..weights import FileKey, WeightStore
-from .base import (CHECKED, Comfy, Patch, first_problem, require_callables, require_modules, require_parameters,
-                   require_signature)
+from .base import (CHECKED, Comfy, Patch, accepts_keywords, first_problem, require_callables, require_modules,
+                   require_parameters, require_signature)
 
 log = logging.getLogger("comfy_parallel.adapter")
 
@@ -234,8 +234,8 @@ class SharedModelLoaders(Patch):
             lambda: require_signature(comfy.nodes.VAELoader.load_vae, "VAELoader.load_vae", "self", "vae_name"),
             lambda: require_signature(comfy.nodes.LoraLoader.load_lora, "LoraLoader.load_lora", "self", "model",
                                       "clip", "lora_name", "strength_model", "strength_clip"),
-            lambda: require_parameters(sys.modules["comfy.utils"].load_torch_file, "load_torch_file", "ckpt",
-                                       "safe_load", "device", "return_metadata"),
+            lambda: accepts_keywords(sys.modules["comfy.utils"].load_torch_file, "load_torch_file", "safe_load",
+                                     "return_metadata"),
         )
 
     def _apply(self, comfy: Comfy) -> None:
