@@ -4,8 +4,9 @@
 #                                 for cp312 manylinux x86_64 (unpacked there into /tmp/site, no pip run needed)
 #   .device/comfyui-0.33.0.tar.xz ComfyUI 0.33.0 (.cache/comfyui/0.33.0) without tests/.git/__pycache__
 #   .device/frontend/index.html   a stand-in front end (ComfyUI is started with --front-end-root)
+#   .device/tree_state.txt        the checkout's commit and uncommitted files (the device copy has no .git)
 # The 0.3.75 payload (bench/prepare_device_payload.sh: .device/*.whl, comfyui-0.3.75.tar.gz) may sit beside it;
-# a 0.33 call carries only these three paths, which must stay under the 64 MiB a call can carry.
+# a 0.33 call carries only these four paths, which must stay under the 64 MiB a call can carry.
 #
 # Why a pre-installed, xz-compressed folder and not wheels: comfy-kitchen's wheel is 58 MB and av's 35 MB, so
 # the wheels alone exceed the carry limit. Installed and xz-compressed, without comfy-kitchen's HIP backend
@@ -59,10 +60,14 @@ if [ ! -f "$D/comfyui-0.33.0.tar.xz" ]; then
       --exclude='user/*' --transform "s,^$(basename "$COMFY_SRC"),comfyui," "$(basename "$COMFY_SRC")" \
     | xz -T0 -6 > "$D/comfyui-0.33.0.tar.xz"
 fi
+# The device copy of the working tree has no .git: record what it is (run this script right before each call).
+{ echo "checkout: $(git log -1 --format='%h %s' | cut -c1-150)"
+  echo "uncommitted (git status --short):"; git status --short | sed 's/^/  /'
+  echo "diff of tracked files: $(git diff HEAD | sha256sum | cut -c1-16)"; } > "$D/tree_state.txt"
 echo '<!doctype html><html><head><title>ComfyUI</title></head><body>comfy-parallel gpu check</body></html>' \
   > "$D/frontend/index.html"
 ls -la "$D"
-size=$(du -ck "$D/site-0.33.tar.xz" "$D/comfyui-0.33.0.tar.xz" "$D/frontend" | tail -1 | cut -f1)
+size=$(du -ck "$D/site-0.33.tar.xz" "$D/comfyui-0.33.0.tar.xz" "$D/frontend" "$D/tree_state.txt" | tail -1 | cut -f1)
 tree=$(git ls-files -z --cached --others --exclude-standard | du -ck --files0-from=- 2>/dev/null | tail -1 | cut -f1)
 echo "0.33 payload ${size} KiB + working tree ${tree} KiB"
 [ $((size + tree)) -lt $((62 * 1024)) ] || { echo "too close to the 64 MiB carry limit" >&2; exit 1; }

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# GPU check for ComfyUI 0.33, ON the device machine, in one call, from the repo root, with the payload of
+# bench/prepare_device_payload_033.sh carried:
+#   carry: [".device/site-0.33.tar.xz", ".device/comfyui-0.33.0.tar.xz", ".device/frontend", ".device/tree_state.txt"]
+# Unpacks the packages into /tmp/site and ComfyUI into /tmp/comfyui, writes random-weight SD1.5 and SDXL
+# checkpoints (both at once) and a random LoRA for each, then runs bench/gpu_check_033.py (the varied workflow set
+# and W1/W2 on each server in turn) and prints its table. $OUT gets gpu_check_033.{log,json,md} and the servers'
+# logs as server_logs.tar.gz (the device tool brings back 8 files at most).
+# Knobs: SERVERS (default below), DEVICES (comfy-parallel --devices; default 0*2 on one GPU, 0,1 on two),
+#        CALL_S (seconds the whole call may take, default 570), SERVER_S (per server, default 150),
+#        W_PROMPTS / W2_PROMPTS (measured W1 / W2 prompts, default 16 / 8), STEPS (identity set, default 10),
+#        COMFYUI=0.3.75 (the 0.3.75 payload of bench/prepare_device_payload.sh instead; carry .device then).
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_check_033_out}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+CALL_S=${CALL_S:-570}
+CK=/tmp/comfyui/models/checkpoints
+step() { echo; echo "=== [$SECONDS s] $*"; }
+
+unpack_xz() {  # ARCHIVE DIR: tar's xz filter, or Python's lzma where the xz binary is missing
+  mkdir -p "$2"
+  if command -v xz >/dev/null; then tar -xJf "$1" -C "$2"
+  else python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$1" "$2"; fi
+}
+
+setup_033() {
+  step "packages -> /tmp/site"
+  rm -rf /tmp/site && unpack_xz .device/site-0.33.tar.xz /tmp/site || { echo "package unpack failed"; return 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+  step "ComfyUI 0.33.0 -> /tmp/comfyui"
+  rm -rf /tmp/comfyui && unpack_xz .device/comfyui-0.33.0.tar.xz /tmp || { echo "ComfyUI unpack failed"; return 1; }
+}
+
+main() {
+  step "machine"
+  # what the calling checkout was (the device copy has no .git): written by the caller, see the results file
+  [ -f .device/tree_state.txt ] && cat .device/tree_state.txt
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv || true
+  nproc; free -g | head -2
+  ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
+  DEVICES=${DEVICES:-$([ "$ngpu" -ge 2 ] && echo 0,1 || echo '0*2')}
+  if [ "${COMFYUI:-0.33.0}" = 0.3.75 ]; then
+    source bench/device_setup.sh && device_setup || return 1
+  else
+    setup_033 || return 1
+  fi
+  python3 - <<'EOF'
+import importlib, sys
+sys.path.insert(0, "/tmp/comfyui")
+import comfyui_version
+print("python", sys.version.split()[0], "ComfyUI", comfyui_version.__version__)
+for name in ("torch", "torchaudio", "torchvision", "transformers", "comfy_kitchen", "comfy_aimdo", "av", "sqlalchemy",
+             "alembic", "simpleeval", "blake3", "torchsde", "safetensors", "numpy"):
+    try:
+        mod = importlib.import_module(name)
+        print(f"  {name} {getattr(mod, '__version__', '?')}")
+    except Exception as err:
+        print(f"  {name}: IMPORT FAILED {type(err).__name__}: {err}")
+import torch
+print("  cuda", torch.version.cuda, "devices", torch.cuda.device_count())
+EOF
+
+  step "random SD1.5 and SDXL checkpoints (at once), then a LoRA for each"
+  mkdir -p $CK /tmp/comfyui/models/loras
+  timeout 200 python3 tools/make_rand_ckpt.py /tmp/comfyui sd15 $CK/sd15_rand.safetensors 2>&1 | grep -v '^WARNING' &
+  timeout 200 python3 tools/make_rand_ckpt.py /tmp/comfyui sdxl $CK/sdxl_rand.safetensors 2>&1 | grep -v '^WARNING' &
+  wait
+  archs=""
+  for a in sd15 sdxl; do
+    if [ -f $CK/${a}_rand.safetensors ]; then
+      python3 tools/make_rand_lora.py $CK/${a}_rand.safetensors /tmp/comfyui/models/loras/${a}_rand_lora.safetensors 1 \
+        && archs=$archs${archs:+,}$a
+    fi
+  done
+  ls -la $CK /tmp/comfyui/models/loras
+  [ -n "$archs" ] || { echo "no checkpoint"; return 1; }
+
+  left=$((CALL_S - SECONDS - 20))
+  step "gpu_check_033.py: $left s for the servers, devices $DEVICES, models $archs"
+  python3 bench/gpu_check_033.py --comfyui /tmp/comfyui --frontend .device/frontend --devices "$DEVICES" \
+    --archs "$archs" --steps "${STEPS:-10}" --w-prompts "${W_PROMPTS:-16}" --w2-prompts "${W2_PROMPTS:-8}" \
+    --server-budget-s "${SERVER_S:-150}" --budget-s "$left" --out "$OUT" \
+    --servers "${SERVERS:-stock,parallel,parallel-dvram,stock-nodvram-identonly,parallel-pagecache}"
+  rc=$?
+  (cd "$OUT" && ls ./*.log | grep -v gpu_check_033.log >/dev/null 2>&1 \
+     && tar -czf server_logs.tar.gz $(ls ./*.log | grep -v gpu_check_033.log) \
+     && rm -f $(ls ./*.log | grep -v gpu_check_033.log))
+  step "done rc=$rc"
+  ls -la "$OUT"
+  return $rc
+}
+
+main 2>&1 | tee "$OUT/gpu_check_033.log"
+exit "${PIPESTATUS[0]}"
