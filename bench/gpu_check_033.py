@@ -174,10 +174,16 @@ class ServerDied(RuntimeError):
     pass
 
 
-def run_batch(port: int, proc: subprocess.Popen, prompts: list[tuple[str, dict]], timeout: float) -> list[Outcome]:
-    """Submit every prompt at once (so every worker has work), then poll /history until all are done."""
+def run_batch(port: int, proc: subprocess.Popen, prompts: list[tuple[str, dict]], timeout: float,
+              stall_s: float) -> tuple[list[Outcome], str | None]:
+    """Submit every prompt at once (so every worker has work), poll /history until all are done, then fetch the
+    images (after the timing, so fetching does not delay it). Returns the outcomes in submission order and, when
+    the server died or stalled (no prompt finished for ``stall_s``), why: the prompts that were pending are
+    then 'lost', and what finished before is kept (an error that preceded a crash is the interesting part)."""
     outcomes: dict[str, Outcome] = {}
     order: list[str] = []
+    entries: dict[str, dict] = {}
+    broken: str | None = None
     for key, prompt in prompts:
         out = Outcome(key, submitted_t=time.monotonic())
         try:
@@ -188,23 +194,31 @@ def run_batch(port: int, proc: subprocess.Popen, prompts: list[tuple[str, dict]]
             order.append(f"rejected:{key}")
             continue
         except OSError as err:
-            raise ServerDied(f"/prompt failed: {err}") from None
+            broken = f"/prompt failed: {err}"
+            break
         outcomes[reply["prompt_id"]] = out
         order.append(reply["prompt_id"])
     deadline = time.monotonic() + timeout
+    last_progress = time.monotonic()
     pending = {pid for pid, o in outcomes.items() if o.status == "pending"}
-    while pending:
+    while pending and broken is None:
+        now = time.monotonic()
         if proc.poll() is not None:
-            raise ServerDied(f"server exited with {proc.returncode} while {len(pending)} prompts were pending")
-        if time.monotonic() > deadline:
+            broken = f"server exited with {proc.returncode} while {len(pending)} prompts were pending"
+            break
+        if now > deadline:
             for pid in pending:
-                outcomes[pid].status = "lost"
-                outcomes[pid].error = {"message": f"not done after {timeout:.0f}s"}
+                outcomes[pid].status, outcomes[pid].error = "lost", {"message": f"not done after {timeout:.0f}s"}
+            pending = set()
+            break
+        if now - last_progress > stall_s:
+            broken = f"stalled: no prompt finished in {stall_s:.0f}s, {len(pending)} pending"
             break
         try:
             hist = http(port, "/history", timeout=30)
         except OSError as err:
-            raise ServerDied(f"/history failed: {err}") from None
+            broken = f"/history failed: {err}"
+            break
         now = time.monotonic()
         for pid in list(pending):
             entry = hist.get(pid)
@@ -212,19 +226,25 @@ def run_batch(port: int, proc: subprocess.Popen, prompts: list[tuple[str, dict]]
             if entry is None or not (status.get("completed") or status.get("status_str") in ("success", "error")):
                 continue
             pending.discard(pid)
+            last_progress = now
             out = outcomes[pid]
             out.done_t, out.exec_s, out.gpu_id = now, exec_seconds(entry), entry.get("gpu_id")
             if status.get("status_str") == "success":
-                try:
-                    out.images = fetch_images(port, entry)
-                    out.status = "success"
-                except Exception as err:  # noqa: BLE001 - an unreadable output is recorded, the run goes on
-                    out.status, out.error = "error", {"message": f"image fetch: {type(err).__name__}: {err}"}
+                entries[pid] = entry
             else:
                 out.status = "error"
                 out.error = execution_error(entry) or {"message": json.dumps(status)[:3000]}
         time.sleep(0.1)
-    return [outcomes[pid] for pid in order]
+    for pid in pending:
+        outcomes[pid].status, outcomes[pid].error = "lost", {"message": broken or "lost"}
+    for pid, entry in entries.items():
+        out = outcomes[pid]
+        try:
+            out.images = fetch_images(port, entry)
+            out.status = "success"
+        except Exception as err:  # noqa: BLE001 - an unreadable output is recorded, the run goes on
+            out.status, out.error = "error", {"message": f"image fetch: {type(err).__name__}: {err}"}
+    return [outcomes[pid] for pid in order], broken
 
 
 # ---------------------------------------------------------------- comparison
@@ -276,7 +296,7 @@ def run_server(spec: ServerSpec, args: argparse.Namespace, archs: dict[str, wfs.
             print(f"[{spec.name}] {name}: skipped, {left():.0f}s left", flush=True)
             return None
         t = time.monotonic()
-        outs = run_batch(spec.port, proc, prompts, left())
+        outs, broken = run_batch(spec.port, proc, prompts, left(), args.stall_s)
         wall = max((o.done_t for o in outs if o.done_t), default=time.monotonic()) - t
         errs = [o for o in outs if o.status != "success"]
         info = {"prompts": len(outs), "errors": len(errs), "wall_s": round(wall, 3),
@@ -291,10 +311,14 @@ def run_server(spec: ServerSpec, args: argparse.Namespace, archs: dict[str, wfs.
         res["phases"][name] = info
         res["errors"] += len(errs)
         images[name] = {o.key: o.images for o in outs if o.status == "success"}
+        if broken:
+            info["broken"] = broken
         first = info.get("first_error", {})
         print(f"[{spec.name}] {name}: {len(outs)} prompts in {wall:.1f}s, {len(errs)} errors"
               + (f"; first: {first.get('exception_type')}: {str(first.get('message'))[:300]}" if errs else ""),
               flush=True)
+        if broken:
+            raise ServerDied(f"{name}: {broken}")
         return outs
 
     try:
@@ -363,7 +387,7 @@ def run_server(spec: ServerSpec, args: argparse.Namespace, archs: dict[str, wfs.
         log.close()
         res["wall_s"] = round(time.monotonic() - t0, 1)
         if "died" in res or "failed" in res:
-            res["log_tail"] = log_tail(log_path, 60)
+            res["log_tail"] = [line[:300] for line in log_tail(log_path, 60)]
             print(f"[{spec.name}] last log lines:\n  " + "\n  ".join(res["log_tail"]), flush=True)
     return res, images
 
@@ -504,7 +528,7 @@ def main() -> int:
     ap.add_argument("--comfyui", default="/tmp/comfyui")
     ap.add_argument("--frontend", default=str(REPO / ".device" / "frontend"))
     ap.add_argument("--devices", default="0*2", help="comfy-parallel --devices (cpu,cpu for a CPU smoke test)")
-    ap.add_argument("--servers", default="stock,parallel,parallel-dvram,stock-nodvram-identonly,parallel-pagecache")
+    ap.add_argument("--servers", default="stock,parallel,parallel-dvram,parallel-pagecache,stock-nodvram-identonly")
     ap.add_argument("--archs", default="sd15,sdxl")
     ap.add_argument("--kinds", default=",".join(wfs.KINDS), help="workflow kinds of the identity set")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke-test sizes for the identity set and W1/W2")
@@ -516,6 +540,7 @@ def main() -> int:
     ap.add_argument("--w2-size", type=int)
     ap.add_argument("--port", type=int, default=8388)
     ap.add_argument("--start-timeout", type=float, default=180)
+    ap.add_argument("--stall-s", type=float, default=75, help="a server with no prompt finished this long is hung")
     ap.add_argument("--server-budget-s", type=float, default=240, help="most seconds one server may take")
     ap.add_argument("--budget-s", type=float, default=480, help="most seconds for all servers together")
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results/local_033")

@@ -81,7 +81,7 @@ EOF
   python3 bench/gpu_check_033.py --comfyui /tmp/comfyui --frontend .device/frontend --devices "$DEVICES" \
     --archs "$archs" --steps "${STEPS:-10}" --w-prompts "${W_PROMPTS:-16}" --w2-prompts "${W2_PROMPTS:-8}" \
     --server-budget-s "${SERVER_S:-150}" --budget-s "$left" --out "$OUT" \
-    --servers "${SERVERS:-stock,parallel,parallel-dvram,stock-nodvram-identonly,parallel-pagecache}"
+    --servers "${SERVERS:-stock,parallel,parallel-dvram,parallel-pagecache,stock-nodvram-identonly}"
   rc=$?
   (cd "$OUT" && ls ./*.log | grep -v gpu_check_033.log >/dev/null 2>&1 \
      && tar -czf server_logs.tar.gz $(ls ./*.log | grep -v gpu_check_033.log) \
