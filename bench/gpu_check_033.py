@@ -15,6 +15,7 @@ Servers (--servers, comma list): ``stock`` or ``parallel`` followed by modifiers
   noshared  comfy-parallel --shared-weights off
   nographs  comfy-parallel --cuda-graphs off
   identonly skip W1/W2 (identity set only)
+  noident   skip the identity set (throughput workloads only)
 e.g. ``stock,parallel,parallel-dvram,stock-nodvram-identonly,parallel-pagecache``. Images are compared with the
 first server's and with every other stock server's.
 
@@ -49,7 +50,7 @@ import workflows as wfs  # noqa: E402
 from gpu_check import exec_seconds, http, log_tail, stop_all, sum_status_gib  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-MODIFIERS = {"nodvram", "dvram", "pagecache", "noshared", "nographs", "identonly"}
+MODIFIERS = {"nodvram", "dvram", "pagecache", "noshared", "nographs", "identonly", "noident"}
 
 
 # ---------------------------------------------------------------- servers
@@ -61,6 +62,7 @@ class ServerSpec:
     port: int
     workers: int
     throughput: bool = True
+    identity: bool = True
 
 
 def server_specs(names: list[str], args: argparse.Namespace, workers: int) -> list[ServerSpec]:
@@ -98,7 +100,8 @@ def server_specs(names: list[str], args: argparse.Namespace, workers: int) -> li
                    "--devices", args.devices, "--entry-ports", "none", *cp_extra,
                    "--", *common, *comfy_extra, "--port", str(port)]
             n = workers
-        specs.append(ServerSpec(name, cmd, port, n, throughput="identonly" not in mods))
+        specs.append(ServerSpec(name, cmd, port, n, throughput="identonly" not in mods,
+                                identity="noident" not in mods))
     return specs
 
 
@@ -337,17 +340,18 @@ def run_server(spec: ServerSpec, args: argparse.Namespace, archs: dict[str, wfs.
         res["rss_idle_gib"] = sum_status_gib([proc.pid], "VmRSS")
         print(f"[{spec.name}] up in {res['startup_s']}s, ComfyUI {res['comfyui_version']}", flush=True)
 
-        cases = wfs.identity_set(list(archs), args.kinds)
-        for rnd in (1, 2):
+        cases = wfs.identity_set(args.ident_archs, args.kinds) if spec.identity else []
+        for rnd in (1, 2) if cases else ():
             prompts = [(c.key, wfs.build(c.kind, archs[c.arch], args.steps, c.seed,
                                          f"{spec.name}_r{rnd}_{c.arch}_{c.kind}", round_tag=rnd)) for c in cases]
             phase(f"ident_r{rnd}", prompts, min_s=30)
-        res["rss_after_ident_gib"] = sum_status_gib([proc.pid], "VmRSS")
+        if cases:
+            res["rss_after_ident_gib"] = sum_status_gib([proc.pid], "VmRSS")
 
         if spec.throughput:
             for label, arch, size, n in (("W1", "sd15", args.w1_size, args.w_prompts),
                                          ("W2", "sdxl", args.w2_size, args.w2_prompts)):
-                if arch not in archs:
+                if arch not in archs or label not in args.workloads:
                     continue
                 ckpt = archs[arch].ckpt
                 warm = [(f"warm{i}", wfs.txt2img(ckpt, size, size, args.w_steps, 9001 + i, f"{spec.name}_{label}w",
@@ -531,6 +535,8 @@ def main() -> int:
     ap.add_argument("--servers", default="stock,parallel,parallel-dvram,parallel-pagecache,stock-nodvram-identonly")
     ap.add_argument("--archs", default="sd15,sdxl")
     ap.add_argument("--kinds", default=",".join(wfs.KINDS), help="workflow kinds of the identity set")
+    ap.add_argument("--ident-archs", help="model families of the identity set (default: --archs)")
+    ap.add_argument("--workloads", default="W1,W2", help="throughput workloads to run (W1 SD1.5, W2 SDXL)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke-test sizes for the identity set and W1/W2")
     ap.add_argument("--steps", type=int, default=10, help="steps of the identity set")
     ap.add_argument("--w-steps", type=int, default=20)
@@ -553,6 +559,8 @@ def main() -> int:
         raise SystemExit(f"unknown kinds {unknown}; known: {', '.join(wfs.KINDS)}")
     table = wfs.TINY if args.tiny else wfs.ARCHS
     archs = {a: table[a] for a in args.archs.split(",") if a}
+    args.ident_archs = [a for a in (args.ident_archs or args.archs).split(",") if a in archs]
+    args.workloads = {w for w in args.workloads.split(",") if w}
     args.w1_size = args.w1_size or (128 if args.tiny else 512)
     args.w2_size = args.w2_size or (128 if args.tiny else 1024)
     args.w2_prompts = args.w2_prompts or args.w_prompts
@@ -563,8 +571,8 @@ def main() -> int:
     from comfy_parallel.settings import parse_devices
     workers = len(parse_devices(args.devices))
     specs = server_specs([n.strip() for n in args.servers.split(",") if n.strip()], args, workers)
-    wfs.write_input_images(Path(args.comfyui) / "input", {a.base for a in archs.values()})
-    meta = {"devices": args.devices, "servers": [s.name for s in specs], "archs": list(archs), "steps": args.steps,
+    wfs.write_input_images(Path(args.comfyui) / "input", {archs[a].base for a in args.ident_archs})
+    meta = {"devices": args.devices, "servers": [s.name for s in specs], "archs": args.ident_archs, "steps": args.steps,
             "w_steps": args.w_steps, "w_prompts": args.w_prompts, "w2_prompts": args.w2_prompts,
             "w1_size": args.w1_size, "w2_size": args.w2_size,
             "tiny": args.tiny, "kinds": list(args.kinds), "python": sys.version.split()[0], "host": platform.node(),

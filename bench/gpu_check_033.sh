@@ -9,6 +9,7 @@
 # Knobs: SERVERS (default below), DEVICES (comfy-parallel --devices; default 0*2 on one GPU, 0,1 on two),
 #        CALL_S (seconds the whole call may take, default 570), SERVER_S (per server, default 150),
 #        W_PROMPTS / W2_PROMPTS (measured W1 / W2 prompts, default 16 / 8), STEPS (identity set, default 10),
+#        WORKLOADS (W1,W2), IDENT_ARCHS (model families of the identity set; default sd15,sdxl),
 #        COMFYUI=0.3.75 (the 0.3.75 payload of bench/prepare_device_payload.sh instead; carry .device then).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check_033_out}
@@ -79,7 +80,8 @@ EOF
   left=$((CALL_S - SECONDS - 20))
   step "gpu_check_033.py: $left s for the servers, devices $DEVICES, models $archs"
   python3 bench/gpu_check_033.py --comfyui /tmp/comfyui --frontend .device/frontend --devices "$DEVICES" \
-    --archs "$archs" --steps "${STEPS:-10}" --w-prompts "${W_PROMPTS:-16}" --w2-prompts "${W2_PROMPTS:-8}" \
+    --archs "$archs" ${IDENT_ARCHS:+--ident-archs "$IDENT_ARCHS"} --workloads "${WORKLOADS:-W1,W2}" \
+    --steps "${STEPS:-10}" --w-prompts "${W_PROMPTS:-16}" --w2-prompts "${W2_PROMPTS:-8}" \
     --server-budget-s "${SERVER_S:-150}" --budget-s "$left" --out "$OUT" \
     --servers "${SERVERS:-stock,parallel,parallel-dvram,parallel-pagecache,stock-nodvram-identonly}"
   rc=$?
