@@ -6,9 +6,12 @@
 # checkpoints (both at once) and a random LoRA for each, then runs bench/gpu_check_033.py (the varied workflow set
 # and W1/W2 on each server in turn) and prints its table. $OUT gets gpu_check_033.{log,json,md} and the servers'
 # logs as server_logs.tar.gz (the device tool brings back 8 files at most).
+# Timing on one H200 (bench/results/gpu_check_033_nvidia-h200.md, 10 identity steps): setup 77 s; stock 144 s
+# without W2 (~25 s more with it), comfy-parallel ~85 s, stock identity set only 118 s. Hence 8 steps and 180 s
+# per server by default, so the whole default list fits one call.
 # Knobs: SERVERS (default below), DEVICES (comfy-parallel --devices; default 0*2 on one GPU, 0,1 on two),
-#        CALL_S (seconds the whole call may take, default 570), SERVER_S (per server, default 150),
-#        W_PROMPTS / W2_PROMPTS (measured W1 / W2 prompts, default 16 / 8), STEPS (identity set, default 10),
+#        CALL_S (seconds the whole call may take, default 570), SERVER_S (per server, default 180),
+#        W_PROMPTS / W2_PROMPTS (measured W1 / W2 prompts, default 16 / 8), STEPS (identity set, default 8),
 #        WORKLOADS (W1,W2), IDENT_ARCHS (model families of the identity set; default sd15,sdxl),
 #        COMFYUI=0.3.75 (the 0.3.75 payload of bench/prepare_device_payload.sh instead; carry .device then).
 set -uo pipefail
@@ -81,8 +84,8 @@ EOF
   step "gpu_check_033.py: $left s for the servers, devices $DEVICES, models $archs"
   python3 bench/gpu_check_033.py --comfyui /tmp/comfyui --frontend .device/frontend --devices "$DEVICES" \
     --archs "$archs" ${IDENT_ARCHS:+--ident-archs "$IDENT_ARCHS"} --workloads "${WORKLOADS:-W1,W2}" \
-    --steps "${STEPS:-10}" --w-prompts "${W_PROMPTS:-16}" --w2-prompts "${W2_PROMPTS:-8}" \
-    --server-budget-s "${SERVER_S:-150}" --budget-s "$left" --out "$OUT" \
+    --steps "${STEPS:-8}" --w-prompts "${W_PROMPTS:-16}" --w2-prompts "${W2_PROMPTS:-8}" \
+    --server-budget-s "${SERVER_S:-180}" --budget-s "$left" --out "$OUT" \
     --servers "${SERVERS:-stock,parallel,parallel-dvram,parallel-pagecache,stock-nodvram-identonly}"
   rc=$?
   (cd "$OUT" && ls ./*.log | grep -v gpu_check_033.log >/dev/null 2>&1 \
