@@ -24,10 +24,12 @@ import contextlib
 import logging
 import sys
 import threading
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
+from .. import device_gate, worker_context
+from ..device_gate import DeviceGate
 from .base import CHECKED, Comfy, Patch, first_problem, require_callables, require_modules, require_parameters
 
 log = logging.getLogger("comfy_parallel.cuda_graphs")
@@ -64,54 +66,29 @@ class GraphStats:
 STATS = GraphStats()
 
 
-class DeviceGate:
-    """Shared for running the UNet on a device, exclusive for capturing a graph on it.
-
-    Two workers on one GPU (``--devices 0*2``): a capture while the other worker ran its UNet on that GPU failed
-    ("operation not permitted when stream is capturing", H200, SDXL) and the other worker's cuBLAS call reported
-    an execution failure. Workers on different GPUs never wait on each other; a waiting capture goes first.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._running = 0
-        self._capturing = False
-        self._captures_waiting = 0
-
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._capturing and not self._captures_waiting)
-            self._running += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._running -= 1
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            self._captures_waiting += 1
-            self._cond.wait_for(lambda: not self._capturing and not self._running)
-            self._captures_waiting -= 1
-            self._capturing = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._capturing = False
-                self._cond.notify_all()
-
-
-_gates: dict[int, DeviceGate] = {}
-_gates_lock = threading.Lock()
-
-
 def gate_of(device: torch.device) -> DeviceGate:
-    with _gates_lock:
-        return _gates.setdefault(device.index or 0, DeviceGate())
+    return device_gate.gate_of(device.index)
+
+
+def worker_gate() -> DeviceGate | None:
+    """The gate of the calling worker's GPU (``None`` off a CUDA worker)."""
+    ctx = worker_context.current()
+    if ctx is None or ctx.spec.kind != "cuda":
+        return None
+    return device_gate.gate_of(ctx.spec.ordinal)
+
+
+def held(function: Any) -> Any:
+    """Run ``function`` holding the calling worker's GPU shared (no capture on that GPU meanwhile)."""
+    def run(*args: Any, **kwargs: Any) -> Any:
+        gate = worker_gate()
+        with gate.shared() if gate is not None else contextlib.nullcontext():
+            return function(*args, **kwargs)
+
+    run.__wrapped__ = function  # type: ignore[attr-defined]
+    return run
+
+
 _pools: dict[tuple[int, int], Any] = {}  # (thread id, device index) -> graph pool handle
 
 
@@ -120,6 +97,21 @@ def _pool(device: torch.device) -> Any:
     if key not in _pools:
         _pools[key] = torch.cuda.graph_pool_handle()
     return _pools[key]
+
+
+def _abandon_pool(device: torch.device, pool: Any) -> None:
+    """After a failed capture: stop the allocator recording into ``pool`` and give this worker a new one.
+
+    A capture that fails inside ``capture_end`` leaves the caching allocator recording into the pool, and every
+    later capture in the process then failed with "beginAllocateToPool: already recording to mempool_id" (H200,
+    two workers); the pool's memory is given back once the failed graph is gone.
+    """
+    try:
+        torch._C._cuda_endAllocateToPool(device.index or 0, pool)
+    except RuntimeError:  # it was not recording: the capture failed before it began
+        pass
+    torch.cuda.synchronize(device)
+    _pools.pop((threading.get_ident(), device.index or 0), None)
 
 
 def allocator_problem(concurrent: bool) -> str | None:
@@ -169,8 +161,9 @@ def forward_with_graphs(original: Any, unet: Any, x: Any, timesteps: Any = None,
         if state is None:  # first call with this key: eager, which also warms up kernels and allocator
             graphs[key] = _SEEN
         elif state is _SEEN:
-            with gate.exclusive():
-                entry = graphs[key] = _capture(original, unet, inputs, transformer_options) or _FAILED
+            with gate.exclusive() as alone:
+                if alone:  # else another worker captures on this GPU now: this step runs eagerly, capture later
+                    entry = graphs[key] = _capture(original, unet, inputs, transformer_options) or _FAILED
         else:
             entry = state
     if not isinstance(entry, _Graph):
@@ -195,14 +188,18 @@ def _capture(original: Any, unet: Any, inputs: tuple, transformer_options: dict)
     graph.inputs = [None if t is None else t.clone() for t in inputs]
     stream = torch.cuda.Stream(device=x.device)
     stream.wait_stream(torch.cuda.current_stream(x.device))
+    pool = _pool(x.device)
     try:
         with torch.cuda.stream(stream):
             # one eager pass on the capture stream: lazy initialisations must not happen inside the capture
             original(unet, *graph.inputs, None, dict(transformer_options))
         torch.cuda.current_stream(x.device).wait_stream(stream)
-        with torch.cuda.graph(graph.graph, pool=_pool(x.device), stream=stream, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph.graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             graph.output = original(unet, *graph.inputs, None, dict(transformer_options))
-    except Exception as err:  # any failure means this key stays eager; the step itself still runs
+    except BaseException as err:  # this key stays eager; the step itself still runs (an interrupt goes on up)
+        _abandon_pool(x.device, pool)
+        if not isinstance(err, Exception):
+            raise
         STATS.add("failures")
         log.warning("comfy-parallel: CUDA graph capture failed for input shapes %s (%s: %s); this shape runs "
                     "eagerly", _shapes(inputs), type(err).__name__, err)
@@ -226,7 +223,8 @@ def drop_graphs(base_model: Any, ready: bool | None = False) -> None:
 class CudaGraphs(Patch):
     name = "cuda-graphs"
     replaces = ("UNetModel.forward (SD1.x/SD2/SDXL UNet); ModelPatcher.load, unpatch_model, partially_unload "
-                "(to drop graphs when weights move)")
+                "(to drop graphs when weights move); PromptExecutor.execute (a capture waits for the other "
+                "workers' prompts on its GPU)")
     why = ("a sampling step is bound by ~45-90 ms of host time per step with the GIL held, so threads driving "
            "several GPUs do not scale; replaying a captured graph costs under a millisecond of host time")
     checked_on = CHECKED
@@ -248,6 +246,7 @@ class CudaGraphs(Patch):
         return first_problem(
             lambda: require_callables(mp.ModelPatcher, "load", "unpatch_model", "partially_unload"),
             lambda: require_callables(unet_mod.UNetModel, "forward"),
+            lambda: require_callables(comfy.execution.PromptExecutor, "execute"),
             # forward_with_graphs receives and passes on these by position
             lambda: require_parameters(unet_mod.UNetModel.forward, "UNetModel.forward", "self", "x", "timesteps",
                                        "context", "y", "control", "transformer_options"),
@@ -295,6 +294,10 @@ class CudaGraphs(Patch):
             return original_partially_unload(self_, *args, **kwargs)
 
         self.log.replace(unet_cls, "forward", forward)
-        self.log.replace(patcher_cls, "load", load)
-        self.log.replace(patcher_cls, "unpatch_model", unpatch_model)
-        self.log.replace(patcher_cls, "partially_unload", partially_unload)
+        # Weights move and prompts run while holding the worker's GPU, so a capture by another worker on that
+        # GPU never overlaps them (device_gate.py says what broke).
+        self.log.replace(patcher_cls, "load", held(load))
+        self.log.replace(patcher_cls, "unpatch_model", held(unpatch_model))
+        self.log.replace(patcher_cls, "partially_unload", held(partially_unload))
+        executor = comfy.execution.PromptExecutor
+        self.log.replace(executor, "execute", held(executor.execute))

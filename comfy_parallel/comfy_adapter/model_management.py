@@ -8,7 +8,7 @@ import threading
 from collections.abc import MutableSequence
 from typing import Any
 
-from .. import worker_context
+from .. import device_gate, worker_context
 from .base import CHECKED, Comfy, Patch, first_problem, require_callables, require_signature, uses
 
 
@@ -151,7 +151,8 @@ class EmptyCachePerDevice(Patch):
             if not (force or ctx.allow_empty_cache):
                 return None
             ctx.allow_empty_cache = False
-            with lock:
+            # emptying the cache frees device memory, which a CUDA graph capture on this GPU must not see
+            with lock, device_gate.gate_of(ctx.spec.ordinal).shared():
                 return original(force)
 
         self.log.replace_everywhere(mm, "soft_empty_cache", soft_empty_cache)
