@@ -44,12 +44,13 @@ def load_comfyui(comfy_dir: str | Path, comfy_args: list[str]) -> ModuleType:
     comfy.options.enable_args_parsing()
     from comfy.cli_args import args  # type: ignore[import-not-found]
 
-    # WARNING: mirrors main.py's __main__ block (0.3.52-0.3.75): device selection and the allocator switch
+    # WARNING: mirrors main.py's __main__ block (0.3.75, 0.33.0): device selection and the allocator switch
     # only take effect before torch is first imported.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    if getattr(args, "cuda_device", None) is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.cuda_device)
+    cuda_device = getattr(args, "cuda_device", None)
+    if cuda_device is not None and str(cuda_device) != "all":  # 0.38 reads --cuda-device all as "every GPU"
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(cuda_device)
     if getattr(args, "deterministic", False) and "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
     cuda_malloc = importlib.import_module("cuda_malloc") if "torch" not in sys.modules else None
