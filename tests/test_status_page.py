@@ -8,6 +8,7 @@ updates itself without reloading and shows an error state when the server cannot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import re
@@ -17,6 +18,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import AsyncIterator
 
 import aiohttp
 import pytest
@@ -253,10 +255,12 @@ async def check_live_page(dev: DevTools, url: str, running_id: str, error_text: 
     assert await dev.eval("window.comfyParallelStatus.polls") > polls
 
 
-async def drive_browser(base: str, running_id: str, error_text: str, phone_full: Path, log: Path) -> None:
+@contextlib.asynccontextmanager
+async def chromium_page(log: Path, size: tuple[int, int], mobile: bool = False) -> AsyncIterator[DevTools]:
+    """A headless Chromium with a fresh profile and a DevTools session on its one tab (closed afterwards)."""
     with _profile_dir() as profile, open(log, "ab") as log_file:
         proc = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                                 f"--window-size={PHONE[0]},{PHONE[1]}", "--remote-debugging-port=0",
+                                 f"--window-size={size[0]},{size[1]}", "--remote-debugging-port=0",
                                  "--remote-allow-origins=*", "about:blank"],
                                 stdout=log_file, stderr=subprocess.STDOUT)
         try:
@@ -269,40 +273,14 @@ async def drive_browser(base: str, running_id: str, error_text: str, phone_full:
             port = int(port_file.read_text().split()[0])
             async with aiohttp.ClientSession() as session:
                 async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:
-                    targets = await resp.json()
-                page = next(t for t in targets if t.get("type") == "page")
+                    page = next(t for t in await resp.json() if t.get("type") == "page")
                 async with session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
                     dev = DevTools(ws)
                     await dev.send("Page.enable")
                     await dev.send("Network.enable")
                     await dev.send("Emulation.setDeviceMetricsOverride", {
-                        "width": PHONE[0], "height": PHONE[1], "deviceScaleFactor": 1, "mobile": True})
-
-                    await check_live_page(dev, base + "/multigpu/", running_id, error_text)
-                    # one column on a phone: the cards are stacked, each (nearly) as wide as the screen
-                    boxes = await dev.eval("[...document.querySelectorAll('.card')].map(c => {"
-                                           "const r = c.getBoundingClientRect(); return [r.left, r.top, r.width]; })")
-                    assert len({round(left) for left, _, _ in boxes}) == 1, boxes
-                    assert boxes[0][1] < boxes[1][1] < boxes[2][1], boxes
-                    assert all(width > PHONE[0] * 0.85 for _, _, width in boxes), boxes
-                    assert await dev.eval("document.documentElement.scrollWidth <= window.innerWidth"), \
-                        "the page scrolls sideways on a phone"
-                    await dev.screenshot(phone_full)
-
-                    # a visible error state when the server cannot be reached, and recovery after
-                    assert await dev.eval("getComputedStyle(document.getElementById('error')).display") == "none"
-                    await dev.send("Network.emulateNetworkConditions", {
-                        "offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
-                    await dev.wait_for("document.body.classList.contains('offline') && "
-                                       "getComputedStyle(document.getElementById('error')).display == 'block'")
-                    assert "Cannot load status" in await dev.eval("document.getElementById('error').textContent")
-                    assert (await dev.eval("document.getElementById('updated').textContent")).startswith("stale")
-                    await dev.send("Network.emulateNetworkConditions", {
-                        "offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
-                    await dev.wait_for("!document.body.classList.contains('offline')")
-
-                    # under a device prefix the relative status URL still reaches the server
-                    await check_live_page(dev, base + "/gpu1/multigpu/", running_id, error_text)
+                        "width": size[0], "height": size[1], "deviceScaleFactor": 1, "mobile": mobile})
+                    yield dev
         finally:
             proc.terminate()
             try:
@@ -310,6 +288,35 @@ async def drive_browser(base: str, running_id: str, error_text: str, phone_full:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(15)
+
+
+async def drive_browser(base: str, running_id: str, error_text: str, phone_full: Path, log: Path) -> None:
+    async with chromium_page(log, PHONE, mobile=True) as dev:
+        await check_live_page(dev, base + "/multigpu/", running_id, error_text)
+        # one column on a phone: the cards are stacked, each (nearly) as wide as the screen
+        boxes = await dev.eval("[...document.querySelectorAll('.card')].map(c => {"
+                               "const r = c.getBoundingClientRect(); return [r.left, r.top, r.width]; })")
+        assert len({round(left) for left, _, _ in boxes}) == 1, boxes
+        assert boxes[0][1] < boxes[1][1] < boxes[2][1], boxes
+        assert all(width > PHONE[0] * 0.85 for _, _, width in boxes), boxes
+        assert await dev.eval("document.documentElement.scrollWidth <= window.innerWidth"), \
+            "the page scrolls sideways on a phone"
+        await dev.screenshot(phone_full)
+
+        # a visible error state when the server cannot be reached, and recovery after
+        assert await dev.eval("getComputedStyle(document.getElementById('error')).display") == "none"
+        await dev.send("Network.emulateNetworkConditions", {
+            "offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+        await dev.wait_for("document.body.classList.contains('offline') && "
+                           "getComputedStyle(document.getElementById('error')).display == 'block'")
+        assert "Cannot load status" in await dev.eval("document.getElementById('error').textContent")
+        assert (await dev.eval("document.getElementById('updated').textContent")).startswith("stale")
+        await dev.send("Network.emulateNetworkConditions", {
+            "offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+        await dev.wait_for("!document.body.classList.contains('offline')")
+
+        # under a device prefix the relative status URL still reaches the server
+        await check_live_page(dev, base + "/gpu1/multigpu/", running_id, error_text)
 
 
 @needs_chromium

@@ -11,18 +11,13 @@ the cookie. One server with two CPU workers per ComfyUI version; every wait poll
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import subprocess
-import time
 import uuid
 from pathlib import Path
-from typing import AsyncIterator
 
-import aiohttp
 import pytest
 from harness import ARTIFACTS, Server, record_of, sleep_prompt
-from test_status_page import (CHROMIUM, CHROMIUM_FLAGS, DESKTOP, DevTools, _profile_dir, assert_real_screenshot,
+from test_status_page import (DESKTOP, DevTools, assert_real_screenshot, chromium_page,
                               needs_chromium)
 
 from comfy_parallel.routing import COOKIE
@@ -61,41 +56,6 @@ def two_cpu(comfy_dir: Path):
     server = Server(comfy_dir, mode="multi", devices="cpu,cpu", name=f"webui-{comfy_dir.name}").start()
     yield server
     server.stop()
-
-
-@contextlib.asynccontextmanager
-async def chromium_page(log: Path, size: tuple[int, int]) -> AsyncIterator[DevTools]:
-    """A headless Chromium with a fresh profile and a DevTools session on its one tab."""
-    with _profile_dir() as profile, open(log, "ab") as log_file:
-        proc = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                                 f"--window-size={size[0]},{size[1]}", "--remote-debugging-port=0",
-                                 "--remote-allow-origins=*", "about:blank"],
-                                stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            port_file = Path(profile) / "DevToolsActivePort"
-            deadline = time.monotonic() + 60
-            while not (port_file.exists() and port_file.read_text().strip()):
-                assert proc.poll() is None, f"chromium exited with {proc.returncode}; see {log}"
-                assert time.monotonic() < deadline, "chromium wrote no DevToolsActivePort"
-                await asyncio.sleep(0.1)
-            port = int(port_file.read_text().split()[0])
-            async with aiohttp.ClientSession() as session:
-                async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:
-                    page = next(t for t in await resp.json() if t.get("type") == "page")
-                async with session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-                    dev = DevTools(ws)
-                    await dev.send("Page.enable")
-                    await dev.send("Network.enable")
-                    await dev.send("Emulation.setDeviceMetricsOverride", {
-                        "width": size[0], "height": size[1], "deviceScaleFactor": 1, "mobile": False})
-                    yield dev
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(15)
 
 
 async def open_ui(dev: DevTools, url: str) -> str:
