@@ -14,6 +14,9 @@ Servers (--servers, comma list): ``stock`` or ``parallel`` followed by modifiers
   pagecache comfy-parallel --host-copy page-cache
   noshared  comfy-parallel --shared-weights off
   nographs  comfy-parallel --cuda-graphs off
+  cm        ComfyUI's --cuda-malloc (cudaMallocAsync; comfy-parallel with graphs on several CUDA workers otherwise
+            adds --disable-cuda-malloc)
+  nocm      ComfyUI's --disable-cuda-malloc (torch's native allocator), stock or comfy-parallel
   identonly skip W1/W2 (identity set only)
   noident   skip the identity set (throughput workloads only)
 e.g. ``stock,parallel,parallel-dvram,stock-nodvram-identonly,parallel-pagecache``. Images are compared with the
@@ -50,7 +53,7 @@ import workflows as wfs  # noqa: E402
 from gpu_check import exec_seconds, http, log_tail, stop_all, sum_status_gib  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-MODIFIERS = {"nodvram", "dvram", "pagecache", "noshared", "nographs", "identonly", "noident"}
+MODIFIERS = {"nodvram", "dvram", "pagecache", "noshared", "nographs", "identonly", "noident", "cm", "nocm"}
 
 
 # ---------------------------------------------------------------- servers
@@ -79,6 +82,9 @@ def server_specs(names: list[str], args: argparse.Namespace, workers: int) -> li
             raise SystemExit(f"bad server name {name!r}: stock|parallel, then modifiers {sorted(MODIFIERS)}")
         port = args.port + i
         comfy_extra = ["--disable-dynamic-vram"] if "nodvram" in mods else []
+        if "cm" in mods and "nocm" in mods:
+            raise SystemExit(f"{name}: cm or nocm, not both")
+        comfy_extra += ["--cuda-malloc"] if "cm" in mods else ["--disable-cuda-malloc"] if "nocm" in mods else []
         if base == "stock":
             if {"pagecache", "noshared", "nographs", "dvram"} & set(mods):
                 raise SystemExit(f"{name}: pagecache/noshared/nographs/dvram apply to comfy-parallel only")

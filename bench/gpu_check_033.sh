@@ -13,6 +13,7 @@
 #        CALL_S (seconds the whole call may take, default 570), SERVER_S (per server, default 180),
 #        W_PROMPTS / W2_PROMPTS (measured W1 / W2 prompts, default 16 / 8), STEPS (identity set, default 8),
 #        WORKLOADS (W1,W2), IDENT_ARCHS (model families of the identity set; default sd15,sdxl),
+#        ARCHS (checkpoints to build, default sd15,sdxl),
 #        COMFYUI=0.3.75 (the 0.3.75 payload of bench/prepare_device_payload.sh instead; carry .device then).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check_033_out}
@@ -20,6 +21,7 @@ mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 CALL_S=${CALL_S:-570}
 CK=/tmp/comfyui/models/checkpoints
+ARCHS=${ARCHS:-sd15,sdxl}
 step() { echo; echo "=== [$SECONDS s] $*"; }
 
 unpack_xz() {  # ARCHIVE DIR: tar's xz filter, or Python's lzma where the xz binary is missing
@@ -65,10 +67,11 @@ import torch
 print("  cuda", torch.version.cuda, "devices", torch.cuda.device_count())
 EOF
 
-  step "random SD1.5 and SDXL checkpoints (at once), then a LoRA for each"
+  step "random checkpoints ($ARCHS, at once), then a LoRA for each"
   mkdir -p $CK /tmp/comfyui/models/loras
-  timeout 200 python3 tools/make_rand_ckpt.py /tmp/comfyui sd15 $CK/sd15_rand.safetensors 2>&1 | grep -v '^WARNING' &
-  timeout 200 python3 tools/make_rand_ckpt.py /tmp/comfyui sdxl $CK/sdxl_rand.safetensors 2>&1 | grep -v '^WARNING' &
+  for a in ${ARCHS//,/ }; do
+    timeout 200 python3 tools/make_rand_ckpt.py /tmp/comfyui $a $CK/${a}_rand.safetensors 2>&1 | grep -v '^WARNING' &
+  done
   wait
   archs=""
   for a in sd15 sdxl; do
