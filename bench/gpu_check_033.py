@@ -111,6 +111,19 @@ def server_specs(names: list[str], args: argparse.Namespace, workers: int) -> li
     return specs
 
 
+def probed(wf: dict) -> dict:
+    """The prompt with each KSampler's model passed through a ProbeUNetCalls node labelled by prompt and sampler."""
+    wf = json.loads(json.dumps(wf))
+    prefix = next(n["inputs"]["filename_prefix"] for n in wf.values() if n["class_type"] == "SaveImage")
+    for node_id, node in list(wf.items()):
+        if node["class_type"] == "KSampler":
+            probe_id = f"probe{node_id}"
+            wf[probe_id] = {"class_type": "ProbeUNetCalls",
+                            "inputs": {"model": node["inputs"]["model"], "label": f"{prefix}_k{node_id}"}}
+            node["inputs"]["model"] = [probe_id, 0]
+    return wf
+
+
 class GpuMemSampler(threading.Thread):
     """Peak GPU memory used (MiB, per GPU) from nvidia-smi once a second; idle when there is no nvidia-smi."""
 
@@ -350,6 +363,8 @@ def run_server(spec: ServerSpec, args: argparse.Namespace, archs: dict[str, wfs.
         for rnd in (1, 2) if cases else ():
             prompts = [(c.key, wfs.build(c.kind, archs[c.arch], args.steps, c.seed,
                                          f"{spec.name}_r{rnd}_{c.arch}_{c.kind}", round_tag=rnd)) for c in cases]
+            if args.probe:
+                prompts = [(key, probed(wf)) for key, wf in prompts]
             phase(f"ident_r{rnd}", prompts, min_s=30)
         if cases:
             res["rss_after_ident_gib"] = sum_status_gib([proc.pid], "VmRSS")
@@ -543,6 +558,9 @@ def main() -> int:
     ap.add_argument("--kinds", default=",".join(wfs.KINDS), help="workflow kinds of the identity set")
     ap.add_argument("--ident-archs", help="model families of the identity set (default: --archs)")
     ap.add_argument("--workloads", default="W1,W2", help="throughput workloads to run (W1 SD1.5, W2 SDXL)")
+    ap.add_argument("--probe", action="store_true",
+                    help="wrap every KSampler's model in ProbeUNetCalls (bench/probe_nodes, installed into ComfyUI's "
+                         "custom_nodes by gpu_check_033.sh PROBE=1): per-UNet-call digests under output/probe/")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke-test sizes for the identity set and W1/W2")
     ap.add_argument("--steps", type=int, default=10, help="steps of the identity set")
     ap.add_argument("--w-steps", type=int, default=20)

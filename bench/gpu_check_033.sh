@@ -13,7 +13,8 @@
 #        CALL_S (seconds the whole call may take, default 570), SERVER_S (per server, default 180),
 #        W_PROMPTS / W2_PROMPTS (measured W1 / W2 prompts, default 16 / 8), STEPS (identity set, default 8),
 #        WORKLOADS (W1,W2), IDENT_ARCHS (model families of the identity set; default sd15,sdxl),
-#        ARCHS (checkpoints to build, default sd15,sdxl),
+#        ARCHS (checkpoints to build, default sd15,sdxl), KINDS (identity set kinds, default all),
+#        PROBE=1 (per-UNet-call digests of every identity prompt, bench/probe_nodes; $OUT/probe.tar.gz),
 #        COMFYUI=0.3.75 (the 0.3.75 payload of bench/prepare_device_payload.sh instead; carry .device then).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check_033_out}
@@ -83,14 +84,18 @@ EOF
   ls -la $CK /tmp/comfyui/models/loras
   [ -n "$archs" ] || { echo "no checkpoint"; return 1; }
 
+  if [ -n "${PROBE:-}" ]; then
+    cp -r bench/probe_nodes /tmp/comfyui/custom_nodes/probe_nodes
+  fi
   left=$((CALL_S - SECONDS - 20))
   step "gpu_check_033.py: $left s for the servers, devices $DEVICES, models $archs"
   python3 bench/gpu_check_033.py --comfyui /tmp/comfyui --frontend .device/frontend --devices "$DEVICES" \
-    --archs "$archs" ${IDENT_ARCHS:+--ident-archs "$IDENT_ARCHS"} --workloads "${WORKLOADS:-W1,W2}" \
-    --steps "${STEPS:-8}" --w-prompts "${W_PROMPTS:-16}" --w2-prompts "${W2_PROMPTS:-8}" \
+    --archs "$archs" ${IDENT_ARCHS:+--ident-archs "$IDENT_ARCHS"} ${KINDS:+--kinds "$KINDS"} --workloads "${WORKLOADS:-W1,W2}" \
+    ${PROBE:+--probe} --steps "${STEPS:-8}" --w-prompts "${W_PROMPTS:-16}" --w2-prompts "${W2_PROMPTS:-8}" \
     --server-budget-s "${SERVER_S:-180}" --budget-s "$left" --out "$OUT" \
     --servers "${SERVERS:-stock,parallel,parallel-dvram,parallel-pagecache,stock-nodvram-identonly}"
   rc=$?
+  [ -d /tmp/comfyui/output/probe ] && tar -czf "$OUT/probe.tar.gz" -C /tmp/comfyui/output probe
   (cd "$OUT" && ls ./*.log | grep -v gpu_check_033.log >/dev/null 2>&1 \
      && tar -czf server_logs.tar.gz $(ls ./*.log | grep -v gpu_check_033.log) \
      && rm -f $(ls ./*.log | grep -v gpu_check_033.log))
