@@ -52,7 +52,10 @@ def snapshot(comfy) -> dict:
     import torch
 
     out["torch.manual_seed"] = id(torch.manual_seed)
-    out["WebUIProgressHandler._send_progress_state"] = id(progress.WebUIProgressHandler.__dict__["_send_progress_state"])
+    out["comfy.ops.scaled_dot_product_attention"] = id(sys.modules["comfy.ops"].scaled_dot_product_attention)
+    out["torch.nn.functional.scaled_dot_product_attention"] = id(torch.nn.functional.scaled_dot_product_attention)
+    handler = progress.WebUIProgressHandler
+    out["WebUIProgressHandler._send_progress_state"] = id(handler.__dict__["_send_progress_state"])
     for attr in ("client_id", "last_node_id", "last_prompt_id", "add_routes", "start_multi_address",
                  "queue_updated", "send_sync"):
         out[f"PromptServer.{attr}"] = id(server.PromptServer.__dict__.get(attr))
@@ -135,6 +138,64 @@ def ram_release_check() -> bool | str:
     return sorted(calls) == [(0, 100), (1, 101)] and headrooms == {0: 9, 1: 9} and mem.RAM_CACHE_HEADROOM == 0
 
 
+def attention_check(comfy) -> dict:
+    """A small CUDA attention call made while another worker is inside a large one sees torch's own backend order.
+
+    ComfyUI's CUDA branch (0.3.75-0.38, comfy/ops.py) cannot run on CPU, so a stand-in does what it does with the
+    real torch flags: a large call sets ComfyUI's priority with sdpa_kernel(..., set_priority=True) and restores
+    it after; a small call runs under whatever order stands. Worker A stays inside a large call until worker B's
+    small call has run or 1 s has passed; with the patch B waits for A (so B cannot come in and A's wait ends at
+    its bound), without it B runs inside A's window and sees ComfyUI's order.
+    """
+    import threading
+
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from comfy_parallel.comfy_adapter.attention import AttentionPriorityAtomic
+
+    ops = sys.modules["comfy.ops"]
+    comfy_order = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                   SDPBackend.MATH]
+    default = list(torch._C._get_sdp_priority_order())
+    a_inside, b_ran, seen = threading.Event(), threading.Event(), {}
+
+    class Query:  # what the patch and ComfyUI's wrapper look at: the device and the size
+        def __init__(self, n: int) -> None:
+            self.n, self.is_cuda = n, True
+
+        def nelement(self) -> int:
+            return self.n
+
+    def cuda_branch(q, k, v, *args, **kwargs):
+        if q.nelement() < 1024 * 128:
+            seen["small_call_order"] = list(torch._C._get_sdp_priority_order())
+            b_ran.set()
+            return None
+        with sdpa_kernel(comfy_order, set_priority=True):
+            a_inside.set()
+            b_ran.wait(1.0)
+        return None
+
+    original = ops.scaled_dot_product_attention
+    ops.scaled_dot_product_attention = cuda_branch
+    patch = AttentionPriorityAtomic()
+    try:
+        patch.apply(comfy)
+        large = threading.Thread(target=lambda: ops.scaled_dot_product_attention(Query(1 << 20), None, None))
+        large.start()
+        a_inside.wait(30)
+        ops.scaled_dot_product_attention(Query(16), None, None)
+        large.join()
+        seen["order_after"] = list(torch._C._get_sdp_priority_order())
+    finally:
+        patch.undo()
+        seen["restored"] = ops.scaled_dot_product_attention is cuda_branch
+        ops.scaled_dot_product_attention = original
+    return {"ok": seen.get("small_call_order") == default and seen.get("order_after") == default
+            and seen["restored"], **seen, "default": default}
+
+
 def main() -> None:
     comfy_dir = sys.argv[1]
     mode = sys.argv[2] if len(sys.argv) > 2 else ""
@@ -195,6 +256,7 @@ def main() -> None:
     result["noise_is_private_and_stock_equal"] = noise_check(comfy)
     result["host_copy_on_write"] = copy_on_write_check()
     result["ram_release_per_worker"] = ram_release_check()
+    result["attention"] = attention_check(comfy)
     adapter.undo()
     after = snapshot(comfy)
     result["restored"] = after == before

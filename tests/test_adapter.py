@@ -26,8 +26,9 @@ def test_patches_apply_are_idempotent_and_undo(comfy_dir: Path) -> None:
     assert result["cuda_malloc_warning_ok"] is True
     assert set(result["applied"]) == {
         "server-worker-attrs", "progress-registry-per-worker", "progress-state-to-submitter",
-        "seeded-generator-per-call", "interrupt-per-worker", "loaded-models-per-worker",
-        "empty-cache-per-device", "unique-save-counters", "device-workers", "server-setup", "entry-ports", "scoped-queue-status",
+        "seeded-generator-per-call", "attention-priority-atomic", "interrupt-per-worker", "loaded-models-per-worker",
+        "empty-cache-per-device", "unique-save-counters", "device-workers", "server-setup", "entry-ports",
+        "scoped-queue-status",
         "websocket-send-per-client", "quiet-retried-attempt",
         "host-load-on-cpu", "host-weights-read-only", "view-bulk-load", "shared-model-loaders",
         "cuda-graphs", "devices-per-worker", "ram-release-per-worker"}
@@ -38,7 +39,8 @@ def test_patches_apply_are_idempotent_and_undo(comfy_dir: Path) -> None:
                  "comfy.controlnet.load_controlnet", "comfy.utils.copy_to_param", "VAELoader.load_vae",
                  "LoraLoader.load_lora", "comfy.model_management.unet_inital_load_device", "UNetModel.forward",
                  "ModelPatcher.load", "ModelPatcher.unpatch_model", "folder_paths.get_save_image_path",
-                 "SaveImage.save_images"):
+                 "SaveImage.save_images", "comfy.ops.scaled_dot_product_attention",
+                 "torch.nn.functional.scaled_dot_product_attention"):
         assert name in result["changed"], name
     assert result["loaded_models_type"] == "PerWorkerList"
     assert result["execution_sees_patch"] is True
@@ -47,6 +49,8 @@ def test_patches_apply_are_idempotent_and_undo(comfy_dir: Path) -> None:
     memory_management = comfy_dir / "comfy" / "memory_management.py"
     has_ram_hook = memory_management.exists() and "set_ram_cache_release_state" in memory_management.read_text()
     assert result["ram_release_per_worker"] == (True if has_ram_hook else "n/a")  # 0.33 has the hook, 0.3.75 not
+    # a small attention call never runs inside another worker's large one (the backend order stays torch's)
+    assert result["attention"]["ok"] is True, result["attention"]
     assert result["second_apply_is_noop"] is True
     assert result["restored"] is True, result["not_restored"]
     assert result["loaded_models_type_after"] == "list"

@@ -9,6 +9,7 @@ globals on threads that are not device workers, so code on the event loop thread
 | prompt_server | server.PromptServer, main.prompt_worker: entry points and per-worker server attributes |
 | progress | comfy_execution.progress |
 | sampling | comfy.sample (noise) |
+| attention | comfy.ops attention (torch's process-wide SDPA backend order) |
 | model_management | comfy.model_management (interrupts, loaded models, cache flushes, devices) |
 | ram_cache | comfy.memory_management's RAM-pressure cache hook (0.33) |
 | save_image | folder_paths, SaveImage (file numbers) |
@@ -18,6 +19,7 @@ globals on threads that are not device workers, so code on the event loop thread
 
 from __future__ import annotations
 
+from .attention import AttentionPriorityAtomic
 from .base import CHECKED, Patch
 from .model_management import (DevicesPerWorker, EmptyCachePerDevice, InterruptPerWorker, LoadedModelsPerWorker,
                                PerWorkerList)
@@ -35,6 +37,7 @@ WORKER_STATE_PATCHES: tuple[type[Patch], ...] = (
     ProgressRegistryPerWorker,
     ProgressStateToSubmitter,
     SeededGeneratorPerCall,
+    AttentionPriorityAtomic,
     InterruptPerWorker,
     LoadedModelsPerWorker,
     EmptyCachePerDevice,
