@@ -16,7 +16,8 @@ from pathlib import Path
 
 from . import deploy, provision, scan
 from .settings import (Settings, SettingsError, default_devices, env_enabled, parse_default_route,
-                       parse_cuda_graphs, parse_devices, parse_entry_ports, weight_settings)
+                       parse_cuda_graphs, parse_devices, parse_entry_ports, parse_graphs_max,
+                       weight_settings)
 from .settings import ALLOW_UNCHECKED_ENV, DEFAULT_DRAIN_TIMEOUT_S, env_flag, lifecycle_env, lifecycle_settings
 
 log = logging.getLogger("comfy_parallel")
@@ -91,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "devices ComfyUI is started with --disable-cuda-malloc (torch's native allocator; "
                             "cudaMallocAsync cannot serve captures from several threads) unless you pass "
                             "--cuda-malloc, which turns graphs off (default %(default)s)")
+    serve.add_argument("--cuda-graphs-max", type=int, metavar="N",
+                       default=os.environ.get("COMFY_PARALLEL_CUDA_GRAPHS_MAX", "24"),
+                       help="most CUDA graphs kept per model per worker, least recently used out (default "
+                            "%(default)s; env COMFY_PARALLEL_CUDA_GRAPHS_MAX). A graph is kept per input shape and "
+                            "weight placement, so plain and LoRA prompts keep theirs; each holds activation memory "
+                            "in its worker's graph pool")
     weights = serve.add_argument_group("shared weights (one host copy of each model file for all devices)")
     weights.add_argument("--shared-weights", choices=("on", "off"), default="on",
                          help="read each checkpoint/UNET/CLIP/VAE/ControlNet/LoRA file once and give every device "
@@ -186,6 +193,7 @@ def serve_settings(args: argparse.Namespace, env: dict[str, str] | None = None) 
                     default_route=parse_default_route(args.default_route, len(devices)), enabled=enabled,
                     warmup_checkpoint=getattr(args, "warmup_checkpoint", None),
                     cuda_graphs=parse_cuda_graphs(getattr(args, "cuda_graphs", "auto")),
+                    cuda_graphs_max=parse_graphs_max(getattr(args, "cuda_graphs_max", 24)),
                     **weight_settings(getattr(args, "shared_weights", "on"), getattr(args, "pin_weights", "auto"),
                                        getattr(args, "weights_ram_limit", None), getattr(args, "host_copy", "ram")),
                     allow_unchecked_comfyui=bool(getattr(args, "allow_unchecked_comfyui", False))

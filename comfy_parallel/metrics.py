@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 from .queues import is_oom, outcome_of
 
@@ -64,6 +64,7 @@ class DeviceMetrics:
         for reason in ("send_blocked", "backlog"):
             self.websocket_dropped.labels(reason)
         self.websocket_clients: Callable[[], int] = lambda: 0  # set once ComfyUI's server exists
+        self.graph_stats: Callable[[], dict] | None = None  # CUDA graph counts, set when graphs are on
         self.clients_left = Counter("comfy_parallel_http_clients_left",
                                     "HTTP requests whose client closed the connection before they were answered",
                                     registry=self.registry)
@@ -152,3 +153,30 @@ class _LiveCollector:
         yield from (queued, running, loaded, current)
         yield GaugeMetricFamily("comfy_parallel_websocket_clients", "Websocket clients connected",
                                 value=m.websocket_clients())
+        if m.graph_stats is not None:
+            yield from _graph_families(m.graph_stats())
+
+
+def _graph_families(stats: dict) -> Iterable:
+    """CUDA graph counts per worker (comfy_adapter/cuda_graphs.py): graph memory is bounded and visible."""
+    graphs = GaugeMetricFamily("comfy_parallel_cuda_graphs", "CUDA graphs kept (each holds pool memory)",
+                               labels=["device"])
+    pools = GaugeMetricFamily("comfy_parallel_cuda_graph_pools", "CUDA graph memory pools", labels=["device"])
+    steps = CounterMetricFamily("comfy_parallel_cuda_graph_steps", "UNet steps by path (replay of a graph, eager)",
+                                labels=["device", "path"])
+    captures = CounterMetricFamily("comfy_parallel_cuda_graph_captures", "CUDA graph captures by outcome",
+                                   labels=["device", "outcome"])
+    evictions = CounterMetricFamily("comfy_parallel_cuda_graph_evictions",
+                                    "CUDA graphs dropped by the per-worker cap (least recently used)",
+                                    labels=["device"])
+    for worker, row in stats.get("per_worker", {}).items():
+        if worker == "-1":
+            continue  # steps outside a device worker (none in a multi-device server)
+        graphs.add_metric([worker], row["graphs"])
+        pools.add_metric([worker], row["pools"])
+        steps.add_metric([worker, "replay"], row["replays"])
+        steps.add_metric([worker, "eager"], row["eager"])
+        captures.add_metric([worker, "captured"], row["captures"])
+        captures.add_metric([worker, "failed"], row["failures"])
+        evictions.add_metric([worker], row["evictions"])
+    yield from (graphs, pools, steps, captures, evictions)

@@ -70,6 +70,10 @@ class MultiDeviceServer:
     def before_routes(self, prompt_server: Any) -> None:
         self.prompt_server = prompt_server
         self.metrics.websocket_clients = lambda: len(prompt_server.sockets)
+        if self.settings.graphs_enabled:
+            from .comfy_adapter.cuda_graphs import STATS  # ComfyUI (and torch) are imported by now
+
+            self.metrics.graph_stats = STATS.as_dict
         prompt_server.prompt_queue = self.queues
         http_api.add_routes(self, prompt_server.routes)
 

@@ -43,6 +43,7 @@ class Settings:
     weights_ram_limit: int | None = None  # bytes of host copies kept for reuse; LRU beyond it
     host_copy: str = "ram"  # ram | page-cache: where the one host copy of a model file lives (weights.py)
     cuda_graphs: str = "auto"  # auto | on | off: replay captured CUDA graphs of the UNet (comfy_adapter/cuda_graphs.py)
+    cuda_graphs_max: int = 24  # graphs kept per UNet per worker, least recently used out
 
     @property
     def graphs_enabled(self) -> bool:
@@ -179,6 +180,7 @@ def from_env(env: Mapping[str, str] | None = None, cpu_mode: bool = False) -> Se
     return Settings(devices=devices, entry_ports=entry, default_route=route, enabled=enabled,
                     warmup_checkpoint=env.get("COMFY_PARALLEL_WARMUP_CHECKPOINT") or None,
                     cuda_graphs=parse_cuda_graphs(env.get("COMFY_PARALLEL_CUDA_GRAPHS", "auto")),
+                    cuda_graphs_max=parse_graphs_max(env.get("COMFY_PARALLEL_CUDA_GRAPHS_MAX", "24")),
                     **weight_settings(env.get("COMFY_PARALLEL_SHARED_WEIGHTS", "on"),
                                       env.get("COMFY_PARALLEL_PIN_WEIGHTS", "auto"),
                                       env.get("COMFY_PARALLEL_WEIGHTS_RAM_LIMIT"),
@@ -240,6 +242,13 @@ def parse_cuda_graphs(text: str) -> str:
     if value not in ("auto", "on", "off"):
         raise SettingsError(f"cuda graphs: {text!r} is not valid; use auto, on or off")
     return value
+
+
+def parse_graphs_max(text: str | int) -> int:
+    value = str(text).strip()
+    if not value.isdigit() or int(value) < 1:
+        raise SettingsError(f"cuda graphs max: {text!r} is not valid; use a whole number of graphs, at least 1")
+    return int(value)
 
 
 def parse_bytes(text: str) -> int:

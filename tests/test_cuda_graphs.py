@@ -103,3 +103,52 @@ def test_a_worker_captures_inside_its_own_prompt_while_the_other_workers_prompt_
         t.join(10)
     assert not any(t.is_alive() for t in threads), "the two workers deadlocked"
     assert events == ["b capture False", "b eager step", "b prompt end", "a capture True", "a unet in capture"]
+
+
+def test_graphs_are_keyed_by_weight_placement_so_plain_and_lora_each_keep_theirs() -> None:
+    """A LoRA patch puts new tensors in place of the UNet's weights and its un-patch puts the originals back
+    (ComfyUI's set_attr_param): the plain placement's key comes back, so its graphs replay instead of recapturing."""
+    from comfy_parallel.comfy_adapter import cuda_graphs as cg
+
+    unet = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    cg.note_placement(unet)
+    plain = unet.__dict__[cg._PLACEMENT]
+    original = unet[0].weight
+    unet[0].weight = torch.nn.Parameter(original.detach() + 1)  # the LoRA-patched weight: a new tensor
+    cg.note_placement(unet)
+    patched = unet.__dict__[cg._PLACEMENT]
+    unet[0].weight = original  # un-patch
+    cg.note_placement(unet)
+    assert plain != patched and unet.__dict__[cg._PLACEMENT] == plain
+    with torch.no_grad():
+        unet[1].weight.mul_(2)  # values written in place: same placement, the graph reads them at replay
+    cg.note_placement(unet)
+    assert unet.__dict__[cg._PLACEMENT] == plain
+
+
+def test_graph_cap_drops_the_least_recently_used_and_counts_it(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from collections import OrderedDict
+
+    from comfy_parallel.comfy_adapter import cuda_graphs as cg
+
+    stats = cg.GraphStats()
+    stats.max_graphs = 2
+    monkeypatch.setattr(cg, "STATS", stats)
+
+    def graph() -> cg._Graph:
+        entry = cg._Graph.__new__(cg._Graph)  # no CUDA here: the cache logic only needs the owner
+        entry.worker = 3
+        stats.add("graphs", 3)
+        return entry
+
+    graphs: OrderedDict = OrderedDict((("a", graph()), ("seen", cg._SEEN), ("b", graph())))
+    graphs.move_to_end("a")  # "a" replayed last: "b" is now the least recently used graph
+    graphs["c"] = graph()
+    cg._evict(graphs)
+    assert list(graphs) == ["seen", "a", "c"]
+    assert stats.as_dict()["per_worker"]["3"] == {"replays": 0, "eager": 0, "captures": 0, "failures": 0,
+                                                  "evictions": 1, "graphs": 2, "pools": 0}
+    unet = torch.nn.Linear(2, 2)
+    unet.__dict__[cg._GRAPHS] = graphs
+    cg.drop_graphs(unet)  # weights left the GPU: every graph goes, nothing may be captured
+    assert stats.as_dict()["graphs"] == 0 and unet.__dict__[cg._READY] is False

@@ -90,6 +90,16 @@ def test_sd15_on_two_workers_at_once_then_scoped_free(comfy_dir: Path, sd15_mode
         # --cuda-graphs on: on CPU workers every step takes the normal path (nothing to capture), same images
         graphs = server.get("/multigpu/status").json()["cuda_graphs"]
         assert graphs["enabled"] and graphs["eager"] >= 3 * 2 and graphs["replays"] == graphs["captures"] == 0
+        # counted per worker, with the cap, in /multigpu/status and /metrics
+        assert graphs["max_graphs_per_unet"] == 24 and graphs["graphs"] == graphs["pools"] == 0
+        assert {w: r["eager"] > 0 for w, r in graphs["per_worker"].items() if w != "-1"} == {"0": True, "1": True}
+        metrics = server.get("/metrics").body.decode()
+        for worker, row in graphs["per_worker"].items():
+            if worker != "-1":
+                assert f'comfy_parallel_cuda_graphs{{device="{worker}"}} 0.0' in metrics
+                assert f'comfy_parallel_cuda_graph_captures_total{{device="{worker}",outcome="failed"}} 0.0' in metrics
+                assert re.search(rf'comfy_parallel_cuda_graph_steps_total{{device="{worker}",path="eager"}} '
+                                 rf'[1-9]', metrics)
 
         loaded = _loaded(server)
         assert loaded[0] > 0 and loaded[1] > 0, loaded

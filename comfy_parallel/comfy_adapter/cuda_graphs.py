@@ -4,12 +4,18 @@ The profile (bench/results/profile_step_nvidia-h200.md) shows a sampling step is
 Python and dispatch against ~41 ms of GPU work for SDXL at 1024², and every worker thread of one process competes
 for the same interpreter. A replayed graph costs well under a millisecond of host time.
 
-A graph is captured per (UNet, device, input shapes and dtypes) on the second call with that key (the first runs
-eagerly and warms up the kernels), into a memory pool private to the calling worker, with
+A graph is captured per (UNet, input shapes and dtypes, weight placement) on the second call with that key (the
+first runs eagerly and warms up the kernels), into a memory pool private to the calling worker, with
 ``capture_error_mode="thread_local"`` so other workers keep launching work meanwhile. The eager path is used
 whenever capture would be unsafe: CPU or low-VRAM (weights cast per call), weight hooks, attention/block patches,
-ControlNets, model wrappers, extra conditioning inputs, or a capture that failed once for that key. Loading,
-unloading or re-patching the model's weights drops its graphs (their kernels point at the old weights).
+ControlNets, model wrappers, extra conditioning inputs, or a capture that failed once for that key.
+
+A replayed graph reads the UNet's weights from the addresses they had at capture, whatever values lie there now.
+So graphs are kept per weight placement (the address, shape and dtype of every parameter and buffer, recorded
+whenever ComfyUI loads or un-patches the model) instead of being dropped at each re-patch: a worker alternating
+plain and LoRA prompts replays the graphs of both placements (a LoRA patch puts new tensors in place, its
+un-patch puts the originals back). Graphs per UNet are capped (least recently used first out, ``--cuda-graphs-max``)
+and dropped when the weights leave the GPU.
 
 Several workers capturing at once need torch's native caching allocator: the ``cudaMallocAsync`` backend (ComfyUI's
 default, ``cuda_malloc.py``) keeps one process-wide "capture underway" state, so another worker's allocations and
@@ -21,9 +27,12 @@ where that backend is still in use (the custom-node route, or an explicit ``--cu
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import logging
 import sys
 import threading
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -34,36 +43,60 @@ from .base import CHECKED, Comfy, Patch, first_problem, require_callables, requi
 
 log = logging.getLogger("comfy_parallel.cuda_graphs")
 
-_GRAPHS = "_cp_graphs"  # UNet.__dict__ key: {input key: _SEEN | _Graph | _FAILED (stay eager)}
+# UNet.__dict__ keys
+_GRAPHS = "_cp_graphs"  # OrderedDict {(input key, placement): _SEEN | _Graph | _FAILED (stay eager)}, LRU last
+_READY = "_cp_graphs_ready"  # True while its weights are fully resident on a CUDA device
+_PLACEMENT = "_cp_placement"  # digest of where its weights lie now (None: unknown, no graphs)
 _SEEN, _FAILED = object(), object()
-_READY = "_cp_graphs_ready"  # UNet.__dict__ key: True while its weights are fully resident on a CUDA device
+DEFAULT_MAX_GRAPHS = 24
+_SAMPLES = 16  # parameters whose address a replay checks (a move the hooks missed runs eagerly instead)
+_COUNTS = ("replays", "eager", "captures", "failures", "evictions")
 
 
 class _Graph:
-    def __init__(self) -> None:
+    def __init__(self, worker: int) -> None:
         self.graph = torch.cuda.CUDAGraph()
+        self.worker = worker
         self.inputs: list[torch.Tensor | None] = []
         self.output: torch.Tensor | None = None
+        self.samples: list[tuple[Any, str, int]] = []  # (module, parameter name, address at capture)
 
 
 class GraphStats:
-    """Counts for /multigpu/status and the logs: how often a step replayed, ran eagerly, or captured."""
+    """Counts per worker for /multigpu/status, /metrics and the logs: replays, eager steps, captures, failures,
+    evictions (LRU cap), live graphs and memory pools."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.replays = self.eager = self.captures = self.failures = 0
+        self.by_worker: dict[int, dict[str, int]] = {}
         self.off_reason: str | None = None  # set when the patch is on but graphs cannot be used in this process
+        self.max_graphs = DEFAULT_MAX_GRAPHS
 
-    def add(self, field: str) -> None:
+    def _row(self, worker: int) -> dict[str, int]:
+        return self.by_worker.setdefault(worker, {**dict.fromkeys(_COUNTS, 0), "graphs": 0, "pools": 0})
+
+    def add(self, field: str, worker: int | None = None, n: int = 1) -> None:
         with self.lock:
-            setattr(self, field, getattr(self, field) + 1)
+            self._row(_worker_index() if worker is None else worker)[field] += n
+
+    def total(self, field: str) -> int:
+        with self.lock:
+            return sum(row[field] for row in self.by_worker.values())
 
     def as_dict(self) -> dict:
-        counts = {"replays": self.replays, "eager": self.eager, "captures": self.captures, "failures": self.failures}
-        return counts if self.off_reason is None else {**counts, "off_reason": self.off_reason}
+        with self.lock:
+            rows = {str(w): dict(row) for w, row in sorted(self.by_worker.items())}
+        totals = {f: sum(r[f] for r in rows.values()) for f in (*_COUNTS, "graphs", "pools")}
+        out = {**totals, "max_graphs_per_unet": self.max_graphs, "per_worker": rows}
+        return out if self.off_reason is None else {**out, "off_reason": self.off_reason}
 
 
 STATS = GraphStats()
+
+
+def _worker_index() -> int:
+    ctx = worker_context.current()
+    return -1 if ctx is None else ctx.spec.index
 
 
 def gate_of(device: torch.device) -> DeviceGate:
@@ -96,6 +129,7 @@ def _pool(device: torch.device) -> Any:
     key = (threading.get_ident(), device.index or 0)
     if key not in _pools:
         _pools[key] = torch.cuda.graph_pool_handle()
+        STATS.add("pools")
     return _pools[key]
 
 
@@ -111,7 +145,8 @@ def _abandon_pool(device: torch.device, pool: Any) -> None:
     except RuntimeError:  # it was not recording: the capture failed before it began
         pass
     torch.cuda.synchronize(device)
-    _pools.pop((threading.get_ident(), device.index or 0), None)
+    if _pools.pop((threading.get_ident(), device.index or 0), None) is not None:
+        STATS.add("pools", n=-1)
 
 
 def allocator_problem(concurrent: bool) -> str | None:
@@ -122,9 +157,32 @@ def allocator_problem(concurrent: bool) -> str | None:
     return None
 
 
+def _weights(unet: Any) -> Any:
+    return itertools.chain(unet.named_parameters(), unet.named_buffers())
+
+
+def note_placement(unet: Any) -> None:
+    """Record where the UNet's weights lie now (after ComfyUI loaded, patched or un-patched them)."""
+    placement = repr([(t.data_ptr(), t.dtype, tuple(t.shape)) for _, t in _weights(unet)])
+    unet.__dict__[_PLACEMENT] = hashlib.blake2b(placement.encode(), digest_size=16).hexdigest()
+
+
+def _samples(unet: Any) -> list[tuple[Any, str, int]]:
+    """A few parameters spread over the UNet, with their addresses now: what a replay re-checks."""
+    named = [(name.rpartition("."), p) for name, p in unet.named_parameters()]
+    step = max(1, len(named) // _SAMPLES)
+    modules = dict(unet.named_modules())
+    return [(modules[owner], attr, p.data_ptr()) for (owner, _, attr), p in named[::step]]
+
+
+def _still_placed(entry: _Graph) -> bool:
+    return all(getattr(module, attr).data_ptr() == address for module, attr, address in entry.samples)
+
+
 def _capturable(unet: Any, x: Any, timesteps: Any, context: Any, y: Any, control: Any, transformer_options: dict,
                 kwargs: dict, wrappers: list) -> bool:
-    if not unet.__dict__.get(_READY) or control is not None or kwargs or wrappers:
+    if not unet.__dict__.get(_READY) or unet.__dict__.get(_PLACEMENT) is None or control is not None or kwargs \
+            or wrappers:
         return False
     if not (isinstance(x, torch.Tensor) and x.is_cuda and isinstance(timesteps, torch.Tensor)):
         return False
@@ -155,8 +213,8 @@ def forward_with_graphs(original: Any, unet: Any, x: Any, timesteps: Any = None,
     gate = gate_of(x.device) if isinstance(x, torch.Tensor) and x.is_cuda else None
     if gate is not None and _capturable(unet, x, timesteps, context, y, control, transformer_options, kwargs,
                                         wrappers):
-        graphs: dict = unet.__dict__.setdefault(_GRAPHS, {})
-        key = _key(inputs)
+        graphs: OrderedDict = unet.__dict__.setdefault(_GRAPHS, OrderedDict())
+        key = (_key(inputs), unet.__dict__[_PLACEMENT])
         state = graphs.get(key)
         if state is None:  # first call with this key: eager, which also warms up kernels and allocator
             graphs[key] = _SEEN
@@ -164,8 +222,15 @@ def forward_with_graphs(original: Any, unet: Any, x: Any, timesteps: Any = None,
             with gate.exclusive() as alone:
                 if alone:  # else another worker captures on this GPU now: this step runs eagerly, capture later
                     entry = graphs[key] = _capture(original, unet, inputs, transformer_options) or _FAILED
+                    _evict(graphs)
+        elif isinstance(state, _Graph) and not _still_placed(state):
+            log.warning("comfy-parallel: the UNet's weights moved without a load or un-patch; its graphs are "
+                        "dropped and this step runs eagerly")
+            drop_graphs(unet, ready=None)
+            note_placement(unet)
         else:
             entry = state
+            graphs.move_to_end(key)
     if not isinstance(entry, _Graph):
         STATS.add("eager")
         with gate.shared() if gate is not None else contextlib.nullcontext():
@@ -177,14 +242,24 @@ def forward_with_graphs(original: Any, unet: Any, x: Any, timesteps: Any = None,
         entry.graph.replay()
         output = entry.output.clone()
     STATS.add("replays")
-    if STATS.replays % 500 == 0:
-        log.info("comfy-parallel: CUDA graphs so far: %s", STATS.as_dict())
     return output
+
+
+def _evict(graphs: OrderedDict) -> None:
+    """Keep at most ``STATS.max_graphs`` graphs (and four times as many markers), least recently used out."""
+    live = [k for k, v in graphs.items() if isinstance(v, _Graph)]
+    for key in live[:max(0, len(live) - STATS.max_graphs)]:
+        entry = graphs.pop(key)
+        STATS.add("evictions", entry.worker)
+        STATS.add("graphs", entry.worker, -1)
+    markers = [k for k, v in graphs.items() if not isinstance(v, _Graph)]
+    for key in markers[:max(0, len(markers) - 4 * STATS.max_graphs)]:
+        del graphs[key]
 
 
 def _capture(original: Any, unet: Any, inputs: tuple, transformer_options: dict) -> _Graph | None:
     x = inputs[0]
-    graph = _Graph()
+    graph = _Graph(_worker_index())
     graph.inputs = [None if t is None else t.clone() for t in inputs]
     stream = torch.cuda.Stream(device=x.device)
     stream.wait_stream(torch.cuda.current_stream(x.device))
@@ -204,20 +279,29 @@ def _capture(original: Any, unet: Any, inputs: tuple, transformer_options: dict)
         log.warning("comfy-parallel: CUDA graph capture failed for input shapes %s (%s: %s); this shape runs "
                     "eagerly", _shapes(inputs), type(err).__name__, err)
         return None
-    STATS.add("captures")
-    log.info("comfy-parallel: captured a CUDA graph of the UNet on %s for input shapes %s", x.device,
-             _shapes(inputs))
+    graph.samples = _samples(unet)
+    STATS.add("captures", graph.worker)
+    STATS.add("graphs", graph.worker)
+    log.info("comfy-parallel: captured a CUDA graph of the UNet on %s for input shapes %s (%s)", x.device,
+             _shapes(inputs), STATS.as_dict()["per_worker"].get(str(graph.worker)))
     return graph
 
 
-def drop_graphs(base_model: Any, ready: bool | None = False) -> None:
-    """Forget the graphs of ``base_model``'s UNet and say whether new ones may be captured (``None``: as before)."""
-    unet = getattr(base_model, "diffusion_model", None)
-    if unet is None:
-        return
-    unet.__dict__.pop(_GRAPHS, None)
+def drop_graphs(unet: Any, ready: bool | None = False) -> None:
+    """Forget the UNet's graphs (their pool memory goes back to the worker's pool) and say whether new ones may be
+    captured (``None``: as before)."""
+    graphs = unet.__dict__.pop(_GRAPHS, None) or {}
+    for entry in graphs.values():
+        if isinstance(entry, _Graph):
+            STATS.add("graphs", entry.worker, -1)
     if ready is not None:
         unet.__dict__[_READY] = ready
+    if not unet.__dict__.get(_READY):
+        unet.__dict__[_PLACEMENT] = None
+
+
+def _unet(patcher: Any) -> Any:
+    return getattr(getattr(patcher, "model", None), "diffusion_model", None)
 
 
 class CudaGraphs(Patch):
@@ -229,10 +313,12 @@ class CudaGraphs(Patch):
            "several GPUs do not scale; replaying a captured graph costs under a millisecond of host time")
     checked_on = CHECKED
 
-    def __init__(self, concurrent: bool = True) -> None:
-        """``concurrent``: several workers may capture at the same time (multi-device mode)."""
+    def __init__(self, concurrent: bool = True, max_graphs: int = DEFAULT_MAX_GRAPHS) -> None:
+        """``concurrent``: several workers may capture at the same time (multi-device mode); ``max_graphs``: the
+        most graphs kept per UNet (per worker)."""
         super().__init__()
         self.concurrent = concurrent
+        self.max_graphs = max_graphs
 
     def check(self, comfy: Comfy) -> str | None:
         problem = require_modules("comfy.ldm.modules.diffusionmodules.openaimodel", "comfy.model_patcher",
@@ -255,6 +341,7 @@ class CudaGraphs(Patch):
         )
 
     def _apply(self, comfy: Comfy) -> None:
+        STATS.max_graphs = self.max_graphs
         STATS.off_reason = allocator_problem(self.concurrent)
         if STATS.off_reason is not None:
             log.warning("comfy-parallel: CUDA graphs off: %s", STATS.off_reason)
@@ -268,12 +355,23 @@ class CudaGraphs(Patch):
 
         original_load = patcher_cls.load
 
+        def placed(unet: Any, on_cuda: bool) -> None:
+            """After ComfyUI moved or (un)patched the weights: keep the graphs where they still fit the GPU copy."""
+            if unet is None:
+                return
+            if on_cuda:
+                unet.__dict__[_READY] = True
+                note_placement(unet)
+            else:
+                drop_graphs(unet, ready=False)
+
         def load(self_: Any, device_to: Any = None, *args: Any, **kwargs: Any) -> Any:
-            drop_graphs(self_.model)
+            unet = _unet(self_)
+            if unet is not None:
+                unet.__dict__[_READY] = False  # no capture while the weights move
             result = original_load(self_, device_to, *args, **kwargs)
-            resident = (not getattr(self_.model, "model_lowvram", True) and device_to is not None
-                        and torch.device(device_to).type == "cuda" and not getattr(self_, "hook_patches", None))
-            drop_graphs(self_.model, ready=resident)
+            placed(unet, not getattr(self_.model, "model_lowvram", True) and device_to is not None
+                   and torch.device(device_to).type == "cuda" and not getattr(self_, "hook_patches", None))
             return result
 
         original_unpatch = patcher_cls.unpatch_model
@@ -281,16 +379,24 @@ class CudaGraphs(Patch):
         def unpatch_model(self_: Any, device_to: Any = None, unpatch_weights: bool = True) -> Any:
             # ComfyUI calls this with unpatch_weights=False before every prompt (partially_load): the weights stay
             # where they are, so the graphs stay valid unless an object patch inside the UNet is being undone.
-            if unpatch_weights:
-                drop_graphs(self_.model)
-            elif any(str(k).startswith("diffusion_model.") for k in getattr(self_, "object_patches_backup", {})):
-                drop_graphs(self_.model, ready=None)
-            return original_unpatch(self_, device_to, unpatch_weights)
+            unet = _unet(self_)
+            if unet is not None and not unpatch_weights and any(
+                    str(k).startswith("diffusion_model.") for k in getattr(self_, "object_patches_backup", {})):
+                drop_graphs(unet, ready=None)
+            result = original_unpatch(self_, device_to, unpatch_weights)
+            if unet is not None and unpatch_weights:
+                device = device_to if device_to is not None else getattr(self_, "load_device", None)
+                first = next(iter(unet.parameters()), None)
+                placed(unet, unet.__dict__.get(_READY, False) and first is not None and first.is_cuda
+                       and (device is None or torch.device(device).type == "cuda"))
+            return result
 
         original_partially_unload = patcher_cls.partially_unload
 
         def partially_unload(self_: Any, *args: Any, **kwargs: Any) -> Any:
-            drop_graphs(self_.model)
+            unet = _unet(self_)
+            if unet is not None:
+                drop_graphs(unet)
             return original_partially_unload(self_, *args, **kwargs)
 
         self.log.replace(unet_cls, "forward", forward)

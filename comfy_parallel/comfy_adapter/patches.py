@@ -62,5 +62,5 @@ def all_patches(hooks: ServerHooks | None) -> list[Patch]:
     if settings is not None and settings.graphs_enabled:
         from .cuda_graphs import CudaGraphs
 
-        patches.append(CudaGraphs())
+        patches.append(CudaGraphs(max_graphs=settings.cuda_graphs_max))
     return patches
