@@ -14,6 +14,7 @@
 #        W_PROMPTS / W2_PROMPTS (measured W1 / W2 prompts, default 16 / 8), STEPS (identity set, default 8),
 #        WORKLOADS (W1,W2), IDENT_ARCHS (model families of the identity set; default sd15,sdxl),
 #        ARCHS (checkpoints to build, default sd15,sdxl), KINDS (identity set kinds, default all),
+#        SCRIPT=soak (bench/soak.py instead: CONFIGS, default '0*2' and on two GPUs '0*2;0,1'; MINUTES, CLIENTS),
 #        PROBE=1 (per-UNet-call digests of every identity prompt, bench/probe_nodes; $OUT/probe.tar.gz),
 #        COMFYUI=0.3.75 (the 0.3.75 payload of bench/prepare_device_payload.sh instead; carry .device then).
 set -uo pipefail
@@ -88,13 +89,22 @@ EOF
     cp -r bench/probe_nodes /tmp/comfyui/custom_nodes/probe_nodes
   fi
   left=$((CALL_S - SECONDS - 20))
-  step "gpu_check_033.py: $left s for the servers, devices $DEVICES, models $archs"
-  python3 bench/gpu_check_033.py --comfyui /tmp/comfyui --frontend .device/frontend --devices "$DEVICES" \
-    --archs "$archs" ${IDENT_ARCHS:+--ident-archs "$IDENT_ARCHS"} ${KINDS:+--kinds "$KINDS"} --workloads "${WORKLOADS:-W1,W2}" \
-    ${PROBE:+--probe} --steps "${STEPS:-8}" --w-prompts "${W_PROMPTS:-16}" --w2-prompts "${W2_PROMPTS:-8}" \
-    --server-budget-s "${SERVER_S:-180}" --budget-s "$left" --out "$OUT" \
-    --servers "${SERVERS:-stock,parallel,parallel-dvram,parallel-pagecache,stock-nodvram-identonly}"
-  rc=$?
+  if [ "${SCRIPT:-}" = soak ]; then
+    configs=${CONFIGS:-$([ "$ngpu" -ge 2 ] && echo '0*2;0,1' || echo '0*2')}
+    step "soak.py: configs $configs, ${MINUTES:-3} min each, models $archs ($left s left)"
+    python3 bench/soak.py --comfyui /tmp/comfyui --frontend .device/frontend --configs "$configs" \
+      --archs "$archs" --minutes "${MINUTES:-3}" --steps "${STEPS:-8}" --clients "${CLIENTS:-8}" \
+      --seeds "${SEEDS:-1}" --budget-s "$left" --out "$OUT"
+    rc=$?
+  else
+    step "gpu_check_033.py: $left s for the servers, devices $DEVICES, models $archs"
+    python3 bench/gpu_check_033.py --comfyui /tmp/comfyui --frontend .device/frontend --devices "$DEVICES" \
+      --archs "$archs" ${IDENT_ARCHS:+--ident-archs "$IDENT_ARCHS"} ${KINDS:+--kinds "$KINDS"} \
+      --workloads "${WORKLOADS:-W1,W2}" ${PROBE:+--probe} --steps "${STEPS:-8}" --w-prompts "${W_PROMPTS:-16}" \
+      --w2-prompts "${W2_PROMPTS:-8}" --server-budget-s "${SERVER_S:-180}" --budget-s "$left" --out "$OUT" \
+      --servers "${SERVERS:-stock,parallel,parallel-dvram,parallel-pagecache,stock-nodvram-identonly}"
+    rc=$?
+  fi
   [ -d /tmp/comfyui/output/probe ] && tar -czf "$OUT/probe.tar.gz" -C /tmp/comfyui/output probe
   (cd "$OUT" && ls ./*.log | grep -v gpu_check_033.log >/dev/null 2>&1 \
      && tar -czf server_logs.tar.gz $(ls ./*.log | grep -v gpu_check_033.log) \
