@@ -364,6 +364,8 @@ def bulk_load_view(model: torch.nn.Module, device: torch.device | str, require_p
     if first is None or first.data.untyped_storage().data_ptr() != layout.base_ptr:
         model.__dict__.pop("_cp_layout", None)  # the host copy was evicted (or replaced)
         return 0
+    if _untouched_host(*slots[0]) is None:
+        return 0  # already on the device (a patch switch in place) or patched: nothing to copy in bulk
     size = layout.hi - layout.lo
     src = torch.empty(0, dtype=torch.uint8).set_(first.data.untyped_storage(), layout.lo, (size,))
     dev = torch.empty((size + 63) // 64 * 64, dtype=torch.uint8, device=device)  # any dtype can view it

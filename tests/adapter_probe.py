@@ -47,7 +47,7 @@ def snapshot(comfy) -> dict:
     out["VAELoader.load_vae"] = id(comfy.nodes.VAELoader.__dict__["load_vae"])
     out["LoraLoader.load_lora"] = id(comfy.nodes.LoraLoader.__dict__["load_lora"])
     out["UNetModel.forward"] = id(unet.__dict__["forward"])
-    for attr in ("load", "unpatch_model", "partially_unload"):
+    for attr in ("load", "unpatch_model", "partially_unload", "partially_load"):
         out[f"ModelPatcher.{attr}"] = id(patcher.__dict__[attr])
     import torch
 
@@ -196,6 +196,41 @@ def attention_check(comfy) -> dict:
             and seen["restored"], **seen, "default": default}
 
 
+def patch_switch_check(comfy) -> dict:
+    """Plain -> LoRA clone -> plain on one model, as ComfyUI's load_models_gpu does it (partially_load), with and
+    without patch-switch-in-place. The patch acts on GPU loads only; here the CPU stands in for the device."""
+    import torch
+    import comfy.model_patcher as mp
+    from comfy_parallel.comfy_adapter import model_patcher
+    from comfy_parallel.comfy_adapter.model_patcher import PatchSwitchInPlace
+
+    def run() -> dict:
+        base = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        plain = mp.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+        lora = plain.clone()
+        lora.add_patches({"0.weight": (torch.ones(4, 4),)}, 1.0)
+        plain.partially_load(torch.device("cpu"), 1 << 30)
+        w0, address = base[0].weight.detach().clone(), base[0].weight.data_ptr()
+        lora.partially_load(torch.device("cpu"), 1 << 30)
+        patched = torch.equal(base[0].weight.detach(), w0 + 1)
+        moved = base[0].weight.data_ptr() != address
+        plain.partially_load(torch.device("cpu"), 1 << 30)
+        return {"lora_applied": patched, "plain_restored": torch.equal(base[0].weight.detach(), w0),
+                "moved_while_patched": moved, "moved_after": base[0].weight.data_ptr() != address}
+
+    stock = run()
+    patch = PatchSwitchInPlace()
+    real = model_patcher.on_device
+    model_patcher.on_device = lambda device_to: device_to is not None
+    try:
+        patch.apply(comfy)
+        patched = run()
+    finally:
+        patch.undo()
+        model_patcher.on_device = real
+    return {"stock": stock, "patched": patched}
+
+
 def main() -> None:
     comfy_dir = sys.argv[1]
     mode = sys.argv[2] if len(sys.argv) > 2 else ""
@@ -262,6 +297,7 @@ def main() -> None:
     result["restored"] = after == before
     result["not_restored"] = sorted(k for k in before if before[k] != after[k])
     result["loaded_models_type_after"] = type(mm.current_loaded_models).__name__
+    result["patch_switch"] = patch_switch_check(comfy)  # on stock ComfyUI again, this patch alone
     print(json.dumps(result))
 
 

@@ -31,14 +31,15 @@ def test_patches_apply_are_idempotent_and_undo(comfy_dir: Path) -> None:
         "scoped-queue-status",
         "websocket-send-per-client", "quiet-retried-attempt",
         "host-load-on-cpu", "host-weights-read-only", "view-bulk-load", "shared-model-loaders",
-        "cuda-graphs", "devices-per-worker", "ram-release-per-worker"}
+        "cuda-graphs", "devices-per-worker", "ram-release-per-worker", "patch-switch-in-place"}
     for name in ("comfy.model_management.current_loaded_models", "comfy.model_management.soft_empty_cache",
                  "execution.get_progress_state", "main.get_progress_state", "main.prompt_worker",
                  "PromptServer.client_id", "PromptServer.add_routes", "server.send_socket_catch_exception",
                  "PromptServer.send_sync", "comfy.sd.load_checkpoint_guess_config", "comfy.sd.load_clip",
                  "comfy.controlnet.load_controlnet", "comfy.utils.copy_to_param", "VAELoader.load_vae",
                  "LoraLoader.load_lora", "comfy.model_management.unet_inital_load_device", "UNetModel.forward",
-                 "ModelPatcher.load", "ModelPatcher.unpatch_model", "folder_paths.get_save_image_path",
+                 "ModelPatcher.load", "ModelPatcher.unpatch_model", "ModelPatcher.partially_load",
+                 "folder_paths.get_save_image_path",
                  "SaveImage.save_images", "comfy.ops.scaled_dot_product_attention",
                  "torch.nn.functional.scaled_dot_product_attention"):
         assert name in result["changed"], name
@@ -51,6 +52,13 @@ def test_patches_apply_are_idempotent_and_undo(comfy_dir: Path) -> None:
     assert result["ram_release_per_worker"] == (True if has_ram_hook else "n/a")  # 0.33 has the hook, 0.3.75 not
     # a small attention call never runs inside another worker's large one (the backend order stays torch's)
     assert result["attention"]["ok"] is True, result["attention"]
+    # a LoRA switch on a device: same weights as ComfyUI's own switch, written where the weights are (stock puts a
+    # new tensor in place of each patched weight; graphs keyed by weight addresses survive only the in-place way)
+    switch = result["patch_switch"]
+    assert switch["stock"]["lora_applied"] and switch["stock"]["plain_restored"], switch
+    assert switch["stock"]["moved_while_patched"] is True, switch
+    assert switch["patched"] == {"lora_applied": True, "plain_restored": True, "moved_while_patched": False,
+                                 "moved_after": False}, switch
     assert result["second_apply_is_noop"] is True
     assert result["restored"] is True, result["not_restored"]
     assert result["loaded_models_type_after"] == "list"

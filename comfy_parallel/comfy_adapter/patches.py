@@ -10,6 +10,7 @@ globals on threads that are not device workers, so code on the event loop thread
 | progress | comfy_execution.progress |
 | sampling | comfy.sample (noise) |
 | attention | comfy.ops attention (torch's process-wide SDPA backend order) |
+| model_patcher | ModelPatcher's switch between weight-patch sets (LoRA on/off) |
 | model_management | comfy.model_management (interrupts, loaded models, cache flushes, devices) |
 | ram_cache | comfy.memory_management's RAM-pressure cache hook (0.33) |
 | save_image | folder_paths, SaveImage (file numbers) |
@@ -21,11 +22,26 @@ from __future__ import annotations
 
 from .attention import AttentionPriorityAtomic
 from .base import CHECKED, Patch
-from .model_management import (DevicesPerWorker, EmptyCachePerDevice, InterruptPerWorker, LoadedModelsPerWorker,
-                               PerWorkerList)
+from .model_management import (
+    DevicesPerWorker,
+    EmptyCachePerDevice,
+    InterruptPerWorker,
+    LoadedModelsPerWorker,
+    PerWorkerList,
+)
+from .model_patcher import PatchSwitchInPlace
 from .progress import ProgressRegistryPerWorker, ProgressStateToSubmitter
-from .prompt_server import (DeviceWorkers, EntryPorts, HookedPatch, QuietRetriedAttempt, ScopedQueueStatus,
-                            ServerHooks, ServerSetup, ServerWorkerAttrs, WebsocketSendPerClient)
+from .prompt_server import (
+    DeviceWorkers,
+    EntryPorts,
+    HookedPatch,
+    QuietRetriedAttempt,
+    ScopedQueueStatus,
+    ServerHooks,
+    ServerSetup,
+    ServerWorkerAttrs,
+    WebsocketSendPerClient,
+)
 from .ram_cache import RamReleasePerWorker
 from .sampling import SeededGeneratorPerCall
 from .save_image import UniqueSaveCounters
@@ -44,6 +60,7 @@ WORKER_STATE_PATCHES: tuple[type[Patch], ...] = (
     DevicesPerWorker,
     RamReleasePerWorker,
     UniqueSaveCounters,
+    PatchSwitchInPlace,
 )
 SERVER_PATCHES: tuple[type[HookedPatch], ...] = (DeviceWorkers, ServerSetup, EntryPorts, ScopedQueueStatus,
                                                WebsocketSendPerClient, QuietRetriedAttempt)
