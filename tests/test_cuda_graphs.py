@@ -34,7 +34,9 @@ def test_capture_waits_for_running_unets_and_holds_new_ones_back() -> None:
     running.wait(5)
     cap = threading.Thread(target=capture)
     cap.start()
-    time.sleep(0.1)  # the capture is now waiting for "a"
+    deadline = time.time() + 5
+    while gate._capturer is None and time.time() < deadline:  # the capture is now waiting for "a"
+        time.sleep(0.01)
     late = threading.Thread(target=unet, args=("b", 0.0))
     late.start()
     for t in (first, cap, late):
