@@ -738,6 +738,25 @@ def _holds(loaded_models: list, modules: list[torch.nn.Module]) -> bool:
     return False
 
 
+def residency(store: WeightStore | None, index: int, loaded_models: list) -> tuple[frozenset[str], frozenset[str]]:
+    """(the files whose host copy has a view loaded on worker ``index``'s device, every file the store holds).
+
+    What the pool (pool.py) asks before it gives a worker a prompt: a prompt whose model files are loaded there
+    costs no load. A file the store does not hold (a custom node's own loader, shared weights off) is not known.
+    """
+    if store is None:
+        return frozenset(), frozenset()
+    loaded: set[str] = set()
+    tracked: set[str] = set()
+    for e in store.entries():
+        paths = [f.path for f in e.files]
+        tracked.update(paths)
+        modules = e.view_modules.get(index)
+        if modules and _holds(loaded_models, modules):
+            loaded.update(paths)
+    return frozenset(loaded), frozenset(tracked)
+
+
 def status(store: WeightStore | None, loaded_models_of: Callable[[int], list]) -> dict:
     """``/multigpu/status``'s ``weights`` section: per host copy, its bytes, pinning and the devices holding it."""
     if store is None:
