@@ -30,6 +30,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from harness import ARTIFACTS, Server, record_of, sleep_prompt
+from test_diffusion import sd15_models, txt2img  # noqa: F401  (sd15_models is a fixture)
 
 SLACK = 2
 MODELS = {"cp_model_a.safetensors": 4096, "cp_model_b.safetensors": 8192, "cp_model_c.safetensors": 12288}
@@ -394,5 +395,42 @@ def test_no_persist_records_pooled_prompts_as_errors(comfy_dir: Path, fake_model
         release(s, gate0)
         release(s, gate1)
         assert s.wait_exit(30) == 0
+    finally:
+        s.stop()
+
+
+# -- the real weight store ---------------------------------------------------------------------------------------
+
+def test_the_weight_store_tells_which_worker_holds_a_checkpoint(comfy_dir: Path,
+                                                                sd15_models: Path) -> None:  # noqa: F811
+    s = Server(comfy_dir, devices="cpu,cpu", models_dir=sd15_models, serve_args=["--default-route", "pool"],
+               name=f"pool-sd15-{comfy_dir.name}").start()
+    try:
+        first = s.submit(txt2img(seed=1, steps=1), headers={"X-TARGET-GPU": "0"})["prompt_id"]
+        assert s.wait_history(first, timeout=300)["status"]["status_str"] == "success"
+        status = s.get("/multigpu/status").json()
+        loads = [d["model_loads"] for d in status["devices"]]
+        assert loads[0] >= 1 and loads[1] == 0, loads
+        assert any(0 in e["devices_loaded"] for e in status["weights"]["entries"])
+        gate0, _ = block(s, 0)
+        gate1, _ = block(s, 1)
+        sd = s.submit(txt2img(seed=2, steps=1))["prompt_id"]  # older, but its checkpoint is loaded on worker 0 only
+        gate_small = tag()
+        small = s.submit(gate_prompt(gate_small))["prompt_id"]
+        release(s, gate1)
+        s.wait_running(small)  # worker 1 takes the prompt that needs no model
+        release(s, gate0)
+        entry = s.wait_history(sd, timeout=300)
+        release(s, gate_small)
+        assert entry["gpu_id"] == 0 and entry["status"]["status_str"] == "success"
+        assert s.wait_history(small)["gpu_id"] == 1
+        after = [d["model_loads"] for d in s.get("/multigpu/status").json()["devices"]]
+        assert after == loads, (loads, after)  # the checkpoint's second prompt on worker 0 loaded nothing
+        log = s.log()
+        assert re.search(rf"\[GPU 1\] took pooled prompt {small} \(affinity;", log)
+        assert re.search(rf"\[GPU 0\] took pooled prompt {sd} \(oldest; model files loaded", log)
+        metrics = s.get("/metrics").body.decode()
+        assert re.search(r'comfy_parallel_model_loads_total\{device="0"\} [1-9]', metrics)
+        assert re.search(r'comfy_parallel_affinity_hits_total\{device="0",kind="model"\} [1-9]', metrics)
     finally:
         s.stop()
