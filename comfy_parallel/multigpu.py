@@ -180,7 +180,7 @@ class MultiDeviceServer:
     def _residency(self, index: int) -> Residency:
         """Which model files the weight store's views have loaded on worker ``index`` (for the pool)."""
         if self.weight_store is None:
-            return Residency(frozenset(), frozenset())
+            return Residency({}, frozenset())
         from .weights import residency
 
         return Residency(*residency(self.weight_store, index, worker_context.loaded_models(index)))

@@ -8,12 +8,15 @@ Here untargeted prompts wait in one pool, unbound, and a worker that goes idle t
 cheapest *for it*, in this order:
 
 1. model files: the fewest bytes of the prompt's model files that are not already in this worker's VRAM (the
-   weight store knows which files each worker's loaded models came from; for files it does not hold, the files
-   of the worker's last prompt stand in);
+   weight store knows which files each worker's loaded models came from, and how much of each is loaded; for
+   files it does not hold, the files of the worker's last prompt stand in);
 2. executor cache: the most nodes whose inputs (and their inputs, recursively) equal those of a node of the
    worker's last prompt, which ComfyUI's executor then answers from its cache (a client's next seed reuses its
    text encodes); then whether the same client sent the worker's last prompt;
 3. age: the queue number (ComfyUI's order, ``front`` included).
+
+Between prompts that need the same load, one whose model no other worker holds (or is loading) goes first: the
+worker holding the other model serves its prompts without a load.
 
 Starvation bound: each pooled prompt counts the younger pooled prompts that were taken before it; once the oldest
 has been passed ``slack`` times, the next worker to take from the pool takes it. So no prompt waits behind more
@@ -30,7 +33,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft", ".pt2", ".onnx")
 DEFAULT_SLACK = 8
@@ -56,13 +59,16 @@ class Traits:
 
 
 class Residency(NamedTuple):
-    """What the weight store knows: files loaded on a worker's device, and every file it tracks at all."""
+    """What the weight store knows: the share (0..1) of each file's weights loaded on a worker's device, and every
+    file it tracks at all. A share, not a yes/no: under a VRAM limit a checkpoint's text encoder may stay loaded
+    after its UNet was unloaded for another model's."""
 
-    loaded: frozenset[str]
+    loaded: Mapping[str, float]
     tracked: frozenset[str]
 
 
-NO_RESIDENCY = Residency(frozenset(), frozenset())
+NO_RESIDENCY = Residency({}, frozenset())
+MODEL_HIT_SHARE = 0.99  # a prompt whose model files are loaded to this share counts as a model hit
 
 
 # -- what a prompt needs ---------------------------------------------------------------------------------------
@@ -289,17 +295,39 @@ class Pool:
         return next((p for p in self.entries if p.prompt_id == prompt_id), None)
 
     # -- the worker side ---------------------------------------------------------------------------------------
-    def _resident(self, index: int) -> frozenset[str]:
-        """Files loaded on worker ``index``: the store's answer, plus last prompt's files the store does not track."""
+    def _resident(self, index: int) -> dict[str, float]:
+        """Share loaded on worker ``index`` per file: the store's answer, plus the last prompt's files that the store
+        does not track (taken as loaded)."""
         known = self.residency(index)
-        return known.loaded | frozenset(f for f in self.views[index].files if f not in known.tracked)
+        resident = dict(known.loaded)
+        for path in self.views[index].files:
+            if path not in known.tracked:
+                resident[path] = 1.0
+        return resident
 
-    def cost(self, traits: Traits, resident: frozenset[str], view: WorkerView) -> tuple[int, int, int]:
-        """(bytes to load, -nodes the executor cache answers, 0 if the same client sent the last prompt else 1)."""
-        missing = sum(f.size for f in traits.files if f.path not in resident)
+    @staticmethod
+    def missing_bytes(traits: Traits, resident: Mapping[str, float]) -> int:
+        return int(sum(f.size * (1.0 - min(1.0, resident.get(f.path, 0.0))) for f in traits.files))
+
+    def _elsewhere(self, index: int) -> frozenset[str]:
+        """Files another worker holds (mostly loaded) or is about to load (its running prompt names them)."""
+        paths: set[str] = set()
+        for other in range(len(self.views)):
+            if other != index:
+                paths.update(p for p, share in self._resident(other).items() if share >= 0.5)
+                paths.update(self.views[other].files)
+        return frozenset(paths)
+
+    def cost(self, traits: Traits, resident: Mapping[str, float], view: WorkerView,
+             elsewhere: frozenset[str] = frozenset()) -> tuple[int, int, int, int]:
+        """(bytes to load, bytes another worker holds, -nodes the executor cache answers, 0 if the same client sent
+        the last prompt else 1). Between prompts that cost the same load, the one whose model no other worker has
+        goes first: another worker serves the others without a load (two workers never load one model for a queue
+        that a single worker holding it drains)."""
         cached = len(traits.signatures & view.signatures)
         same_client = traits.client_id is not None and traits.client_id == view.client_id
-        return missing, -cached, 0 if same_client else 1
+        held_elsewhere = sum(f.size for f in traits.files if f.path in elsewhere)
+        return self.missing_bytes(traits, resident), held_elsewhere, -cached, 0 if same_client else 1
 
     def take(self, index: int, before: Any = None) -> Pick | None:
         """The pooled prompt worker ``index`` should run next, removed from the pool; ``None`` if none may run.
@@ -318,7 +346,8 @@ class Pool:
         oldest = candidates[0]
         view = self.views[index]
         resident = self._resident(index)
-        best = min(candidates, key=lambda p: (self.cost(p.traits, resident, view), p.key))
+        elsewhere = self._elsewhere(index)
+        best = min(candidates, key=lambda p: (self.cost(p.traits, resident, view, elsewhere), p.key))
         reason = "oldest" if best is oldest else "affinity"
         if best is not oldest and oldest.passed >= self.slack:
             best, reason = oldest, "slack"
@@ -329,8 +358,9 @@ class Pool:
         self.entries.pop(position)
         traits = best.traits
         self.pending_traits[best.prompt_id] = traits
-        missing = sum(f.size for f in traits.files if f.path not in resident)
-        pick = Pick(best, reason, model_hit=bool(traits.files) and missing == 0,
+        missing = self.missing_bytes(traits, resident)
+        total = sum(f.size for f in traits.files)
+        pick = Pick(best, reason, model_hit=bool(traits.files) and missing <= (1 - MODEL_HIT_SHARE) * total,
                     cache_hit=bool(traits.derived & view.signatures), missing_bytes=missing)
         counts = self.counts[index]
         counts.picks[reason] += 1
@@ -351,7 +381,7 @@ class Pool:
         best: tuple | None = None
         chosen = None
         for index in indices:
-            key = (self.cost(traits, self._resident(index), self.views[index]), index)
+            key = (self.cost(traits, self._resident(index), self.views[index], self._elsewhere(index)), index)
             if best is None or key < best:
                 best, chosen = key, index
         return chosen

@@ -362,7 +362,7 @@ def test_pooled_prompts_are_persisted_at_shutdown_and_pooled_again(comfy_dir: Pa
     s2 = Server(comfy_dir, devices="cpu,cpu", models_dir=fake_models, serve_args=serve, user_dir=user_dir,
                 name=f"pool-restart-{version}").start()
     try:
-        assert "restored 6 persisted prompts" in s2.log()
+        s2.wait_log("restored 6 persisted prompts")  # written by the worker-start thread, maybe after /queue answers
         release(s2, gate0)
         release(s2, gate1)
         entries = {pid: s2.wait_history(pid) for pid in rows}

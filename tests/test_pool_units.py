@@ -75,7 +75,7 @@ def files(*names: str) -> tuple[ModelFile, ...]:
 
 
 def test_affinity_order_model_then_cache_then_age() -> None:
-    loaded = {0: frozenset({"/m/a"}), 1: frozenset()}
+    loaded = {0: {"/m/a": 1.0, "/m/b": 0.2}, 1: {}}  # worker 0: all of a, b's text encoder (a fifth of b)
     pool = Pool(2, slack=8, residency=lambda i: Residency(loaded[i], frozenset({"/m/a", "/m/b"})))
     sig_x, sig_y = frozenset({1, 2, 3}), frozenset({7, 8})
     pool.started(0, Traits(files("a"), sig_x, frozenset({2}), "client-x"))
@@ -95,6 +95,7 @@ def test_affinity_order_model_then_cache_then_age() -> None:
     pick = pool.take(1)
     assert pick.pooled.prompt_id == "old-b" and pick.reason == "oldest" and not pick.model_hit
     assert pick.missing_bytes == 1000 and pool.take(1) is None
+    assert Pool.missing_bytes(Traits(files("b")), loaded[0]) == 800  # what a load of b onto worker 0 would move
 
 
 @settings(max_examples=300, deadline=None, database=None)
