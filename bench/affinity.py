@@ -458,8 +458,9 @@ class Servers:
 # ---------------------------------------------------------------- one server
 
 def warm_up(servers: Servers, args: argparse.Namespace, deadline: float) -> dict:
-    """Per worker: each checkpoint once (into host memory and onto the device), the stream shapes, and one long and
-    one short prompt whose execution times pace stream c. Each worker holds the first checkpoint at the end."""
+    """Per worker: each checkpoint once (into host memory and onto the device), the stream shapes (a CUDA graph is
+    captured per shape), and one long and one short prompt whose execution times pace stream c. Each worker holds
+    the first checkpoint at the end."""
     front = servers.front
     assert front is not None
     subs, targets = [], []
@@ -468,6 +469,7 @@ def warm_up(servers: Servers, args: argparse.Namespace, deadline: float) -> dict
         jobs = [Job(f"w{w}-{c}", txt2img(c, args.size_short, 2, 9000 + i, "warm-up", "aff_w"))
                 for i, c in enumerate(args.ckpts[1:] + args.ckpts[:1])]
         jobs += [Job(f"w{w}-b", txt2img(args.ckpts[0], args.size_b, 2, 9100, "warm-up", "aff_w")),
+                 Job(f"w{w}-shape", txt2img(args.ckpts[0], args.size_long, 2, 9150, "warm-up", "aff_w")),
                  Job(f"w{w}-long", txt2img(args.ckpts[0], args.size_long, args.steps_long, 9200, "warm-up", "aff_w"),
                      kind="long"),
                  Job(f"w{w}-short", txt2img(args.ckpts[0], args.size_short, args.steps_short, 9300, "warm-up",
@@ -572,7 +574,8 @@ def pool_status(servers: Servers) -> dict | None:
 
 def run_server(spec: Spec, args: argparse.Namespace, out: Path, global_deadline: float) -> dict:
     res: dict = {"server": spec.name, "streams": {}}
-    deadline = min(global_deadline, time.monotonic() + args.server_budget_s)
+    budget = args.stock_budget_s if spec.kind == "stock" else args.server_budget_s
+    deadline = min(global_deadline, time.monotonic() + budget)
     servers = Servers(spec, args, out)
     print(f"\n[{spec.name}] starting", flush=True)
     t0 = time.monotonic()
@@ -727,7 +730,10 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=8488)
     ap.add_argument("--start-timeout", type=float, default=180)
     ap.add_argument("--min-stream-s", type=float, default=20)
-    ap.add_argument("--server-budget-s", type=float, default=200)
+    ap.add_argument("--server-budget-s", type=float, default=150, help="most seconds one comfy-parallel server "
+                    "may take")
+    ap.add_argument("--stock-budget-s", type=float, default=230, help="most seconds the stock server may take (its "
+                    "model swaps read the checkpoint again)")
     ap.add_argument("--budget-s", type=float, default=440, help="most seconds for all servers together")
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results/affinity_local")
     args = ap.parse_args()

@@ -616,9 +616,11 @@ class DeviceQueues(_SharedHistoryAccess):
         return running
 
     def queued_items(self) -> list[tuple[str, tuple]]:
-        """Every queued prompt with the route it was accepted with: its device's index, or ``"pool"``."""
+        """Every queued prompt with the route it was accepted with: its device's index, or ``"pool"`` (also for a
+        pooled prompt queued on a device again after an out-of-memory retry)."""
         with self.mutex:
-            items = [(str(q.index), copy.deepcopy(item)) for q in self.devices for item in sorted(q.queue)]
+            items = [(self.accepted_route(q.index, item[1]), copy.deepcopy(item)) for q in self.devices
+                     for item in sorted(q.queue)]
             if self.pool is not None:
                 items += [(POOL_ROUTE, copy.deepcopy(item)) for item in self.pool.items()]
             return items

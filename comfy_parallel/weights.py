@@ -614,6 +614,9 @@ class WeightStore:
         self._loading: dict[tuple, threading.Lock] = {}
         self.disk_loads = 0
         self.evictions = 0
+        # The entries as of the last insert or eviction, readable without the lock (view_for holds it while it
+        # copies a model, and the pool asks for residency under the queue lock; see residency)
+        self.published: tuple[Entry, ...] = ()
 
     # Loading is serialised per key (a second worker waits for the first read instead of reading again) but
     # not across keys, so two GPUs can load two different checkpoints at once.
@@ -652,6 +655,7 @@ class WeightStore:
                     self._entries[key] = entry
                     self.disk_loads += 1
                     self._evict()
+                    self.published = tuple(self._entries.values())
             finally:
                 with self._lock:
                     self._loading.pop(key, None)
@@ -750,7 +754,7 @@ def residency(store: WeightStore | None, index: int, loaded_models: list) -> tup
         return {}, frozenset()
     loaded: dict[str, float] = {}
     tracked: set[str] = set()
-    for e in store.entries():
+    for e in store.published:
         paths = [f.path for f in e.files]
         tracked.update(paths)
         modules = e.view_modules.get(index)
