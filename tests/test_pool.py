@@ -24,6 +24,7 @@ import re
 import shutil
 import signal
 import sqlite3
+import threading
 import uuid
 from pathlib import Path
 
@@ -302,17 +303,29 @@ def test_pooled_prompts_can_be_deleted_cleared_and_interrupted(idle_pool: Server
 
 
 def test_every_accepted_prompt_ends_in_history_once(idle_pool: Server) -> None:
+    """Four clients at once, pooled and targeted prompts mixed: the wake-ups and takes race with the puts."""
     s = idle_pool
-    rng = random.Random(16)
     accepted: dict[str, int | None] = {}
-    for i in range(40):
-        target = rng.choice([None, None, None, 0, 1])
-        prompt = sleep_prompt(rng.choice([0.0, 0.02, 0.1]), 1) if i % 3 else \
-            model_prompt(rng.choice(list(MODELS)), load_seconds=0.02)
-        headers = {"X-TARGET-GPU": str(target)} if target is not None else None
-        answer = s.submit(prompt, headers=headers)
-        assert answer["gpu_id"] == target and (target is not None or answer["route"] == "pool")
-        accepted[answer["prompt_id"]] = target
+    lock = threading.Lock()
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        for i in range(40):
+            target = rng.choice([None, None, None, 0, 1])
+            prompt = sleep_prompt(rng.choice([0.0, 0.02, 0.1]), 1) if i % 3 else \
+                model_prompt(rng.choice(list(MODELS)), load_seconds=0.02)
+            headers = {"X-TARGET-GPU": str(target)} if target is not None else None
+            answer = s.submit(prompt, headers=headers)
+            assert answer["gpu_id"] == target and (target is not None or answer["route"] == "pool")
+            with lock:
+                accepted[answer["prompt_id"]] = target
+
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(accepted) == 160
     for pid, target in accepted.items():
         entry = s.wait_history(pid)
         assert entry["status"]["status_str"] == "success", entry["status"]
