@@ -5,6 +5,7 @@
 #   .device/comfyui-0.33.0.tar.xz ComfyUI 0.33.0 (.cache/comfyui/0.33.0) without tests/.git/__pycache__
 #   .device/frontend/index.html   a stand-in front end (ComfyUI is started with --front-end-root)
 #   .device/tree_state.txt        the checkout's commit and uncommitted files (the device copy has no .git)
+#   .device/nginx                 this machine's nginx binary, for bench/affinity.sh (when this machine has one)
 # The 0.3.75 payload (bench/prepare_device_payload.sh: .device/*.whl, comfyui-0.3.75.tar.gz) may sit beside it;
 # a 0.33 call carries only these four paths, which must stay under the 64 MiB a call can carry.
 #
@@ -66,8 +67,13 @@ fi
   echo "diff of tracked files: $(git diff HEAD | sha256sum | cut -c1-16)"; } > "$D/tree_state.txt"
 echo '<!doctype html><html><head><title>ComfyUI</title></head><body>comfy-parallel gpu check</body></html>' \
   > "$D/frontend/index.html"
+# bench/affinity.sh puts stock ComfyUI behind nginx; the device image may have none: carry this machine's binary
+# (1.3 MB; it links libssl, libcrypto, libpcre2-8, libz and libcrypt, which a CUDA image with Python has)
+NGINX=$(command -v nginx || ls /usr/sbin/nginx 2>/dev/null || true)
+if [ -n "$NGINX" ] && [ ! -f "$D/nginx" ]; then cp "$NGINX" "$D/nginx"; fi
 ls -la "$D"
-size=$(du -ck "$D/site-0.33.tar.xz" "$D/comfyui-0.33.0.tar.xz" "$D/frontend" "$D/tree_state.txt" | tail -1 | cut -f1)
+size=$(du -ck "$D/site-0.33.tar.xz" "$D/comfyui-0.33.0.tar.xz" "$D/frontend" "$D/tree_state.txt" \
+  $([ -f "$D/nginx" ] && echo "$D/nginx") | tail -1 | cut -f1)
 tree=$(git ls-files -z --cached --others --exclude-standard | du -ck --files0-from=- 2>/dev/null | tail -1 | cut -f1)
 echo "0.33 payload ${size} KiB + working tree ${tree} KiB"
 [ $((size + tree)) -lt $((62 * 1024)) ] || { echo "too close to the 64 MiB carry limit" >&2; exit 1; }

@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 
 from . import deploy, provision, scan
-from .settings import (Settings, SettingsError, default_devices, env_enabled, parse_default_route,
-                       parse_cuda_graphs, parse_devices, parse_entry_ports, parse_graphs_max,
+from .pool import DEFAULT_SLACK
+from .settings import (DEFAULT_ROUTE, Settings, SettingsError, default_devices, env_enabled, parse_affinity_slack,
+                       parse_cuda_graphs, parse_default_route, parse_devices, parse_entry_ports, parse_graphs_max,
+                       parse_vram_limit,
                        weight_settings)
 from .settings import ALLOW_UNCHECKED_ENV, DEFAULT_DRAIN_TIMEOUT_S, env_flag, lifecycle_env, lifecycle_settings
 
@@ -27,14 +29,18 @@ routing (one process, one queue and one worker per device):
   X-TARGET-GPU: N header      send this request to device N
   entry ports (8181, 8182..)  every request on port 8181+N goes to device N
   /gpuN/ path prefix          every ComfyUI route (web UI, /ws, /api/...) under /gpuN/ goes to device N
-  no target                   --default-route (auto = shortest queue, ties to the lowest index)
+  no target                   --default-route: auto = shortest queue when the prompt arrives (ties to the
+                              lowest index); pool = the prompt waits unbound and the next idle worker takes the
+                              pooled prompt cheapest for it (its models already loaded, then its executor cache,
+                              then age; /prompt answers "gpu_id": null, "route": "pool"); N = always device N
 A bad target is answered with HTTP 400 and a JSON body listing the valid targets.
 
 shutdown (SIGTERM or Ctrl-C; a second signal stops at once):
   POST /prompt answers 503 with Retry-After, reads keep working, /ready answers 503;
   running prompts get --drain-timeout seconds; queued prompts and those cut off are saved
-  to <user-dir>/__comfy_parallel/queue.sqlite3 (--persist-path) and queued again on their
-  device at the next start; with --no-persist they are recorded in /history as errors.
+  to <user-dir>/__comfy_parallel/queue.sqlite3 (--persist-path) and queued again as they were
+  routed (their device, or the pool) at the next start; with --no-persist they are recorded
+  in /history as errors.
 
 admin token (--admin-token or COMFY_PARALLEL_ADMIN_TOKEN; unset: no access control, as stock):
   POST /free, untargeted POST /interrupt without prompt_id, POST /queue {"clear": true},
@@ -78,8 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--entry-ports", default="auto",
                        help="one listener per device: 'auto' (8181, 8182, ..), a first port, a list, or 'none' "
                             "(default: auto when there is more than one device)")
-    serve.add_argument("--default-route", default="auto",
-                       help="where untargeted prompts go: 'auto' (shortest queue) or a device index")
+    serve.add_argument("--default-route", default=DEFAULT_ROUTE,
+                       help="where untargeted prompts go: 'auto' (bound to the shortest queue when they arrive), "
+                            "'pool' (they wait unbound; an idle worker takes the one cheapest for it: model files "
+                            "already in its VRAM, then its executor cache, then age) or a device index "
+                            "(default %(default)s)")
+    serve.add_argument("--affinity-slack", default=str(DEFAULT_SLACK), metavar="N",
+                       help="with --default-route pool, no prompt waits behind more than N younger prompts that "
+                            "were taken first for affinity (0: first in, first out). Each pass costs a waiting "
+                            "prompt at most one job's time spread over the workers, so its worst extra wait is "
+                            "about N/workers job times; 8 is enough for a worker to keep its model through a "
+                            "random stream of three models (a given model is among the next 8 prompts in ~96%% "
+                            "of cases) while that extra wait stays a few jobs long (default %(default)s)")
+    serve.add_argument("--worker-vram-limit", metavar="SIZE",
+                       help="VRAM each CUDA worker's model loading plans with, e.g. 12G: ComfyUI unloads that "
+                            "worker's models to stay within it, as on a card of that size (for several workers on "
+                            "one large GPU, or to keep room for other processes; default: the device's free memory)")
     _unchecked_arg(serve)
     serve.add_argument("--warmup-checkpoint", metavar="NAME",
                        help="at start, load this checkpoint on every device and run one 64x64 sampling step; "
@@ -191,6 +211,8 @@ def serve_settings(args: argparse.Namespace, env: dict[str, str] | None = None) 
     entry_text = args.entry_ports if len(devices) > 1 and enabled else "none"
     return Settings(devices=devices, entry_ports=parse_entry_ports(entry_text, len(devices)),
                     default_route=parse_default_route(args.default_route, len(devices)), enabled=enabled,
+                    affinity_slack=parse_affinity_slack(getattr(args, "affinity_slack", str(DEFAULT_SLACK))),
+                    worker_vram_limit=parse_vram_limit(getattr(args, "worker_vram_limit", None)),
                     warmup_checkpoint=getattr(args, "warmup_checkpoint", None),
                     cuda_graphs=parse_cuda_graphs(getattr(args, "cuda_graphs", "auto")),
                     cuda_graphs_max=parse_graphs_max(getattr(args, "cuda_graphs_max", 24)),
@@ -357,7 +379,7 @@ class _NoHooks:
         from .weights import WeightStore
 
         self.weight_store = WeightStore(pin="off")
-        self.settings = Settings(devices=parse_devices("cpu,cpu"), cuda_graphs="on")
+        self.settings = Settings(devices=parse_devices("cpu,cpu"), cuda_graphs="on", worker_vram_limit=1 << 30)
 
 
 def cmd_install_node(args: argparse.Namespace) -> int:

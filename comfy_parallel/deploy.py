@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from . import provision
-from .settings import Settings, SettingsError, parse_entry_ports
+from .pool import DEFAULT_SLACK
+from .settings import DEFAULT_ROUTE, Settings, SettingsError, parse_entry_ports
 
 KINDS = ("nginx", "systemd", "script")
 PUBLIC_PORT_OFFSET = 1000  # nginx's per-device port = entry port + this, so both fit on one host
@@ -87,7 +88,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
                    help="provisioned release to serve when no folder is given (default: serve's default)")
     p.add_argument("--devices", help="as for serve; default: every visible CUDA device, else 2 CPU workers")
     p.add_argument("--entry-ports", default="auto", help="as for serve (default: auto)")
-    p.add_argument("--default-route", default="auto", help="as for serve (default: auto)")
+    p.add_argument("--default-route", default=DEFAULT_ROUTE, help=f"as for serve (default: {DEFAULT_ROUTE})")
+    p.add_argument("--affinity-slack", default=str(DEFAULT_SLACK), metavar="N",
+                   help=f"as for serve (default: {DEFAULT_SLACK})")
+    p.add_argument("--worker-vram-limit", metavar="SIZE", help="as for serve")
     p.add_argument("--warmup-checkpoint", metavar="NAME", help="as for serve")
     p.add_argument("--upstream-host", default=None,
                    help="address nginx reaches ComfyUI on, also ComfyUI's --listen in the generated command "
@@ -266,6 +270,10 @@ def serve_command(settings: Settings, opts: DeployOptions) -> list[str]:
     cmd += ["--devices", devices_text(settings),
             "--entry-ports", ",".join(map(str, settings.entry_ports)) or "none",
             "--default-route", str(settings.default_route)]
+    if settings.default_route == "pool":
+        cmd += ["--affinity-slack", str(settings.affinity_slack)]
+    if settings.worker_vram_limit is not None:
+        cmd += ["--worker-vram-limit", str(settings.worker_vram_limit)]
     if opts.warmup_checkpoint:
         cmd += ["--warmup-checkpoint", opts.warmup_checkpoint]
     return [*cmd, "--", *opts.comfy_args]

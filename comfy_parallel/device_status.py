@@ -191,3 +191,9 @@ def loaded_models(index: int) -> list[dict]:
             size = None
         out.append({"name": type(inner).__name__, "loaded_bytes": size})
     return out
+
+
+def model_loads(index: int) -> dict:
+    """How many times, and how many bytes, ComfyUI loaded models onto the worker's device (``CountModelLoads``)."""
+    ctx = worker_context.get(index)
+    return {"model_loads": getattr(ctx, "model_loads", 0), "model_load_bytes": getattr(ctx, "model_load_bytes", 0)}

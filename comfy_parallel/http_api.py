@@ -10,6 +10,7 @@ device-aware through the queues.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import device_status, validation, worker_context
+from . import device_status, routing, validation, worker_context
 from .routing import UNBIND_PATH, current_route, unbind_response
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ def debug_queues(server: "MultiDeviceServer") -> dict:
 def status(server: "MultiDeviceServer") -> dict:
     devices = []
     tracker: device_status.DeviceStatus | None = getattr(server, "device_status", None)
+    pool = server.queues.pool_stats()
     for spec, stats in zip(server.settings.devices, server.queues.stats()):
         worker = server.workers[spec.index] if spec.index < len(server.workers) else None
         running_ids = server.queues.devices[spec.index].running_prompt_ids()
@@ -53,11 +55,15 @@ def status(server: "MultiDeviceServer") -> dict:
             "restarts": worker.restarts if worker is not None else 0,
             "loaded_models": server.loaded_models(spec.index),
             "models": device_status.loaded_models(spec.index),
+            **device_status.model_loads(spec.index),
+            "pool_picks": pool["devices"][spec.index] if pool is not None else None,
             "last_errors": tracker.last_errors(spec.index) if tracker is not None else [],
         })
     return {
         "mode": "multi-device",
         "default_route": server.settings.default_route,
+        "pool": ({"enabled": True, **{k: v for k, v in pool.items() if k != "devices"}} if pool is not None
+                 else {"enabled": False}),
         "entry_ports": {str(port): index for port, index in server.port_map.items()},
         "devices": devices,
         "weights": _weights_status(server),
@@ -77,6 +83,19 @@ def _weights_status(server: "MultiDeviceServer") -> dict:
     from . import weights  # imports torch: only once ComfyUI has
 
     return weights.status(getattr(server, "weight_store", None), worker_context.loaded_models)
+
+
+async def add_queue_devices(server: "MultiDeviceServer", response: web.StreamResponse) -> web.StreamResponse:
+    """GET /queue plus ``gpu_ids``: each listed prompt's device, ``null`` while it waits in the pool."""
+    if not isinstance(response, web.Response) or response.status != 200 or response.body is None:
+        return response
+    try:
+        body = json.loads(response.body)  # type: ignore[arg-type]
+        items = [*body.get("queue_running", []), *body.get("queue_pending", [])]
+        ids = [str(item[1]) for item in items if isinstance(item, list) and len(item) > 1]
+    except (TypeError, ValueError, AttributeError):
+        return response
+    return await routing.add_json_field(response, gpu_ids={pid: server.queues.device_of(pid) for pid in ids})
 
 
 async def interrupt(server: "MultiDeviceServer", request: web.Request) -> web.Response:

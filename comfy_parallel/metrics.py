@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
+from .device_status import model_loads
+from .pool import PICK_REASONS
 from .queues import is_oom, outcome_of
 
 if TYPE_CHECKING:
@@ -153,8 +155,43 @@ class _LiveCollector:
         yield from (queued, running, loaded, current)
         yield GaugeMetricFamily("comfy_parallel_websocket_clients", "Websocket clients connected",
                                 value=m.websocket_clients())
+        yield from self._loads()
+        yield from self._pool()
         if m.graph_stats is not None:
             yield from _graph_families(m.graph_stats())
+
+    def _loads(self):  # type: ignore[no-untyped-def]
+        loads = CounterMetricFamily("comfy_parallel_model_loads", "Models (or parts of them) ComfyUI loaded onto "
+                                    "the device", labels=["device"])
+        load_bytes = CounterMetricFamily("comfy_parallel_model_load_bytes", "Bytes of model weights ComfyUI loaded "
+                                         "onto the device", labels=["device"])
+        for i in range(len(self.metrics.labels)):
+            counts = model_loads(i)
+            loads.add_metric([str(i)], counts["model_loads"])
+            load_bytes.add_metric([str(i)], counts["model_load_bytes"])
+        yield from (loads, load_bytes)
+
+    def _pool(self):  # type: ignore[no-untyped-def]
+        stats = self.metrics.queues.pool_stats()
+        if stats is None:
+            return
+        yield GaugeMetricFamily("comfy_parallel_pool_length", "Untargeted prompts waiting in the pool (not bound "
+                                "to a device yet)", value=stats["length"])
+        yield GaugeMetricFamily("comfy_parallel_pool_oldest_wait_seconds", "How long the oldest pooled prompt has "
+                                "waited", value=stats["oldest_wait_s"])
+        picks = CounterMetricFamily("comfy_parallel_pool_picks", "Pooled prompts a worker took, by why: the oldest, "
+                                    "a younger one for affinity, or the oldest forced by --affinity-slack",
+                                    labels=["device", "reason"])
+        hits = CounterMetricFamily("comfy_parallel_affinity_hits", "Pooled prompts a worker took whose model files "
+                                   "were all loaded on it (model) or whose nodes its executor cache answers (cache)",
+                                   labels=["device", "kind"])
+        for device in stats["devices"]:
+            index = str(device["gpu_id"])
+            for reason in PICK_REASONS:
+                picks.add_metric([index, reason], device["picks"][reason])
+            hits.add_metric([index, "model"], device["model_hits"])
+            hits.add_metric([index, "cache"], device["cache_hits"])
+        yield from (picks, hits)
 
 
 def _graph_families(stats: dict) -> Iterable:

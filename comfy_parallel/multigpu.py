@@ -2,8 +2,9 @@
 
 A prompt's path, top to bottom:
   HTTP request -> ``routing`` middleware decides the target (header | entry port | /gpuN prefix | none)
-  -> ComfyUI's own /prompt handler -> ``DeviceQueues.put`` (target, or the shortest queue)
-  -> that device's ``DeviceQueue`` -> its ``DeviceWorker`` thread running ComfyUI's prompt_worker
+  -> ComfyUI's own /prompt handler -> ``DeviceQueues.put`` (target; else the shortest queue, or the pool)
+  -> that device's ``DeviceQueue`` (or the pool, until a worker takes it: pool.py)
+  -> its ``DeviceWorker`` thread running ComfyUI's prompt_worker
   -> ComfyUI's PromptExecutor on that device -> ``DeviceQueue.task_done`` -> the shared history.
 """
 
@@ -19,9 +20,11 @@ from aiohttp import web
 
 from . import access, http_api, routing, scan, shutdown, validation, worker_context
 from .comfy_adapter import custom_node_dirs
+from .comfy_adapter.model_files import find_model_file
 from .device_status import DeviceStatus
 from .metrics import DeviceMetrics
 from .persistence import PromptStore
+from .pool import Residency
 from .queues import DeviceQueues
 from .warmup import Warmup
 from .routing import RequestRoute
@@ -40,8 +43,10 @@ class MultiDeviceServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.port_map: dict[int, int] = {port: i for i, port in enumerate(settings.entry_ports)}
+        self.weight_store: "WeightStore | None" = None
         self.queues = DeviceQueues(len(settings.devices), routing.current_route, settings.default_route,
-                                   on_change=self._queue_changed)
+                                   on_change=self._queue_changed, slack=settings.affinity_slack,
+                                   residency=self._residency, find_model=find_model_file)
         self.metrics = DeviceMetrics(self.queues, self.loaded_models, (d.label for d in settings.devices))
         self.queues.add_listener(self.metrics)
         self.device_status = DeviceStatus(len(settings.devices))  # progress and last errors for /multigpu/status
@@ -50,9 +55,8 @@ class MultiDeviceServer:
         # torch is imported here, after ComfyUI set up its CUDA allocator options, never at our module import
         from .weights import HeapTrimmer, WeightStore
 
-        self.weight_store: "WeightStore | None" = (
-            WeightStore(settings.weights_ram_limit, settings.pin_weights, settings.host_copy)
-            if settings.shared_weights else None)
+        self.weight_store = (WeightStore(settings.weights_ram_limit, settings.pin_weights, settings.host_copy)
+                             if settings.shared_weights else None)
         self.queues.add_listener(HeapTrimmer(self.weight_store))
         self.warmup = Warmup(self.queues, settings.warmup_checkpoint)
         self.queues.add_listener(self.warmup)
@@ -150,8 +154,13 @@ class MultiDeviceServer:
         if http_api.is_route(request, "GET", "/ws"):
             return await self._websocket(request, route, handler)
         response = await handler(request)
-        if route.assigned is not None and http_api.is_route(request, "POST", "/prompt"):
-            response = await routing.add_json_field(response, gpu_id=route.assigned)
+        if http_api.is_route(request, "POST", "/prompt"):
+            if route.pooled:
+                response = await routing.add_json_field(response, gpu_id=None, route="pool")
+            elif route.assigned is not None:
+                response = await routing.add_json_field(response, gpu_id=route.assigned)
+        elif http_api.is_route(request, "GET", "/queue"):
+            response = await http_api.add_queue_devices(self, response)
         return response
 
     async def _websocket(self, request: web.Request, route: RequestRoute,
@@ -172,6 +181,14 @@ class MultiDeviceServer:
     def loaded_models(self, index: int) -> int:
         return len(worker_context.loaded_models(index))
 
+    def _residency(self, index: int) -> Residency:
+        """Which model files the weight store's views have loaded on worker ``index`` (for the pool)."""
+        if self.weight_store is None:
+            return Residency({}, frozenset())
+        from .weights import residency
+
+        return Residency(*residency(self.weight_store, index, worker_context.loaded_models(index)))
+
     def ready(self) -> bool:
         """Every worker thread is alive, has warmed up its device, and the optional model warm-up is done."""
         workers_up = len(self.workers) == self.n_devices and all(w.is_alive() and w.ready.is_set()
@@ -187,10 +204,15 @@ class MultiDeviceServer:
         log.info("comfy-parallel: multi-device mode with %d workers: %s", self.n_devices, devices)
         if self.settings.cpu_mode:
             log.info("comfy-parallel: no CUDA device in use; CPU workers stand in for GPUs")
+        route = self.settings.default_route
         log.info("comfy-parallel: routing by %s header, /gpuN/ path prefix%s; untargeted requests go to %s",
                  routing.HEADER, ", entry ports" if self.port_map else "",
-                 "the shortest queue" if self.settings.default_route == "auto"
-                 else f"device {self.settings.default_route}")
+                 "the shortest queue" if route == "auto" else
+                 f"the pool (an idle worker takes the one cheapest for it; affinity slack "
+                 f"{self.settings.affinity_slack})" if route == "pool" else f"device {route}")
+        if self.settings.worker_vram_limit is not None:
+            log.info("comfy-parallel: each CUDA worker's model loading plans with at most %.2f GiB of VRAM "
+                     "(--worker-vram-limit)", self.settings.worker_vram_limit / 2**30)
         for port, index in self.port_map.items():
             log.info("comfy-parallel: entry port %d -> device %d (%s)", port, index,
                      self.settings.devices[index].label)

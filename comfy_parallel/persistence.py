@@ -3,7 +3,10 @@
 Plain Python (stdlib ``sqlite3`` and ``json``, no ComfyUI imports) so it can be tested alone. An item is a ComfyUI
 queue tuple ``(number, prompt_id, prompt, extra_data, outputs_to_execute[, sensitive])``; its first five fields
 are stored as JSON, so the prompt comes back with the same id, number (queue order) and extra_data (client_id
-included) on the device it was routed to.
+included), and with the route it was accepted with: a device index (``"1"``; an untargeted prompt that
+``--default-route auto`` bound on arrival included) or ``"pool"`` (an untargeted prompt of ``--default-route pool``,
+which is pooled again, whichever device it was running on when it was cut off). The next start queues it through
+the same routing entry point as a new prompt (``DeviceQueues.route_put``).
 
 Secrets are never written: ComfyUI 0.3.75 keeps API-node credentials in the sixth field (``sensitive``), 0.3.52
 keeps them in ``extra_data``. Both are dropped (the names of the dropped keys are kept, not their values), so a
@@ -22,7 +25,7 @@ from typing import Any, Iterable
 # WARNING: mirrors ComfyUI's execution.SENSITIVE_EXTRA_DATA_KEYS (0.3.52-0.3.75); a key added upstream and not
 # here would be written to disk in clear by 0.3.52-style items that carry secrets in extra_data.
 SENSITIVE_EXTRA_DATA_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the route column (1 had the device index alone)
 
 QUEUED = "queued"
 RUNNING = "running"  # cut off by the drain timeout: it never finished, so it never reached history
@@ -30,7 +33,7 @@ RUNNING = "running"  # cut off by the drain timeout: it never finished, so it ne
 
 @dataclass(frozen=True)
 class PersistedPrompt:
-    gpu_id: int
+    route: str  # a device index as a string, or "pool"
     item: tuple
     state: str  # QUEUED or RUNNING
     dropped_keys: tuple[str, ...] = ()
@@ -38,6 +41,11 @@ class PersistedPrompt:
     @property
     def prompt_id(self) -> str:
         return str(self.item[1])
+
+    @property
+    def gpu_id(self) -> int:
+        """The device column: the route's index, -1 for a pooled prompt."""
+        return int(self.route) if self.route.isdigit() else -1
 
 
 def _public_fields(item: tuple) -> tuple[list, list[str]]:
@@ -67,7 +75,11 @@ class PromptStore:
                      " state TEXT NOT NULL,"
                      " item TEXT NOT NULL,"
                      " dropped_keys TEXT NOT NULL,"
-                     " saved_at REAL NOT NULL)")
+                     " saved_at REAL NOT NULL,"
+                     " route TEXT)")
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(prompts)")}
+        if "route" not in columns:  # a file from schema 1: its rows' route is their device
+            conn.execute("ALTER TABLE prompts ADD COLUMN route TEXT")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         return conn
 
@@ -84,13 +96,14 @@ class PromptStore:
                 encoded = json.dumps(fields)
             except (TypeError, ValueError) as err:
                 raise type(err)(f"prompt {p.prompt_id} cannot be stored as JSON: {err}") from err
-            rows.append((p.prompt_id, p.gpu_id, p.state, encoded, json.dumps(dropped), now))
+            rows.append((p.prompt_id, p.gpu_id, p.state, encoded, json.dumps(dropped), now, p.route))
         if not rows:
             return []
         conn = self._connect()
         try:
             with conn:
-                conn.executemany("INSERT OR REPLACE INTO prompts VALUES (?, ?, ?, ?, ?, ?)", rows)
+                conn.executemany("INSERT OR REPLACE INTO prompts (prompt_id, gpu_id, state, item, dropped_keys, "
+                                 "saved_at, route) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
         finally:
             conn.close()
         return [r[0] for r in rows]
@@ -101,11 +114,12 @@ class PromptStore:
             return []
         conn = self._connect()
         try:
-            rows = conn.execute("SELECT gpu_id, state, item, dropped_keys FROM prompts ORDER BY rowid").fetchall()
+            rows = conn.execute("SELECT gpu_id, route, state, item, dropped_keys FROM prompts ORDER BY rowid"
+                                ).fetchall()
         finally:
             conn.close()
-        prompts = [PersistedPrompt(gpu_id, tuple(json.loads(item)), state, tuple(json.loads(dropped)))
-                   for gpu_id, state, item, dropped in rows]
+        prompts = [PersistedPrompt(route or str(gpu_id), tuple(json.loads(item)), state, tuple(json.loads(dropped)))
+                   for gpu_id, route, state, item, dropped in rows]
         return sorted(prompts, key=lambda p: p.item[0])
 
     def remove(self, prompt_ids: Iterable[str]) -> None:

@@ -5,6 +5,9 @@ interface (put/get/task_done, views of the queue, history, flags). ``DeviceQueue
 for one device; ``DeviceQueues`` implements it for the whole server and forwards each call to the device the
 current request targets (or to all of them, merged, when the request has no target).
 
+With ``--default-route pool`` untargeted prompts are not bound to a device when they arrive: they wait in one
+``pool.Pool`` and a worker that goes idle takes the pooled prompt cheapest for it (late binding, see pool.py).
+
 An item is ComfyUI's tuple ``(number, prompt_id, prompt, extra_data, outputs_to_execute[, sensitive])``; a
 history entry is ComfyUI's dict plus ``gpu_id``, the index of the device that ran it.
 """
@@ -13,12 +16,17 @@ from __future__ import annotations
 
 import copy
 import heapq
+import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from . import worker_context
+from .pool import DEFAULT_SLACK, NO_RESIDENCY, FileResolver, Pool, Residency, Traits, traits_of
+
+log = logging.getLogger("comfy_parallel.queues")
+POOL_ROUTE = "pool"  # the route string of a prompt accepted into the pool (persisted as such)
 
 MAXIMUM_HISTORY_SIZE = 10000  # ComfyUI's execution.MAXIMUM_HISTORY_SIZE
 
@@ -55,6 +63,13 @@ def outcome_of(status: dict | None) -> str:
     if any(event == "execution_interrupted" for event, _ in status.get("messages", [])):
         return "interrupted"
     return "error"
+
+
+def shutdown_error(item: tuple, message: str) -> dict:
+    """The execution_error of a prompt that will never run: ComfyUI's own fields, so clients show it as any error."""
+    return {"prompt_id": item[1], "node_id": None, "node_type": None, "executed": [],
+            "exception_type": "comfy_parallel.Shutdown", "exception_message": message, "traceback": [],
+            "current_inputs": {}, "current_outputs": [], "timestamp": int(time.time() * 1000)}
 
 
 class History:
@@ -144,6 +159,9 @@ class DeviceQueue(_SharedHistoryAccess):
         self.held = False
         self.parked = False
         self.closed = False
+        # --default-route pool: the shared pool this worker also takes from, and whether a put woke it already
+        self.pool: Pool | None = None
+        self.wake_pending = False
 
     # -- producer side (HTTP) -------------------------------------------------------------------------------
     def put(self, item: tuple) -> None:
@@ -158,26 +176,50 @@ class DeviceQueue(_SharedHistoryAccess):
         with self.not_empty:
             if self.rebuild_requested:
                 self.rebuild_requested = False
+                if self.pool is not None:
+                    self.pool.forget_worker(self.index)
                 raise RebuildExecutor()
-            while len(self.queue) == 0 or self.held:
+            item = None if self.held else self._next()
+            while item is None:
                 self.parked = True
                 try:
                     self.not_empty.wait(timeout=timeout)
                 finally:
                     self.parked = False
-                if timeout is not None and (len(self.queue) == 0 or self.held):
+                    self.wake_pending = False
+                item = None if self.held else self._next()
+                if item is None and timeout is not None:
                     return None
-            item = heapq.heappop(self.queue)
             i = self.task_counter
             self.currently_running[i] = copy.deepcopy(item)
             self.task_counter += 1
             now = time.monotonic()
             self.started_at[i] = now
             waited = now - self.enqueued_at.pop(item[1], now)
+            if self.pool is not None:
+                self.pool.start(self.index, item[1])
             for listener in self.listeners:
                 listener.on_start(self.index, item[1], waited)
             self.on_change()
             return item, i
+
+    def _next(self) -> tuple | None:
+        """This worker's next item: a pooled prompt older than its own queue's head (the cheapest for it, see
+        pool.py), else that head."""
+        pool = self.pool
+        if pool is not None and len(pool):
+            pick = pool.take(self.index, self.queue[0][0] if self.queue else None)
+            if pick is not None:
+                pooled = pick.pooled
+                self.enqueued_at[pooled.prompt_id] = pooled.enqueued_at
+                log.info("[GPU %d] took pooled prompt %s (%s; model files %s, %s)", self.index, pooled.prompt_id,
+                         pick.reason, "loaded" if pick.model_hit else
+                         f"{pick.missing_bytes / 2**30:.2f} GiB to load" if pick.missing_bytes else "none",
+                         "executor cache reused" if pick.cache_hit else "no cache reuse")
+                return pooled.item
+        if self.queue:
+            return heapq.heappop(self.queue)
+        return None
 
     def task_done(self, item_id: int, history_result: dict, status: Any = None,
                   process_item: Callable[[tuple], tuple] | None = None) -> None:
@@ -197,6 +239,8 @@ class DeviceQueue(_SharedHistoryAccess):
             entry.update(history_result)
             entry["gpu_id"] = self.index
             self.history_store.record(prompt[1], entry)
+            if self.pool is not None:
+                self.pool.finished(prompt[1])
             for listener in self.listeners:
                 listener.on_done(self.index, prompt[1], status_dict, time.monotonic() - started)
             self.on_change()
@@ -277,6 +321,8 @@ class DeviceQueue(_SharedHistoryAccess):
         with self.mutex:
             for item in self.queue:
                 self.enqueued_at.pop(item[1], None)
+                if self.pool is not None:
+                    self.pool.finished(item[1])
             self.queue = []
             self.on_change()
 
@@ -287,6 +333,8 @@ class DeviceQueue(_SharedHistoryAccess):
                     item = self.queue.pop(x)
                     heapq.heapify(self.queue)
                     self.enqueued_at.pop(item[1], None)
+                    if self.pool is not None:
+                        self.pool.finished(item[1])
                     self.on_change()
                     return True
         return False
@@ -303,14 +351,13 @@ class DeviceQueue(_SharedHistoryAccess):
             dropped, self.queue = sorted(self.queue), []
             for item in dropped:
                 self.enqueued_at.pop(item[1], None)
-                # The fields of ComfyUI's own execution_error, so that clients show it as they show any error.
-                error = {"prompt_id": item[1], "node_id": None, "node_type": None, "executed": [],
-                         "exception_type": "comfy_parallel.Shutdown", "exception_message": message, "traceback": [],
-                         "current_inputs": {}, "current_outputs": [], "timestamp": int(time.time() * 1000)}
+                error = shutdown_error(item, message)
                 status = {"status_str": "error", "completed": False, "messages": [("execution_error", error)]}
                 entry = {"prompt": item[:5] + item[6:], "outputs": {}, "status": status, "meta": {},
                          "gpu_id": self.index}
                 self.history_store.record(item[1], entry)
+                if self.pool is not None:
+                    self.pool.finished(item[1])
                 for listener in self.listeners:
                     listener.on_done(self.index, item[1], status, 0.0)
                 failed.append((item, error))
@@ -327,6 +374,9 @@ class DeviceQueue(_SharedHistoryAccess):
         if ret and ctx is not None:
             # /free asked this device to release memory: let the next soft_empty_cache really empty it.
             ctx.allow_empty_cache = True
+        if self.pool is not None and (ret.get("unload_models") or ret.get("free_memory")):
+            with self.mutex:
+                self.pool.forget_worker(self.index)  # ComfyUI's loop now unloads models / resets its executor
         return ret
 
 
@@ -334,13 +384,16 @@ class DeviceQueues(_SharedHistoryAccess):
     """The server's ``prompt_queue``: routes each call to the request's target device, or merges all devices.
 
     ``current_route`` returns the routing decision of the HTTP request being handled (an object with
-    ``target: int | None`` and ``assigned: int | None``), or ``None`` outside a request.
-    ``choose_device`` picks a device for an untargeted ``put``.
+    ``target: int | None``, ``assigned: int | None`` and ``pooled: bool``), or ``None`` outside a request.
+    An untargeted ``put`` goes to the pool (``default_route="pool"``) or to the device ``choose_device`` picks.
+    ``residency(index)`` says which model files are loaded on a worker's device; ``find_model(name)`` where a
+    model file a prompt names lies (both only matter to the pool).
     """
 
     def __init__(self, n_devices: int, current_route: Callable[[], Any],
                  default_route: str | int = "auto", on_change: Callable[[int | None], None] | None = None,
-                 ) -> None:
+                 slack: int = DEFAULT_SLACK, residency: Callable[[int], Residency] | None = None,
+                 find_model: Callable[[str], str | None] | None = None) -> None:
         self.mutex = threading.RLock()
         self.history_store = History(self.mutex)
         self._on_change = on_change or (lambda _index: None)
@@ -348,6 +401,13 @@ class DeviceQueues(_SharedHistoryAccess):
                         for i in range(n_devices)]
         self.current_route = current_route
         self.default_route = default_route
+        self.pool: Pool | None = None
+        self.resolver: FileResolver | None = None
+        if default_route == POOL_ROUTE:
+            self.pool = Pool(n_devices, slack, residency or (lambda index: NO_RESIDENCY))
+            self.resolver = FileResolver(find_model) if find_model is not None else None
+            for q in self.devices:
+                q.pool = self.pool
 
     def _target(self) -> int | None:
         route = self.current_route()
@@ -364,23 +424,71 @@ class DeviceQueues(_SharedHistoryAccess):
         target = self._target()
         return self.devices if target is None else [self.devices[target]]
 
+    def _pool_in_scope(self) -> Pool | None:
+        """The pool belongs to the merged view: a device's own view (a target) shows only what is bound to it."""
+        return self.pool if self._target() is None else None
+
     def choose_device(self) -> int:
         """Shortest queue (queued + running), ties to the lowest index; or the fixed default route."""
-        if self.default_route != "auto":
+        if isinstance(self.default_route, int) or str(self.default_route).isdigit():
             return int(self.default_route)
         with self.mutex:
             return min(range(len(self.devices)), key=lambda i: (self.devices[i].get_tasks_remaining(), i))
 
+    def traits(self, item: tuple) -> Traits | None:
+        """What the pool needs to know of ``item`` (None without a pool); reads the file system, so call it
+        outside the mutex."""
+        return traits_of(item, self.resolver) if self.pool is not None else None
+
     # -- the PromptQueue interface that ComfyUI's server.py uses --------------------------------------------
-    def put(self, item: tuple) -> int:
+    def put(self, item: tuple) -> int | None:
+        """Queue ``item`` where the current request routes it; the device index, or ``None`` when pooled."""
+        target = self._target()
+        return self.route_put(item, POOL_ROUTE if target is None and self.pool is not None
+                              else str(target) if target is not None else None)
+
+    def route_put(self, item: tuple, route: str | None) -> int | None:
+        """The one routing entry point: ``route`` is a device index as a string, ``"pool"``, or ``None`` for
+        the default route. A persisted prompt comes back through here with the route it was accepted with."""
+        traits = self.traits(item)
         with self.mutex:
-            target = self._target()
-            index = self.choose_device() if target is None else target
-            self.devices[index].put(item)
-        route = self.current_route()
-        if route is not None:
-            route.assigned = index
+            index: int | None
+            if route is not None and route.isdigit() and int(route) < len(self.devices):
+                index = int(route)
+            elif route is not None and route != POOL_ROUTE:
+                raise ValueError(f"route {route!r}: not a device of this server (0..{len(self.devices) - 1}) "
+                                 f"or {POOL_ROUTE!r}")
+            elif self.pool is not None:
+                index = None
+            else:
+                index = self.choose_device()
+            if index is None:
+                assert self.pool is not None and traits is not None
+                pooled = self.pool.add(item, traits)
+                self._wake_for(pooled.traits)
+                self._on_change(None)
+            else:
+                if self.pool is not None and traits is not None:
+                    self.pool.note_bound(str(item[1]), traits)
+                self.devices[index].put(item)
+        current = self.current_route()
+        if current is not None:
+            current.assigned = index
+            current.pooled = index is None
         return index
+
+    def _wake_for(self, traits: Traits) -> None:
+        """Wake the idle worker for which a new pooled prompt is cheapest, unless enough are already woken."""
+        assert self.pool is not None
+        woken = sum(q.wake_pending for q in self.devices)
+        if len(self.pool) <= woken:
+            return
+        idle = [q.index for q in self.devices if q.parked and not q.held and not q.wake_pending]
+        index = self.pool.cheapest_worker(traits, idle)
+        if index is not None:
+            q = self.devices[index]
+            q.wake_pending = True
+            q.not_empty.notify()
 
     def get_current_queue(self) -> tuple[list, list]:
         running: list = []
@@ -390,6 +498,9 @@ class DeviceQueues(_SharedHistoryAccess):
                 r, p = q.get_current_queue()
                 running += r
                 queued += p
+            pool = self._pool_in_scope()
+            if pool is not None:
+                queued += copy.deepcopy(pool.items())
         return running, queued
 
     def get_current_queue_volatile(self) -> tuple[list, list]:
@@ -400,19 +511,30 @@ class DeviceQueues(_SharedHistoryAccess):
                 r, p = q.get_current_queue_volatile()
                 running += r
                 queued += p
+            pool = self._pool_in_scope()
+            if pool is not None:
+                queued += pool.items()
         return running, queued
 
     def get_tasks_remaining(self) -> int:
         with self.mutex:
-            return sum(q.get_tasks_remaining() for q in self._scope())
+            pool = self._pool_in_scope()
+            return sum(q.get_tasks_remaining() for q in self._scope()) + (len(pool) if pool is not None else 0)
 
     def wipe_queue(self) -> None:
         with self.mutex:
+            pool = self._pool_in_scope()
+            if pool is not None and pool.clear():
+                self._on_change(None)
             for q in self._scope():
                 q.wipe_queue()
 
     def delete_queue_item(self, function: Callable[[tuple], bool]) -> bool:
         with self.mutex:
+            pool = self._pool_in_scope()
+            if pool is not None and pool.remove_first(function) is not None:
+                self._on_change(None)
+                return True
             return any(q.delete_queue_item(function) for q in self._scope())
 
     def set_flag(self, name: str, data: Any) -> None:
@@ -456,6 +578,22 @@ class DeviceQueues(_SharedHistoryAccess):
         with self.mutex:
             return [q.stats() for q in self.devices]
 
+    def pool_stats(self) -> dict | None:
+        """Length, oldest wait, slack and per-device picks of the pool; ``None`` without one."""
+        with self.mutex:
+            return self.pool.stats() if self.pool is not None else None
+
+    def device_of(self, prompt_id: str) -> int | None:
+        """The device a queued, running or finished prompt is bound to; ``None`` while it waits in the pool (or
+        when it is unknown)."""
+        with self.mutex:
+            for q in self.devices:
+                if prompt_id in q.running_prompt_ids() or any(item[1] == prompt_id for item in q.queue):
+                    return q.index
+            entry = self.history_store.entries.get(prompt_id)
+            gpu_id = entry.get("gpu_id") if isinstance(entry, dict) else None
+            return gpu_id if isinstance(gpu_id, int) else None
+
     # -- shutdown ---------------------------------------------------------------------------------------------
     def hold(self) -> None:
         """No queued prompt starts from now on; running ones go on."""
@@ -477,9 +615,36 @@ class DeviceQueues(_SharedHistoryAccess):
                 q.closed = True
         return running
 
-    def queued_items(self) -> list[tuple[int, tuple]]:
+    def queued_items(self) -> list[tuple[str, tuple]]:
+        """Every queued prompt with the route it was accepted with: its device's index, or ``"pool"`` (also for a
+        pooled prompt queued on a device again after an out-of-memory retry)."""
         with self.mutex:
-            return [(q.index, copy.deepcopy(item)) for q in self.devices for item in sorted(q.queue)]
+            items = [(self.accepted_route(q.index, item[1]), copy.deepcopy(item)) for q in self.devices
+                     for item in sorted(q.queue)]
+            if self.pool is not None:
+                items += [(POOL_ROUTE, copy.deepcopy(item)) for item in self.pool.items()]
+            return items
+
+    def accepted_route(self, index: int, prompt_id: str) -> str:
+        """The route a prompt now on device ``index`` was accepted with: ``"pool"`` if it came from the pool."""
+        with self.mutex:
+            return POOL_ROUTE if self.pool is not None and self.pool.was_pooled(prompt_id) else str(index)
+
+    def fail_pooled(self, message: str) -> list[tuple[tuple, dict]]:
+        """Record every pooled prompt in history as an error (it will never run); see ``DeviceQueue.fail_queued``."""
+        with self.mutex:
+            if self.pool is None:
+                return []
+            dropped = self.pool.clear()
+            failed = [(p.item, shutdown_error(p.item, message)) for p in dropped]
+            for item, error in failed:
+                status = {"status_str": "error", "completed": False, "messages": [("execution_error", error)]}
+                # No device ran it, so no device's listeners (metrics, status) hear of it.
+                self.history_store.record(item[1], {"prompt": item[:5] + item[6:], "outputs": {}, "status": status,
+                                                    "meta": {}, "gpu_id": None})
+            if failed:
+                self._on_change(None)
+            return failed
 
     def device_running(self, prompt_id: str) -> int | None:
         """The device whose worker is running ``prompt_id`` now, if any."""

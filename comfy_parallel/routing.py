@@ -52,11 +52,13 @@ class RoutingError(Exception):
 
 @dataclass
 class RequestRoute:
-    """The routing decision for one request; ``assigned`` is set when a prompt is queued on a device."""
+    """The routing decision for one request; ``assigned`` is set when a prompt is queued on a device, ``pooled``
+    when it waits in the pool instead (``--default-route pool``)."""
 
     target: int | None
     source: str  # "header", "port", "prefix", "cookie" or "none"; agreeing explicit ones joined with "+"
     assigned: int | None = None
+    pooled: bool = False
 
 
 _current: contextvars.ContextVar[RequestRoute | None] = contextvars.ContextVar("comfy_parallel_route",

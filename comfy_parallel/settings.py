@@ -10,8 +10,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping, Union
 
-DefaultRoute = Union[str, int]  # "auto" or a device index
+from .pool import DEFAULT_SLACK
+
+DefaultRoute = Union[str, int]  # "auto", "pool" or a device index
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+# Where untargeted prompts go when nothing says otherwise (launcher and drop-in): "auto" binds each to the shortest
+# queue when it arrives; "pool" lets idle workers take them (pool.py). One line to switch.
+DEFAULT_ROUTE = "auto"
+ROUTES = ("auto", "pool")
 
 
 class SettingsError(ValueError):
@@ -35,7 +41,9 @@ class DeviceSpec:
 class Settings:
     devices: tuple[DeviceSpec, ...]
     entry_ports: tuple[int, ...] = ()
-    default_route: DefaultRoute = "auto"
+    default_route: DefaultRoute = DEFAULT_ROUTE
+    affinity_slack: int = DEFAULT_SLACK  # pool: no prompt waits behind more younger prompts than this
+    worker_vram_limit: int | None = None  # bytes of VRAM each CUDA worker's model loading may plan with
     enabled: bool = True
     warmup_checkpoint: str | None = None
     shared_weights: bool = True  # one host copy per model file for all workers (weights.py)
@@ -127,11 +135,33 @@ def parse_entry_ports(text: str, n_devices: int) -> tuple[int, ...]:
 
 def parse_default_route(text: str, n_devices: int) -> DefaultRoute:
     text = text.strip().lower()
-    if text == "auto":
-        return "auto"
+    if text in ROUTES:
+        return text
     if text.isdigit() and int(text) < n_devices:
         return int(text)
-    raise SettingsError(f"--default-route: {text!r} is not valid; use 'auto' or a device index 0..{n_devices - 1}")
+    raise SettingsError(f"--default-route: {text!r} is not valid; use 'auto' (shortest queue at arrival), 'pool' "
+                        f"(idle workers take the cheapest pooled prompt) or a device index 0..{n_devices - 1}")
+
+
+def parse_affinity_slack(text: str) -> int:
+    raw = str(text).strip()
+    if not raw.isdigit():
+        raise SettingsError(f"--affinity-slack: {text!r} is not valid; use a whole number >= 0 (0: first in, "
+                            "first out)")
+    return int(raw)
+
+
+def parse_vram_limit(text: str | None) -> int | None:
+    """``--worker-vram-limit 12G``; none/off/empty: no limit."""
+    if text is None or text.strip().lower() in ("", "none", "off"):
+        return None
+    try:
+        value = parse_bytes(text)
+    except ValueError as err:
+        raise SettingsError(f"--worker-vram-limit: {err}") from None
+    if value <= 0:
+        raise SettingsError(f"--worker-vram-limit: {text!r} must be more than 0")
+    return value
 
 
 def cuda_device_count() -> int:
@@ -176,8 +206,10 @@ def from_env(env: Mapping[str, str] | None = None, cpu_mode: bool = False) -> Se
     else:
         devices = default_devices() if not cpu_mode else tuple(DeviceSpec(i, "cpu") for i in range(2))
     entry = parse_entry_ports(env.get("COMFY_PARALLEL_ENTRY_PORTS", "none"), len(devices))
-    route = parse_default_route(env.get("COMFY_PARALLEL_DEFAULT_ROUTE", "auto"), len(devices))
+    route = parse_default_route(env.get("COMFY_PARALLEL_DEFAULT_ROUTE", DEFAULT_ROUTE), len(devices))
     return Settings(devices=devices, entry_ports=entry, default_route=route, enabled=enabled,
+                    affinity_slack=parse_affinity_slack(env.get("COMFY_PARALLEL_AFFINITY_SLACK", str(DEFAULT_SLACK))),
+                    worker_vram_limit=parse_vram_limit(env.get("COMFY_PARALLEL_WORKER_VRAM_LIMIT")),
                     warmup_checkpoint=env.get("COMFY_PARALLEL_WARMUP_CHECKPOINT") or None,
                     cuda_graphs=parse_cuda_graphs(env.get("COMFY_PARALLEL_CUDA_GRAPHS", "auto")),
                     cuda_graphs_max=parse_graphs_max(env.get("COMFY_PARALLEL_CUDA_GRAPHS_MAX", "24")),

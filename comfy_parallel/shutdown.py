@@ -2,9 +2,10 @@
 
 Stock ComfyUI dies on SIGTERM and takes its queue with it. Here the first signal starts a drain: new prompts get a
 503 with ``Retry-After`` (reads keep working), queued prompts stop starting, and running ones get up to
-``drain_timeout`` seconds to finish. Then the prompts still queued, and the running ones cut off at the timeout,
-are written to SQLite (``persistence``) and the process stops the way Ctrl-C stops stock ComfyUI (a
-``KeyboardInterrupt`` out of the event loop, so ComfyUI's own clean-up runs and the exit code is 0). A second
+``drain_timeout`` seconds to finish. Then the prompts still queued (pooled ones too), and the running ones cut off
+at the timeout, are written to SQLite (``persistence``, each with the route it was accepted with) and the process
+stops the way Ctrl-C stops stock ComfyUI (a ``KeyboardInterrupt`` out of the event loop, so ComfyUI's own clean-up
+runs and the exit code is 0). A second
 signal cuts the drain short. With persistence off, queued prompts are recorded in history as errors at once, so
 an accepted prompt always ends in history or in the store.
 
@@ -25,6 +26,7 @@ from aiohttp import web
 
 from . import worker_context
 from .persistence import QUEUED, RUNNING, PersistedPrompt, PromptStore, as_queue_item
+from .queues import POOL_ROUTE
 
 if TYPE_CHECKING:
     from .multigpu import MultiDeviceServer
@@ -94,8 +96,10 @@ class GracefulShutdown:
         self.deadline = time.monotonic() + self.drain_timeout
         queues.hold()
         stats = queues.stats()
+        pooled = (queues.pool_stats() or {}).get("length", 0)
         log.info("comfy-parallel: %s received: draining (%d running, %d queued); new prompts get 503 for up to "
-                 "%.0f s", sig.name, sum(s.running for s in stats), sum(s.queued for s in stats), self.drain_timeout)
+                 "%.0f s", sig.name, sum(s.running for s in stats), sum(s.queued for s in stats) + pooled,
+                 self.drain_timeout)
         if self.store is None:
             failed = self._fail_queued()
             if failed:
@@ -127,6 +131,7 @@ class GracefulShutdown:
     def _fail_queued(self) -> list[str]:
         """Persistence off: queued prompts end in history as errors, and their clients are told at once."""
         failed = [pair for q in self.server.queues.devices for pair in q.fail_queued(NOT_RUN_MESSAGE)]
+        failed += self.server.queues.fail_pooled(NOT_RUN_MESSAGE)
         prompt_server = self.server.prompt_server
         for item, error in failed:
             client_id = item[3].get("client_id") if isinstance(item[3], dict) else None
@@ -159,8 +164,8 @@ class GracefulShutdown:
         warmup = getattr(self.server, "warmup", None)
         queued = [(i, item) for i, item in self.server.queues.queued_items()
                   if warmup is None or item[1] not in warmup.pending]
-        prompts = [PersistedPrompt(i, item, QUEUED) for i, item in queued]
-        prompts += [PersistedPrompt(i, item, RUNNING) for i, item in cut
+        prompts = [PersistedPrompt(route, item, QUEUED) for route, item in queued]
+        prompts += [PersistedPrompt(self.server.queues.accepted_route(i, item[1]), item, RUNNING) for i, item in cut
                     if warmup is None or item[1] not in warmup.pending]
         if not prompts:
             return
@@ -175,7 +180,8 @@ class GracefulShutdown:
 
 
 def restore(server: "MultiDeviceServer", store: PromptStore, prompt_server: Any, item_length: int) -> int:
-    """Queue the persisted prompts again on their devices, in their number order; remove them from the store."""
+    """Queue the persisted prompts again through the routing entry point with the route each was accepted with
+    (its device, or the pool), in their number order; remove them from the store."""
     try:
         prompts = store.load()
     except Exception as err:  # a broken file must not stop the server; it is left in place for inspection
@@ -187,15 +193,19 @@ def restore(server: "MultiDeviceServer", store: PromptStore, prompt_server: Any,
     queues = server.queues
     cut_off = 0
     for p in prompts:
-        index = p.gpu_id
-        if not 0 <= index < len(queues.devices):
-            index = queues.choose_device()
-            log.warning("comfy-parallel: persisted prompt %s was on device %d, which this server does not have; "
-                        "queued on device %d", p.prompt_id, p.gpu_id, index)
+        route: str | None = p.route
+        if p.route.isdigit() and int(p.route) >= len(queues.devices):
+            route = None
+        elif not p.route.isdigit() and p.route != POOL_ROUTE:
+            route = None
         if p.dropped_keys:
             log.warning("comfy-parallel: persisted prompt %s runs without %s (secrets are not persisted)",
                         p.prompt_id, ", ".join(p.dropped_keys))
-        queues.devices[index].put(as_queue_item(p, item_length))
+        index = queues.route_put(as_queue_item(p, item_length), route)
+        if route is None:
+            log.warning("comfy-parallel: persisted prompt %s was routed to %r, which this server does not have; "
+                        "queued by the default route (%s)", p.prompt_id, p.route,
+                        "the pool" if index is None else f"device {index}")
         cut_off += p.state == RUNNING
     try:
         store.remove(p.prompt_id for p in prompts)

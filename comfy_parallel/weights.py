@@ -616,6 +616,9 @@ class WeightStore:
         self._loading: dict[tuple, threading.Lock] = {}
         self.disk_loads = 0
         self.evictions = 0
+        # The entries as of the last insert or eviction, readable without the lock (view_for holds it while it
+        # copies a model, and the pool asks for residency under the queue lock; see residency)
+        self.published: tuple[Entry, ...] = ()
 
     # Loading is serialised per key (a second worker waits for the first read instead of reading again) but
     # not across keys, so two GPUs can load two different checkpoints at once.
@@ -654,6 +657,7 @@ class WeightStore:
                     self._entries[key] = entry
                     self.disk_loads += 1
                     self._evict()
+                    self.published = tuple(self._entries.values())
             finally:
                 with self._lock:
                     self._loading.pop(key, None)
@@ -738,6 +742,40 @@ def _holds(loaded_models: list, modules: list[torch.nn.Module]) -> bool:
         if patcher is not None and id(getattr(patcher, "model", None)) in ids:
             return True
     return False
+
+
+def residency(store: WeightStore | None, index: int, loaded_models: list) -> tuple[dict[str, float], frozenset[str]]:
+    """(the share of each file's host copy that worker ``index`` has loaded on its device, every file the store holds).
+
+    What the pool (pool.py) asks before it gives a worker a prompt: a prompt whose model files are loaded there
+    costs no load. A file the store does not hold (a custom node's own loader, shared weights off) is not known.
+    The share counts loaded bytes (ComfyUI's ``model_loaded_memory``) of the views' models against the host copy:
+    a checkpoint whose text encoder stayed loaded while its UNet was unloaded is a small share, not loaded.
+    """
+    if store is None:
+        return {}, frozenset()
+    loaded: dict[str, float] = {}
+    tracked: set[str] = set()
+    for e in store.published:
+        paths = [f.path for f in e.files]
+        tracked.update(paths)
+        modules = e.view_modules.get(index)
+        if not modules:
+            continue
+        ids = {id(m) for m in modules}
+        held = 0
+        for lm in list(loaded_models):
+            patcher = getattr(lm, "model", None)
+            if patcher is not None and id(getattr(patcher, "model", None)) in ids:
+                try:
+                    held += int(lm.model_loaded_memory())
+                except Exception:  # a dead entry ComfyUI will clean up
+                    continue
+        if held > 0:
+            share = min(1.0, held / e.host_bytes) if e.host_bytes else 1.0
+            for path in paths:
+                loaded[path] = max(loaded.get(path, 0.0), share)
+    return loaded, frozenset(tracked)
 
 
 def status(store: WeightStore | None, loaded_models_of: Callable[[int], list]) -> dict:

@@ -16,7 +16,8 @@ class Hooks:
         from comfy_parallel.settings import Settings, parse_devices
 
         self.weight_store = WeightStore(pin="off")  # turns the shared-weights patches on
-        self.settings = Settings(devices=parse_devices("cpu,cpu"), cuda_graphs="on")  # and the CUDA graph patch
+        # and the CUDA graph and VRAM limit patches
+        self.settings = Settings(devices=parse_devices("cpu,cpu"), cuda_graphs="on", worker_vram_limit=1 << 30)
 
     def before_routes(self, ps):  # pragma: no cover - never called, nothing is started
         raise AssertionError
@@ -37,7 +38,7 @@ def snapshot(comfy) -> dict:
     sd, controlnet, utils = (sys.modules[n] for n in ("comfy.sd", "comfy.controlnet", "comfy.utils"))
     names |= {(sd, "load_checkpoint_guess_config"), (sd, "load_diffusion_model"), (sd, "load_clip"),
               (controlnet, "load_controlnet"), (mm, "unet_inital_load_device"), (mm, "text_encoder_initial_device"),
-              (mm, "load_models_gpu"), (utils, "copy_to_param")}
+              (mm, "load_models_gpu"), (utils, "copy_to_param"), (mm, "get_free_memory")}
     unet = sys.modules["comfy.ldm.modules.diffusionmodules.openaimodel"].UNetModel
     patcher = sys.modules["comfy.model_patcher"].ModelPatcher
     out = {f"{mod.__name__}.{attr}": id(getattr(mod, attr)) for mod, attr in names if hasattr(mod, attr)}
@@ -49,6 +50,8 @@ def snapshot(comfy) -> dict:
     out["UNetModel.forward"] = id(unet.__dict__["forward"])
     for attr in ("load", "unpatch_model", "partially_unload", "partially_load"):
         out[f"ModelPatcher.{attr}"] = id(patcher.__dict__[attr])
+    out["LoadedModel.model_load"] = id(mm.LoadedModel.__dict__["model_load"])
+    out["PromptExecutor.add_message"] = id(comfy.execution.PromptExecutor.__dict__["add_message"])
     import torch
 
     out["torch.manual_seed"] = id(torch.manual_seed)

@@ -31,7 +31,8 @@ def test_patches_apply_are_idempotent_and_undo(comfy_dir: Path) -> None:
         "scoped-queue-status",
         "websocket-send-per-client", "quiet-retried-attempt",
         "host-load-on-cpu", "host-weights-read-only", "view-bulk-load", "shared-model-loaders",
-        "cuda-graphs", "devices-per-worker", "ram-release-per-worker", "patch-switch-in-place"}
+        "cuda-graphs", "devices-per-worker", "ram-release-per-worker", "patch-switch-in-place",
+        "count-model-loads", "device-in-execution-start", "worker-vram-limit"}
     for name in ("comfy.model_management.current_loaded_models", "comfy.model_management.soft_empty_cache",
                  "execution.get_progress_state", "main.get_progress_state", "main.prompt_worker",
                  "PromptServer.client_id", "PromptServer.add_routes", "server.send_socket_catch_exception",
@@ -39,9 +40,9 @@ def test_patches_apply_are_idempotent_and_undo(comfy_dir: Path) -> None:
                  "comfy.controlnet.load_controlnet", "comfy.utils.copy_to_param", "VAELoader.load_vae",
                  "LoraLoader.load_lora", "comfy.model_management.unet_inital_load_device", "UNetModel.forward",
                  "ModelPatcher.load", "ModelPatcher.unpatch_model", "ModelPatcher.partially_load",
-                 "folder_paths.get_save_image_path",
-                 "SaveImage.save_images", "comfy.ops.scaled_dot_product_attention",
-                 "torch.nn.functional.scaled_dot_product_attention"):
+                 "folder_paths.get_save_image_path", "SaveImage.save_images",
+                 "comfy.ops.scaled_dot_product_attention", "torch.nn.functional.scaled_dot_product_attention",
+                 "comfy.model_management.get_free_memory", "LoadedModel.model_load", "PromptExecutor.add_message"):
         assert name in result["changed"], name
     assert result["loaded_models_type"] == "PerWorkerList"
     assert result["execution_sees_patch"] is True

@@ -65,23 +65,37 @@ def test_store_keeps_order_and_drops_secrets(tmp_path: Path) -> None:
     secret = "sk-" + uuid.uuid4().hex
     late, front, cut = (prompt_id_for(f"store-{name}") for name in ("late", "front", "cut"))  # UUIDs, as on 0.33
     items = [
-        PersistedPrompt(2, (7, late, {"1": {}}, {"client_id": "c1"}, ["1"], {"auth_token_comfy_org": secret}),
+        PersistedPrompt("2", (7, late, {"1": {}}, {"client_id": "c1"}, ["1"], {"auth_token_comfy_org": secret}),
                         QUEUED),
-        PersistedPrompt(0, (-3, front, {"1": {}}, {"api_key_comfy_org": secret, "x": 1}, ["1"]), QUEUED),
-        PersistedPrompt(1, (5.5, cut, {"1": {}}, {}, ["1"], {}), RUNNING),
+        PersistedPrompt("0", (-3, front, {"1": {}}, {"api_key_comfy_org": secret, "x": 1}, ["1"]), QUEUED),
+        PersistedPrompt("pool", (5.5, cut, {"1": {}}, {}, ["1"], {}), RUNNING),
     ]
     assert sorted(store.save(items)) == sorted([cut, front, late])
     assert secret.encode() not in (tmp_path / "q" / "queue.sqlite3").read_bytes()
     loaded = store.load()
     assert [tag_of(p.prompt_id) for p in loaded] == ["store-front", "store-cut", "store-late"]  # number order
     stored_late = loaded[2]
-    assert (stored_late.gpu_id == 2 and stored_late.item[3] == {"client_id": "c1"}
+    assert (stored_late.route == "2" and stored_late.item[3] == {"client_id": "c1"}
             and stored_late.dropped_keys == ("auth_token_comfy_org",))
     assert loaded[0].item[3] == {"x": 1} and loaded[1].state == RUNNING
+    assert (loaded[1].route, loaded[1].gpu_id) == ("pool", -1)  # a pooled prompt: pooled again after a restart
     assert as_queue_item(stored_late, 6) == (7, late, {"1": {}}, {"client_id": "c1"}, ["1"], {})
     assert as_queue_item(stored_late, 5) == (7, late, {"1": {}}, {"client_id": "c1"}, ["1"])
     store.remove([front, late])
     assert [tag_of(p.prompt_id) for p in store.load()] == ["store-cut"]
+
+
+def test_store_of_schema_1_reads_each_prompts_device_as_its_route(tmp_path: Path) -> None:
+    path = tmp_path / "queue.sqlite3"
+    pid = prompt_id_for("store-v1")
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE prompts (prompt_id TEXT PRIMARY KEY, gpu_id INTEGER NOT NULL, state TEXT NOT NULL,"
+                     " item TEXT NOT NULL, dropped_keys TEXT NOT NULL, saved_at REAL NOT NULL)")
+        conn.execute("INSERT INTO prompts VALUES (?, 1, 'queued', ?, '[]', 0)",
+                     (pid, json.dumps([3, pid, {"1": {}}, {}, ["1"]])))
+        conn.execute("PRAGMA user_version = 1")
+    store = PromptStore(path)
+    assert [(p.route, p.prompt_id, p.state) for p in store.load()] == [("1", pid, QUEUED)]
 
 
 def test_shutdown_settings_from_options_and_environment() -> None:

@@ -1,7 +1,8 @@
 """The same requests against stock ComfyUI and against comfy-parallel give the same answers.
 
 With one device the launcher patches nothing, so every answer must match stock exactly. With three devices the
-answers must match stock but for the documented additions (``gpu_id`` on /prompt and in history entries).
+answers must match stock but for the documented additions (``gpu_id`` on /prompt, in history entries and in
+execution_start messages, ``gpu_ids`` on /queue).
 """
 
 from __future__ import annotations
@@ -29,11 +30,15 @@ def normalise(value: Any) -> Any:
     return value
 
 
+ADDED = ("gpu_id", "gpu_ids")
+
+
 def without_gpu_id(value: Any) -> Any:
+    """``value`` without the keys comfy-parallel adds (a websocket trace lists a message's keys as strings)."""
     if isinstance(value, dict):
-        return {k: without_gpu_id(v) for k, v in value.items() if k != "gpu_id"}
+        return {k: without_gpu_id(v) for k, v in value.items() if k not in ADDED}
     if isinstance(value, (list, tuple)):
-        return [without_gpu_id(v) for v in value]
+        return [without_gpu_id(v) for v in value if v not in ADDED]
     return value
 
 
@@ -124,4 +129,9 @@ def test_multi_device_answers_like_stock(stock: Server, multi: Server) -> None:
     ok = prompt_id_for("ok-t2")
     history = next(x for x in got if x[0] == "GET" and x[1] == f"/history/{ok}")
     assert history[3][ok]["gpu_id"] in (0, 1, 2)
+    starts = [data for event, data in history[3][ok]["status"]["messages"] if event == "execution_start"]
+    assert [start["gpu_id"] for start in starts] == [history[3][ok]["gpu_id"]]
+    assert all("gpu_ids" in x[3] for x in got if x[:3] == ("GET", "/queue", 200))
+    ws_trace = next(x[1] for x in got if x[0] == "WS")
+    assert ("execution_start", ["gpu_id", "prompt_id", "timestamp"]) in ws_trace
     assert without_gpu_id(got) == without_gpu_id(expected)

@@ -232,3 +232,97 @@ def dynamic_vram_problem() -> str | None:
                 "aborted the process (CUDA illegal memory access) and changed images. Start ComfyUI with "
                 "--disable-dynamic-vram (comfy-parallel serve does so by itself)")
     return None
+
+
+class CountModelLoads(Patch):
+    name = "count-model-loads"
+    replaces = "comfy.model_management.LoadedModel.model_load"
+    why = ("a model moved onto a device is the cost the pool's affinity saves (pool.py); each worker now counts the "
+           "loads onto its device and their bytes, for /multigpu/status and /metrics (model_load is also called for "
+           "models already loaded: only one whose loaded size grew counts)")
+    checked_on = CHECKED
+
+    def check(self, comfy: Comfy) -> str | None:
+        mm = comfy.model_management
+        return first_problem(
+            lambda: require_callables(mm, "LoadedModel"),
+            lambda: require_callables(mm.LoadedModel, "model_load", "model_loaded_memory"),
+            lambda: require_signature(mm.LoadedModel.model_load, "LoadedModel.model_load", "self",
+                                      "lowvram_model_memory", "force_patch_weights"),
+        )
+
+    def _apply(self, comfy: Comfy) -> None:
+        original = comfy.model_management.LoadedModel.model_load
+
+        def loaded_bytes(loaded_model: Any) -> int:
+            try:
+                return int(loaded_model.model_loaded_memory())
+            except Exception:  # a patcher without a size: nothing to count
+                return 0
+
+        def model_load(self_: Any, lowvram_model_memory: int = 0, force_patch_weights: bool = False) -> Any:
+            ctx = worker_context.current()
+            if ctx is None:
+                return original(self_, lowvram_model_memory, force_patch_weights)
+            before = loaded_bytes(self_)
+            result = original(self_, lowvram_model_memory, force_patch_weights)
+            grown = loaded_bytes(self_) - before
+            if grown > 0:
+                ctx.model_loads += 1
+                ctx.model_load_bytes += grown
+            return result
+
+        self.log.replace(comfy.model_management.LoadedModel, "model_load", model_load)
+
+
+def capped_free_memory(free: Any, limit: int, used: int) -> Any:
+    """What ``get_free_memory`` answers a worker capped at ``limit`` bytes whose models hold ``used`` bytes."""
+    room = max(0, limit - used)
+    if isinstance(free, tuple):
+        return tuple(min(int(x), room) for x in free)
+    return min(int(free), room)
+
+
+class WorkerVramLimit(Patch):
+    name = "worker-vram-limit"
+    replaces = "comfy.model_management.get_free_memory (with --worker-vram-limit)"
+    why = ("ComfyUI plans model loads and unloads with the device's free memory; several workers on one large GPU "
+           "(or a card shared with other work) then keep every model loaded. With a limit each CUDA worker sees at "
+           "most the limit minus what its own loaded models hold, and unloads its models as on a card that size")
+    checked_on = CHECKED
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def check(self, comfy: Comfy) -> str | None:
+        mm = comfy.model_management
+        return first_problem(
+            lambda: require_callables(mm, "get_free_memory", "free_memory"),
+            lambda: require_signature(mm.get_free_memory, "get_free_memory", "dev", "torch_free_too"),
+            lambda: uses(mm.free_memory, "get_free_memory"),
+        )
+
+    def _apply(self, comfy: Comfy) -> None:
+        mm = comfy.model_management
+        original = mm.get_free_memory
+        limit = self.limit
+
+        def get_free_memory(dev: Any = None, torch_free_too: bool = False) -> Any:
+            free = original(dev, torch_free_too)
+            ctx = worker_context.current()
+            if ctx is None or ctx.spec.kind != "cuda":
+                return free
+            device = dev if dev is not None else mm.get_torch_device()
+            if getattr(device, "type", None) != "cuda":
+                return free
+            used = 0
+            for lm in list(ctx.loaded_models):
+                try:
+                    if lm.device == device:
+                        used += int(lm.model_loaded_memory())
+                except Exception:  # a dead entry ComfyUI will clean up
+                    continue
+            return capped_free_memory(free, limit, used)
+
+        self.log.replace_everywhere(mm, "get_free_memory", get_free_memory)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import torch
-
 from .base import CHECKED, Comfy, Patch, first_problem, require_modules, require_parameters, uses
 
 
 def on_device(device_to: Any) -> bool:
     """Is this a load onto a GPU (where the weights are the worker's own copy, and moves cost PCIe)?"""
+    import torch  # not at import: the launcher imports the adapter before ComfyUI sets up torch
+
     return device_to is not None and torch.device(device_to).type == "cuda"
 
 

@@ -11,7 +11,7 @@ globals on threads that are not device workers, so code on the event loop thread
 | sampling | comfy.sample (noise) |
 | attention | comfy.ops attention (torch's process-wide SDPA backend order) |
 | model_patcher | ModelPatcher's switch between weight-patch sets (LoRA on/off) |
-| model_management | comfy.model_management (interrupts, loaded models, cache flushes, devices) |
+| model_management | comfy.model_management (interrupts, loaded models, cache flushes, devices, load counts, VRAM cap) |
 | ram_cache | comfy.memory_management's RAM-pressure cache hook (0.33) |
 | save_image | folder_paths, SaveImage (file numbers) |
 | shared_weights | comfy.sd / nodes loaders, ModelPatcher, comfy.utils (one host copy per file) |
@@ -22,26 +22,12 @@ from __future__ import annotations
 
 from .attention import AttentionPriorityAtomic
 from .base import CHECKED, Patch
-from .model_management import (
-    DevicesPerWorker,
-    EmptyCachePerDevice,
-    InterruptPerWorker,
-    LoadedModelsPerWorker,
-    PerWorkerList,
-)
+from .model_management import (CountModelLoads, DevicesPerWorker, EmptyCachePerDevice, InterruptPerWorker,
+                               LoadedModelsPerWorker, PerWorkerList, WorkerVramLimit)
 from .model_patcher import PatchSwitchInPlace
 from .progress import ProgressRegistryPerWorker, ProgressStateToSubmitter
-from .prompt_server import (
-    DeviceWorkers,
-    EntryPorts,
-    HookedPatch,
-    QuietRetriedAttempt,
-    ScopedQueueStatus,
-    ServerHooks,
-    ServerSetup,
-    ServerWorkerAttrs,
-    WebsocketSendPerClient,
-)
+from .prompt_server import (DeviceInExecutionStart, DeviceWorkers, EntryPorts, HookedPatch, QuietRetriedAttempt,
+                            ScopedQueueStatus, ServerHooks, ServerSetup, ServerWorkerAttrs, WebsocketSendPerClient)
 from .ram_cache import RamReleasePerWorker
 from .sampling import SeededGeneratorPerCall
 from .save_image import UniqueSaveCounters
@@ -61,6 +47,7 @@ WORKER_STATE_PATCHES: tuple[type[Patch], ...] = (
     RamReleasePerWorker,
     UniqueSaveCounters,
     PatchSwitchInPlace,
+    CountModelLoads,
 )
 SERVER_PATCHES: tuple[type[HookedPatch], ...] = (DeviceWorkers, ServerSetup, EntryPorts, ScopedQueueStatus,
                                                WebsocketSendPerClient, QuietRetriedAttempt)
@@ -70,12 +57,16 @@ def all_patches(hooks: ServerHooks | None) -> list[Patch]:
     patches: list[Patch] = [cls() for cls in WORKER_STATE_PATCHES]
     if hooks is not None:
         patches += [cls(hooks) for cls in SERVER_PATCHES]
+    # after quiet-retried-attempt, whose check reads the original PromptExecutor.add_message
+    patches.append(DeviceInExecutionStart())
     store = getattr(hooks, "weight_store", None)
     if store is not None:
         from .shared_weights import shared_weight_patches
 
         patches += shared_weight_patches(store)
     settings = getattr(hooks, "settings", None)
+    if settings is not None and getattr(settings, "worker_vram_limit", None):
+        patches.append(WorkerVramLimit(settings.worker_vram_limit))
     if settings is not None and settings.graphs_enabled:
         from .cuda_graphs import CudaGraphs
 

@@ -239,6 +239,33 @@ class QuietRetriedAttempt(HookedPatch):
         self.log.replace(comfy.server.PromptServer, "send_sync", send_sync)
 
 
+class DeviceInExecutionStart(Patch):
+    name = "device-in-execution-start"
+    replaces = "execution.PromptExecutor.add_message"
+    why = ("a pooled prompt (--default-route pool) gets its device only when a worker takes it; its execution_start "
+           "message (to the client and in history's status messages) now names that device as gpu_id")
+    checked_on = CHECKED
+
+    def check(self, comfy: Comfy) -> str | None:
+        return first_problem(
+            lambda: require_callables(comfy.execution.PromptExecutor, "add_message"),
+            lambda: require_signature(comfy.execution.PromptExecutor.add_message, "PromptExecutor.add_message", "self",
+                                      "event", "data", "broadcast"),
+        )
+
+    def _apply(self, comfy: Comfy) -> None:
+        original = comfy.execution.PromptExecutor.add_message
+
+        def add_message(self_: Any, event: str, data: dict, broadcast: bool) -> Any:
+            ctx = worker_context.current()
+            if ctx is not None and event == "execution_start" and isinstance(data, dict):
+                data = {**data, "gpu_id": ctx.index}
+            return original(self_, event, data, broadcast)
+
+        add_message.__wrapped__ = original  # type: ignore[attr-defined]
+        self.log.replace(comfy.execution.PromptExecutor, "add_message", add_message)
+
+
 class _Outbox:
     """One websocket's unsent messages (send function, message, time queued), sent in order by one task."""
 

@@ -1,4 +1,5 @@
-"""Small ComfyUI nodes the tests install: they sleep, report progress, record where they ran, or fail."""
+"""Small ComfyUI nodes the tests install: they sleep, report progress, record where they ran, or fail; they hold
+a worker until a test opens a gate, and stand for models (load costs) and text encodes (the executor cache)."""
 
 from __future__ import annotations
 
@@ -112,8 +113,110 @@ class CPBigOutput(_OutputNode):
         return {"ui": {"record": [_record(tag, started)], "blob": [blob]}}
 
 
+_gates: dict[str, threading.Event] = {}
+_gates_lock = threading.Lock()
+
+
+def _gate(tag: str) -> threading.Event:
+    with _gates_lock:
+        return _gates.setdefault(tag, threading.Event())
+
+
+def _wait_gate(tag: str, timeout: float) -> bool:
+    """Wait until ``GET /cp_test/release?tag=...`` opens the gate (or it was opened before); honours interrupts."""
+    gate = _gate(tag)
+    deadline = time.time() + timeout
+    while not gate.wait(0.02):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if time.time() > deadline:
+            return False
+    return True
+
+
+class CPGate(_OutputNode):
+    """Hold the worker until the test opens the gate ``tag``: a test decides when a worker becomes idle."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"tag": ("STRING", {"default": ""}),
+                             "timeout": ("FLOAT", {"default": 60.0, "min": 0.0, "max": 600.0})},
+                "optional": {"text": ("STRING", {"forceInput": True})}}
+
+    def run(self, tag: str, timeout: float, text: str | None = None):
+        started = time.time()
+        opened = _wait_gate(tag, timeout)
+        return {"ui": {"record": [{**_record(tag, started), "opened": opened, "text": text}]}}
+
+
+# What each worker thread "holds in VRAM" for CPModel: one model at a time, as on a card that fits one.
+_resident: dict[str, str] = {}
+
+
+class CPModel(_OutputNode):
+    """Stands for a checkpoint and its load cost: a worker that does not hold ``ckpt_name`` (one model per
+    worker) spends ``load_seconds`` loading it. Then waits on gate ``gate`` if one is named."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+
+        return {"required": {"ckpt_name": (folder_paths.get_filename_list("checkpoints"),),
+                             "load_seconds": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 60.0}),
+                             "gate": ("STRING", {"default": ""}),
+                             "tag": ("STRING", {"default": ""})}}
+
+    def run(self, ckpt_name: str, load_seconds: float, gate: str, tag: str):
+        started = time.time()
+        slot = threading.current_thread().name
+        loaded = _resident.get(slot) != ckpt_name
+        if loaded:
+            _resident.pop(slot, None)
+            deadline = time.time() + load_seconds
+            while time.time() < deadline:
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                time.sleep(min(0.02, max(0.0, deadline - time.time())))
+            _resident[slot] = ckpt_name
+        opened = _wait_gate(gate, 60.0) if gate else True
+        return {"ui": {"record": [{**_record(tag, started), "model": ckpt_name, "loaded": loaded, "opened": opened}]}}
+
+
+_encodes: dict[str, int] = {}
+
+
+class CPText:
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "run"
+    CATEGORY = "comfy_parallel_tests"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"default": ""})}}
+
+    def run(self, text: str):
+        return (text,)
+
+
+class CPEncode:
+    """Stands for a text encode: cacheable, reads another node's output, counts its real runs per text."""
+
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "run"
+    CATEGORY = "comfy_parallel_tests"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"forceInput": True}),
+                             "seconds": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 60.0})}}
+
+    def run(self, text: str, seconds: float):
+        _encodes[text] = _encodes.get(text, 0) + 1
+        time.sleep(seconds)
+        return (f"encoded({text})",)
+
+
 NODE_CLASS_MAPPINGS = {"CPSleep": CPSleep, "CPFail": CPFail, "CPOOM": CPOOM, "CPCrash": CPCrash}
 NODE_CLASS_MAPPINGS["CPBigOutput"] = CPBigOutput
+NODE_CLASS_MAPPINGS.update(CPGate=CPGate, CPModel=CPModel, CPText=CPText, CPEncode=CPEncode)
 NODE_DISPLAY_NAME_MAPPINGS = {name: f"{name} (comfy-parallel tests)" for name in NODE_CLASS_MAPPINGS}
 
 
@@ -139,6 +242,15 @@ def _count_file_loads() -> None:
     @server.PromptServer.instance.routes.get("/cp_test/load_counts")
     async def load_counts(request):
         return web.json_response(dict(counts))
+
+    @server.PromptServer.instance.routes.get("/cp_test/release")
+    async def release(request):
+        _gate(request.query["tag"]).set()
+        return web.json_response({"released": request.query["tag"]})
+
+    @server.PromptServer.instance.routes.get("/cp_test/encodes")
+    async def encodes(request):
+        return web.json_response(dict(_encodes))
 
     @server.PromptServer.instance.routes.get("/cp_test/host_digest")
     async def host_digest(request):
