@@ -53,7 +53,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import log_tail, stop_all  # noqa: E402
+from gpu_check import http, log_tail, stop_all  # noqa: E402
 
 LOAD_RE = re.compile(r"loaded (?:completely|partially);")
 TEXT_NODES = ("6", "7")
@@ -114,14 +114,6 @@ def stream_c(args: argparse.Namespace, rng: random.Random, gap_s: float) -> list
 
 
 # ---------------------------------------------------------------- talking to servers
-
-def http(port: int, path: str, body: dict | None = None, timeout: float = 30, headers: dict | None = None) -> dict:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.load(resp)
-
 
 @dataclass
 class Sub:

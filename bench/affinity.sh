@@ -21,11 +21,7 @@ CALL_S=${CALL_S:-540}
 CK=/tmp/comfyui/models/checkpoints
 step() { echo; echo "=== [$SECONDS s] $*"; }
 
-unpack_xz() {  # ARCHIVE DIR: tar's xz filter, or Python's lzma where the xz binary is missing
-  mkdir -p "$2"
-  if command -v xz >/dev/null; then tar -xJf "$1" -C "$2"
-  else python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$1" "$2"; fi
-}
+source "$(dirname "$0")/device_unpack.sh"  # unpack_xz
 
 main() {
   step "machine"

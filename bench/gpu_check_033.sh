@@ -26,11 +26,7 @@ CK=/tmp/comfyui/models/checkpoints
 ARCHS=${ARCHS:-sd15,sdxl}
 step() { echo; echo "=== [$SECONDS s] $*"; }
 
-unpack_xz() {  # ARCHIVE DIR: tar's xz filter, or Python's lzma where the xz binary is missing
-  mkdir -p "$2"
-  if command -v xz >/dev/null; then tar -xJf "$1" -C "$2"
-  else python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$1" "$2"; fi
-}
+source "$(dirname "$0")/device_unpack.sh"  # unpack_xz
 
 setup_033() {
   step "packages -> /tmp/site"
