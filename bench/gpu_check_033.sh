@@ -14,7 +14,8 @@
 #        W_PROMPTS / W2_PROMPTS (measured W1 / W2 prompts, default 16 / 8), STEPS (identity set, default 8),
 #        WORKLOADS (W1,W2), IDENT_ARCHS (model families of the identity set; default sd15,sdxl),
 #        ARCHS (checkpoints to build, default sd15,sdxl), KINDS (identity set kinds, default all),
-#        SCRIPT=soak (bench/soak.py instead: CONFIGS, default '0*2' and on two GPUs '0*2;0,1'; MINUTES, CLIENTS),
+#        SCRIPT=soak (bench/soak.py instead: CONFIGS, default '0*2' and on two GPUs '0*2;0,1'; MINUTES, CLIENTS,
+#        SOAK_COMFY_ARG e.g. --cache-classic for stock and comfy-parallel alike),
 #        PROBE=1 (per-UNet-call digests of every identity prompt, bench/probe_nodes; $OUT/probe.tar.gz),
 #        COMFYUI=0.3.75 (the 0.3.75 payload of bench/prepare_device_payload.sh instead; carry .device then).
 set -uo pipefail
@@ -90,7 +91,7 @@ EOF
     step "soak.py: configs $configs, ${MINUTES:-3} min each, models $archs ($left s left)"
     python3 bench/soak.py --comfyui /tmp/comfyui --frontend .device/frontend --configs "$configs" \
       --archs "$archs" --minutes "${MINUTES:-3}" --steps "${STEPS:-8}" --clients "${CLIENTS:-8}" \
-      --seeds "${SEEDS:-1}" --budget-s "$left" --out "$OUT"
+      --seeds "${SEEDS:-1}" --budget-s "$left" --out "$OUT" ${SOAK_COMFY_ARG:+--comfy-arg="$SOAK_COMFY_ARG"}
     rc=$?
   else
     step "gpu_check_033.py: $left s for the servers, devices $DEVICES, models $archs"

@@ -84,6 +84,7 @@ def start(spec, args: argparse.Namespace, out: Path, log_name: str):  # type: ig
 def reference(args: argparse.Namespace, archs: dict, all_cases: list, out: Path) -> dict[str, list]:
     """Stock's warm-round images of every case (round 1 warms up, round 2 is kept)."""
     spec = server_specs(["stock-nodvram"], args, 1)[0]
+    spec.cmd += args.comfy_args
     args.port += 1  # the next server gets a fresh port
     proc = start(spec, args, out, "stock.log")
     try:
@@ -109,6 +110,7 @@ def soak(devices: str, args: argparse.Namespace, archs: dict, all_cases: list, r
     name = f"parallel-{devices}"
     args.devices = devices
     spec = server_specs(["parallel"], args, 2)[0]
+    spec.cmd += args.comfy_args
     args.port += 1
     print(f"\n[{name}] {' '.join(spec.cmd)}", flush=True)
     proc = start(spec, args, out, f"{name.replace('*', 'x').replace(',', '_')}.log")
@@ -289,6 +291,9 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--port", type=int, default=8488)
     ap.add_argument("--start-timeout", type=float, default=180)
+    ap.add_argument("--comfy-arg", dest="comfy_args", action="append", default=[],
+                    help="a ComfyUI argument for stock and comfy-parallel alike, e.g. --comfy-arg=--cache-classic "
+                         "(0.33's RAM-pressure cache keeps every new prompt's outputs; issue 14's RSS question)")
     ap.add_argument("--budget-s", type=float, default=3600, help="seconds the whole run may take (a soak that "
                                                                   "would pass it is cut short)")
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results/soak_local")
