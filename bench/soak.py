@@ -233,7 +233,7 @@ def goals(res: dict) -> dict[str, bool | None]:
     total_err = sum(r["errors"] for r in res["minutes"])
     # warm images: a worker's first image of a kind after its start may differ, as stock's own may (issue 14)
     compared = [tuple(map(int, r["identical"].split("/"))) for r in res["minutes"][1:]]
-    same = sum(a for a, _ in compared) == sum(b for _, b in compared) and sum(b for _, b in compared) > 0
+    same = None if not sum(b for _, b in compared) else sum(a for a, _ in compared) == sum(b for _, b in compared)
 
     def growth(field: str) -> float | None:
         first, last = rows[0].get(field), rows[-1].get(field)
