@@ -13,12 +13,18 @@ from __future__ import annotations
 
 import copy
 import heapq
+import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from . import worker_context
+from . import cuda_fatal, worker_context
+
+if TYPE_CHECKING:
+    from .journal import Journal
+
+log = logging.getLogger("comfy_parallel")
 
 MAXIMUM_HISTORY_SIZE = 10000  # ComfyUI's execution.MAXIMUM_HISTORY_SIZE
 
@@ -58,17 +64,37 @@ def outcome_of(status: dict | None) -> str:
 
 
 class History:
-    """The one history all device queues write to, in completion order (ComfyUI's dict semantics)."""
+    """The one history all device queues write to, in completion order (ComfyUI's dict semantics).
+
+    With a journal, every entry is also written to it, in the transaction that removes the prompt from the
+    write-ahead queue, so the last ``MAXIMUM_HISTORY_SIZE`` entries survive a crash.
+    """
 
     def __init__(self, lock: threading.RLock) -> None:
         self.lock = lock
         self.entries: dict[str, dict] = {}
+        self.journal: "Journal | None" = None
 
     def record(self, prompt_id: str, entry: dict) -> None:
         with self.lock:
+            evicted = []
             if len(self.entries) > MAXIMUM_HISTORY_SIZE:
-                self.entries.pop(next(iter(self.entries)))
+                evicted.append(next(iter(self.entries)))
+                self.entries.pop(evicted[0])
             self.entries[prompt_id] = entry
+            if self.journal is not None:
+                try:
+                    self.journal.finished(prompt_id, entry, evicted)
+                except Exception as err:  # the prompt ran; a store failure must not take the worker down
+                    log.error("comfy-parallel: history entry of %s not written to %s (%s: %s); it runs again if "
+                              "the server crashes before the store works", prompt_id, self.journal.path,
+                              type(err).__name__, err)
+
+    def load(self, entries: list[tuple[str, dict]]) -> None:
+        """Entries a previous run wrote (oldest first), before anything is recorded in this one."""
+        with self.lock:
+            for prompt_id, entry in entries:
+                self.entries[prompt_id] = entry
 
     def get(self, prompt_id: str | None = None, max_items: int | None = None, offset: int = -1,
             map_function: Callable[[dict], dict] | None = None) -> dict:
@@ -94,10 +120,14 @@ class History:
     def wipe(self) -> None:
         with self.lock:
             self.entries.clear()
+            if self.journal is not None:
+                self.journal.forget_history()
 
     def delete(self, prompt_id: str) -> None:
         with self.lock:
             self.entries.pop(prompt_id, None)
+            if self.journal is not None:
+                self.journal.forget_history([prompt_id])
 
 
 class _SharedHistoryAccess:
@@ -137,6 +167,11 @@ class DeviceQueue(_SharedHistoryAccess):
         self.flags: dict[str, Any] = {}
         self.listeners: list[Any] = []
         self.oom_retried: set[str] = set()
+        # Prompts queued again after a server crash while they ran: prompt id -> the history message saying so.
+        self.crash_retries: dict[str, dict] = {}
+        self.peers: list[DeviceQueue] = [self]  # every device's queue (they share ``mutex``): DeviceQueues sets it
+        # Called (and expected never to return) when a prompt's error shows a CUDA context is poisoned.
+        self.on_fatal: Callable[[int, str, str], None] | None = None
         self.consecutive_failures = 0
         self.rebuild_requested = False
         # Shutdown: ``held`` keeps queued prompts from starting, ``parked`` says the worker waits in ``get``,
@@ -145,9 +180,16 @@ class DeviceQueue(_SharedHistoryAccess):
         self.parked = False
         self.closed = False
 
+    @property
+    def journal(self) -> "Journal | None":
+        return self.history_store.journal
+
     # -- producer side (HTTP) -------------------------------------------------------------------------------
-    def put(self, item: tuple) -> None:
+    def put(self, item: tuple, durable: bool = True) -> None:
+        """Queue ``item``; with a journal it is on disk first (``durable=False``: warm-up, or already stored)."""
         with self.mutex:
+            if durable and self.journal is not None:
+                self.journal.accepted(self.index, item)
             heapq.heappush(self.queue, item)
             self.enqueued_at[item[1]] = time.monotonic()
             self.on_change()
@@ -159,15 +201,25 @@ class DeviceQueue(_SharedHistoryAccess):
             if self.rebuild_requested:
                 self.rebuild_requested = False
                 raise RebuildExecutor()
-            while len(self.queue) == 0 or self.held:
+            while (position := self._next_position()) is None:
                 self.parked = True
                 try:
                     self.not_empty.wait(timeout=timeout)
                 finally:
                     self.parked = False
-                if timeout is not None and (len(self.queue) == 0 or self.held):
+                if timeout is not None and (position := self._next_position()) is None:
                     return None
-            item = heapq.heappop(self.queue)
+            if position == 0:
+                item = heapq.heappop(self.queue)
+            else:
+                item = self.queue.pop(position)
+                heapq.heapify(self.queue)
+            if self.journal is not None:
+                try:
+                    self.journal.started(item[1])
+                except Exception as err:  # it still runs; a crash now would run it as if it had not started
+                    log.error("comfy-parallel: start of %s not written to %s (%s: %s)", item[1], self.journal.path,
+                              type(err).__name__, err)
             i = self.task_counter
             self.currently_running[i] = copy.deepcopy(item)
             self.task_counter += 1
@@ -179,6 +231,26 @@ class DeviceQueue(_SharedHistoryAccess):
             self.on_change()
             return item, i
 
+    def _next_position(self) -> int | None:
+        """Where in ``queue`` the next prompt to start is, or ``None`` if none may start now.
+
+        After a crash, the prompts that were running at it run one at a time with nothing else running on any
+        device (``crash_retries`` of every device): if one of them crashes the server again, it alone was running,
+        so only the prompt that crashes the server is recorded as crashed twice, never a neighbour.
+        """
+        if not self.queue or self.held:
+            return None
+        if not any(peer.crash_retries for peer in self.peers):
+            return 0
+        if any(peer.currently_running for peer in self.peers):
+            return None
+        return next((i for i, item in enumerate(self.queue) if item[1] in self.crash_retries), None)
+
+    def _wake_peers(self) -> None:
+        """A prompt ended or left: workers waiting for a crash retry to run alone may start now."""
+        for peer in self.peers:
+            peer.not_empty.notify()
+
     def task_done(self, item_id: int, history_result: dict, status: Any = None,
                   process_item: Callable[[tuple], tuple] | None = None) -> None:
         with self.mutex:
@@ -186,12 +258,19 @@ class DeviceQueue(_SharedHistoryAccess):
                 self.currently_running.pop(item_id, None)
                 self.started_at.pop(item_id, None)
                 return
+            self._wake_peers()
             item = self.currently_running.pop(item_id)
             started = self.started_at.pop(item_id, time.monotonic())
             status_dict = copy.deepcopy(status._asdict()) if status is not None else None
+            reason = cuda_fatal.poisoning_error(status_dict)
+            if reason is not None and self.on_fatal is not None:
+                self.on_fatal(self.index, item[1], reason)
             if self._retry_after_oom(item, status_dict):
                 return
             self._count_failure(status_dict)
+            retry = self.crash_retries.pop(item[1], None)
+            if retry is not None and status_dict is not None:
+                status_dict["messages"].append(("comfy_parallel_crash_retry", retry))
             prompt = process_item(item) if process_item is not None else item
             entry = {"prompt": prompt, "outputs": {}, "status": status_dict}
             entry.update(history_result)
@@ -214,6 +293,8 @@ class DeviceQueue(_SharedHistoryAccess):
                 "message": f"out of memory on device {self.index} again after freeing it and retrying once"}))
             return False
         self.oom_retried.add(item[1])
+        if self.journal is not None:
+            self.journal.requeued([prompt_id])
         self.flags["free_memory"] = True  # ComfyUI's loop unloads this device's models and resets its executor
         heapq.heappush(self.queue, item)
         self.enqueued_at[item[1]] = time.monotonic()
@@ -277,7 +358,11 @@ class DeviceQueue(_SharedHistoryAccess):
         with self.mutex:
             for item in self.queue:
                 self.enqueued_at.pop(item[1], None)
+                self.crash_retries.pop(item[1], None)
+            if self.journal is not None:
+                self.journal.forget_prompts(item[1] for item in self.queue)
             self.queue = []
+            self._wake_peers()
             self.on_change()
 
     def delete_queue_item(self, function: Callable[[tuple], bool]) -> bool:
@@ -287,6 +372,10 @@ class DeviceQueue(_SharedHistoryAccess):
                     item = self.queue.pop(x)
                     heapq.heapify(self.queue)
                     self.enqueued_at.pop(item[1], None)
+                    self.crash_retries.pop(item[1], None)
+                    self._wake_peers()
+                    if self.journal is not None:
+                        self.journal.forget_prompts([item[1]])
                     self.on_change()
                     return True
         return False
@@ -346,6 +435,8 @@ class DeviceQueues(_SharedHistoryAccess):
         self._on_change = on_change or (lambda _index: None)
         self.devices = [DeviceQueue(i, self.mutex, self.history_store, self._changed_callback(i))
                         for i in range(n_devices)]
+        for q in self.devices:
+            q.peers = self.devices
         self.current_route = current_route
         self.default_route = default_route
 

@@ -51,7 +51,7 @@ class Warmup:
             prompt_id = f"comfy-parallel-warmup-{q.index}-{uuid.uuid4().hex[:8]}"
             with self.lock:
                 self.pending[prompt_id] = (q.index, time.monotonic())
-            q.put((float("-inf"), prompt_id, prompt, {}, outputs, {}))
+            q.put((float("-inf"), prompt_id, prompt, {}, outputs, {}), durable=False)  # never run after a restart
         log.info("comfy-parallel: warming up every device with %s", self.ckpt_name)
 
     @property

@@ -19,7 +19,7 @@ import pytest
 import reliability_results
 from harness import ARTIFACTS, Server, prompt_id_for, record_of, sleep_prompt, tag_of
 
-from comfy_parallel.persistence import QUEUED, RUNNING, PersistedPrompt, PromptStore, as_queue_item
+from comfy_parallel.journal import QUEUED, Journal, as_queue_item
 
 STORE = Path("__comfy_parallel") / "queue.sqlite3"
 FINISHED_RE = re.compile(r"\[GPU (\d+)\] prompt (\S+) finished: (\w+)")
@@ -34,6 +34,7 @@ def finished_in_log(log: str) -> dict[str, list[tuple[int, str]]]:
 
 
 def store_rows(path: Path) -> dict[str, tuple[int, str, list]]:
+    """The unfinished prompts in the write-ahead queue: prompt id -> (device, state, item fields)."""
     if not path.exists():
         return {}
     with sqlite3.connect(path) as conn:
@@ -60,28 +61,33 @@ def assert_rejected_while_draining(server: Server, path: str = "/prompt", **wher
 # -- the store alone ---------------------------------------------------------------------------------------------
 
 def test_store_keeps_order_and_drops_secrets(tmp_path: Path) -> None:
-    store = PromptStore(tmp_path / "q" / "queue.sqlite3")
-    assert store.load() == [] and store.count() == 0
+    path = tmp_path / "q" / "queue.sqlite3"
+    journal = Journal(path)
+    assert journal.unfinished() == [] and journal.count() == 0
     secret = "sk-" + uuid.uuid4().hex
     late, front, cut = (prompt_id_for(f"store-{name}") for name in ("late", "front", "cut"))  # UUIDs, as on 0.33
-    items = [
-        PersistedPrompt(2, (7, late, {"1": {}}, {"client_id": "c1"}, ["1"], {"auth_token_comfy_org": secret}),
-                        QUEUED),
-        PersistedPrompt(0, (-3, front, {"1": {}}, {"api_key_comfy_org": secret, "x": 1}, ["1"]), QUEUED),
-        PersistedPrompt(1, (5.5, cut, {"1": {}}, {}, ["1"], {}), RUNNING),
-    ]
-    assert sorted(store.save(items)) == sorted([cut, front, late])
-    assert secret.encode() not in (tmp_path / "q" / "queue.sqlite3").read_bytes()
-    loaded = store.load()
-    assert [tag_of(p.prompt_id) for p in loaded] == ["store-front", "store-cut", "store-late"]  # number order
-    stored_late = loaded[2]
+    journal.accepted(2, (7, late, {"1": {}}, {"client_id": "c1"}, ["1"], {"auth_token_comfy_org": secret}))
+    journal.accepted(0, (-3, front, {"1": {}}, {"api_key_comfy_org": secret, "x": 1}, ["1"]))
+    journal.accepted(1, (5.5, cut, {"1": {}}, {}, ["1"], {}))
+    journal.started(cut)
+    journal.requeued([cut])  # a drain cut it off: queued again, no crash counted
+    journal.finished(front, {"prompt": [-3, front, {}, {"api_key_comfy_org": secret}, []], "outputs": {}})
+    journal.close()
+    for suffix in ("", "-wal"):
+        if Path(f"{path}{suffix}").exists():
+            assert secret.encode() not in Path(f"{path}{suffix}").read_bytes()
+    journal = Journal(path)
+    loaded = journal.unfinished()
+    assert [tag_of(p.prompt_id) for p in loaded] == ["store-cut", "store-late"]  # number order
+    stored_late = loaded[1]
     assert (stored_late.gpu_id == 2 and stored_late.item[3] == {"client_id": "c1"}
             and stored_late.dropped_keys == ("auth_token_comfy_org",))
-    assert loaded[0].item[3] == {"x": 1} and loaded[1].state == RUNNING
+    assert loaded[0].state == QUEUED and loaded[0].crashes == 0
     assert as_queue_item(stored_late, 6) == (7, late, {"1": {}}, {"client_id": "c1"}, ["1"], {})
     assert as_queue_item(stored_late, 5) == (7, late, {"1": {}}, {"client_id": "c1"}, ["1"])
-    store.remove([front, late])
-    assert [tag_of(p.prompt_id) for p in store.load()] == ["store-cut"]
+    assert [pid for pid, _ in journal.history(10)] == [front]
+    journal.forget_prompts([late])
+    assert [tag_of(p.prompt_id) for p in journal.unfinished()] == ["store-cut"]
 
 
 def test_shutdown_settings_from_options_and_environment() -> None:
@@ -160,7 +166,7 @@ def test_sigterm_drains_persists_and_restores_on_the_same_devices(comfy_dir: Pat
     assert run1 not in finished1  # cut off: its result is dropped, it runs again after the restart
     rows = store_rows(user_dir / STORE)
     assert set(rows) == set(queued) | {run1}
-    assert rows[run1][:2] == (1, RUNNING) and all(rows[p][1] == QUEUED for p in queued)
+    assert rows[run1][:2] == (1, QUEUED) and all(rows[p][1] == QUEUED for p in queued)  # cut off: not a crash
     assert all(rows[p][0] == routed[p] for p in rows)
     assert rows[q2[0]][2][3]["client_id"] == "cp-shutdown-client"
     numbers = {p: rows[p][2][0] for p in rows}
@@ -168,7 +174,6 @@ def test_sigterm_drains_persists_and_restores_on_the_same_devices(comfy_dir: Pat
     s2 = Server(comfy_dir, user_dir=user_dir, name=f"shutdown-restart-{version}").start()
     try:
         assert f"restored {len(rows)} persisted prompts" in s2.log()
-        assert store_rows(user_dir / STORE) == {}
         entries = {pid: s2.wait_history(pid, timeout=60) for pid in rows}
         for pid, entry in entries.items():
             assert entry["status"]["status_str"] == "success", entry["status"]
@@ -181,14 +186,17 @@ def test_sigterm_drains_persists_and_restores_on_the_same_devices(comfy_dir: Pat
         later = s2.submit(sleep_prompt(0.05, 1), headers={"X-TARGET-GPU": "0"})
         assert later["number"] > max(numbers.values())  # new prompts queue behind the restored ones
         s2.wait_history(later["prompt_id"])
+        assert store_rows(user_dir / STORE) == {}  # each left the write-ahead queue with its history entry
+        assert "retry_after_server_crash" not in json.dumps(entries)  # a drain is not a crash
         history2 = s2.get("/history").json()
     finally:
         s2.stop()
 
+    finished2 = finished_in_log(s2.log())
     in_s1 = {p for p in routed if p in finished1}
-    in_s2 = {p for p in routed if p in history2}
-    lost = [p for p in routed if p not in in_s1 and p not in in_s2]
-    duplicated = [p for p in routed if (p in in_s1 and p in in_s2) or len(finished1.get(p, [])) > 1]
+    in_s2 = {p for p in routed if p in finished2}
+    lost = [p for p in routed if p not in history2]  # the history of the first run survives the restart
+    duplicated = [p for p in routed if len(finished1.get(p, []) + finished2.get(p, [])) > 1]
     wrong = [p for p in in_s2 if history2[p]["gpu_id"] != routed[p]]
     reliability_results.record(f"shutdown ({version})", {
         "section": "shutdown", "comfyui": version, "prompts_sent": len(routed),

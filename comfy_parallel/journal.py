@@ -1,0 +1,230 @@
+"""The write-ahead queue store: every accepted prompt until its history entry is written, and the last history entries.
+
+One ComfyUI process serves every GPU, so a crash of that process (``kill -9``, a native crash in a custom node, the
+OOM killer, a CUDA fatal error) would lose every device's queue and history at once. Here a prompt is written to
+SQLite before ``POST /prompt`` answers and leaves the store in the same transaction that writes its history entry;
+the next start queues what is left again (``recovery.py``). A graceful drain uses the same rows: the prompts it
+leaves behind are already here.
+
+Plain Python (stdlib ``sqlite3`` and ``json``, no ComfyUI imports) so it can be tested alone. An item is a ComfyUI
+queue tuple ``(number, prompt_id, prompt, extra_data, outputs_to_execute[, sensitive])``; its first five fields are
+stored as JSON. Secrets are never written: ComfyUI 0.3.75 and 0.33 keep API-node credentials in the sixth field
+(``sensitive``), 0.3.52 kept them in ``extra_data``. Both are dropped (only the names of the dropped keys are kept),
+so a prompt queued again after a restart runs without them and its API nodes report the missing credentials.
+
+WAL mode with ``synchronous=NORMAL`` (default): a commit is a write into the WAL file, which the kernel keeps when the
+process dies, so nothing accepted is lost to a process crash; only a power loss or kernel crash can lose the last
+commits. ``FULL`` adds an fsync per commit for that case (``bench/crash_safe_queue.py`` measures both).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+# WARNING: mirrors ComfyUI's execution.SENSITIVE_EXTRA_DATA_KEYS (0.3.52-0.33.0); a key added upstream and not
+# here would be written to disk in clear by items that carry secrets in extra_data.
+SENSITIVE_EXTRA_DATA_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
+SCHEMA_VERSION = 2  # 1: the drain-only store (prompts saved at shutdown), imported on open
+SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+QUEUED = "queued"
+RUNNING = "running"  # a worker took it; still RUNNING at the next start means the process died while it ran
+
+
+@dataclass(frozen=True)
+class StoredPrompt:
+    """One unfinished prompt as the store has it."""
+
+    gpu_id: int
+    item: tuple
+    state: str  # QUEUED or RUNNING
+    crashes: int = 0  # how many times the server died while this prompt ran
+    dropped_keys: tuple[str, ...] = ()
+
+    @property
+    def prompt_id(self) -> str:
+        return str(self.item[1])
+
+
+def public_fields(item: tuple) -> tuple[list, list[str]]:
+    """The first five fields with every secret removed, and the names of what was removed."""
+    number, prompt_id, prompt, extra_data, outputs = item[:5]
+    dropped = [str(k) for k in (item[5] if len(item) > 5 and isinstance(item[5], dict) else {})]
+    extra = dict(extra_data or {})
+    for key in SENSITIVE_EXTRA_DATA_KEYS:
+        if key in extra:
+            extra.pop(key)
+            dropped.append(key)
+    return [number, prompt_id, prompt, extra, list(outputs)], sorted(set(dropped))
+
+
+def public_entry(entry: dict) -> dict:
+    """A history entry with its prompt's secrets removed (ComfyUI already strips ``sensitive`` from it)."""
+    prompt = entry.get("prompt")
+    if isinstance(prompt, (list, tuple)) and len(prompt) >= 5:
+        fields, _ = public_fields(tuple(prompt))
+        entry = {**entry, "prompt": fields + list(prompt[6:] if len(prompt) > 6 else [])}
+    return entry
+
+
+def as_queue_item(prompt: StoredPrompt, item_length: int) -> tuple:
+    """The tuple the running ComfyUI expects: 6 fields (an empty ``sensitive``) on 0.3.75/0.33, 5 on 0.3.52."""
+    base: tuple[Any, ...] = tuple(prompt.item[:5])
+    return base + ({},) if item_length >= 6 else base
+
+
+def _number_key(number: Any) -> float:
+    try:
+        value = float(number)
+    except (TypeError, ValueError):
+        return 0.0
+    return value if not math.isnan(value) else 0.0
+
+
+class Journal:
+    """One SQLite file in WAL mode, one connection shared by the HTTP thread and the workers under a lock.
+
+    Every method commits before it returns: ``accepted`` runs inside ComfyUI's ``POST /prompt`` handler, so the
+    prompt is on disk before the client gets its answer.
+    """
+
+    def __init__(self, path: Path | str, synchronous: str = "NORMAL") -> None:
+        if synchronous.upper() not in SYNCHRONOUS_MODES:
+            raise ValueError(f"synchronous={synchronous!r}; use one of {', '.join(SYNCHRONOUS_MODES)}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()
+        self.conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        self._create()
+
+    def _create(self) -> None:
+        with self.lock, self._transaction():
+            version = int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+            tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if version < SCHEMA_VERSION and "prompts" in tables:
+                self.conn.execute("ALTER TABLE prompts RENAME TO prompts_v1")
+            self.conn.execute("CREATE TABLE IF NOT EXISTS prompts ("
+                              " prompt_id TEXT PRIMARY KEY, gpu_id INTEGER NOT NULL, number REAL NOT NULL,"
+                              " state TEXT NOT NULL, crashes INTEGER NOT NULL DEFAULT 0, item TEXT NOT NULL,"
+                              " dropped_keys TEXT NOT NULL, accepted_at REAL NOT NULL)")
+            self.conn.execute("CREATE TABLE IF NOT EXISTS history ("
+                              " seq INTEGER PRIMARY KEY AUTOINCREMENT, prompt_id TEXT NOT NULL UNIQUE,"
+                              " entry TEXT NOT NULL)")
+            if version < SCHEMA_VERSION and "prompts" in tables:
+                # Prompts a drain saved before the store became a write-ahead log: none of them crashed.
+                rows = self.conn.execute("SELECT prompt_id, gpu_id, item, dropped_keys, saved_at FROM prompts_v1"
+                                         " ORDER BY rowid").fetchall()
+                self.conn.executemany(
+                    "INSERT OR REPLACE INTO prompts VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
+                    [(pid, gpu, _number_key(json.loads(item)[0]), QUEUED, item, dropped, saved)
+                     for pid, gpu, item, dropped, saved in rows])
+                self.conn.execute("DROP TABLE prompts_v1")
+            self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _transaction(self) -> "_Transaction":
+        return _Transaction(self.conn)
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+    # -- the life of a prompt -------------------------------------------------------------------------------------
+    def accepted(self, gpu_id: int, item: tuple, crashes: int = 0) -> None:
+        """Write ``item`` as queued on ``gpu_id``; raises (and writes nothing) if it cannot be stored as JSON."""
+        fields, dropped = public_fields(item)
+        try:
+            encoded = json.dumps(fields)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"prompt {item[1]} cannot be stored as JSON: {err}") from err
+        row = (str(item[1]), gpu_id, _number_key(item[0]), QUEUED, crashes, encoded, json.dumps(dropped), time.time())
+        with self.lock, self._transaction():
+            self.conn.execute("INSERT OR REPLACE INTO prompts VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+
+    def started(self, prompt_id: str) -> None:
+        with self.lock, self._transaction():
+            self.conn.execute("UPDATE prompts SET state = ? WHERE prompt_id = ?", (RUNNING, prompt_id))
+
+    def requeued(self, prompt_ids: Iterable[str]) -> None:
+        """Back to queued without counting a crash: prompts a drain cut off, or a retry after out of memory."""
+        with self.lock, self._transaction():
+            self.conn.executemany("UPDATE prompts SET state = ? WHERE prompt_id = ?",
+                                  [(QUEUED, str(p)) for p in prompt_ids])
+
+    def finished(self, prompt_id: str, entry: dict, evicted: Iterable[str] = ()) -> None:
+        """One transaction: the prompt leaves the queue, its history entry is written, ``evicted`` ones go."""
+        encoded = json.dumps(public_entry(entry), default=str)
+        with self.lock, self._transaction():
+            self.conn.execute("DELETE FROM prompts WHERE prompt_id = ?", (prompt_id,))
+            self.conn.execute("INSERT OR REPLACE INTO history (prompt_id, entry) VALUES (?, ?)", (prompt_id, encoded))
+            self.conn.executemany("DELETE FROM history WHERE prompt_id = ?", [(str(p),) for p in evicted])
+
+    def forget_prompts(self, prompt_ids: Iterable[str]) -> None:
+        """Queued prompts a client deleted (``POST /queue``): they will never run."""
+        with self.lock, self._transaction():
+            self.conn.executemany("DELETE FROM prompts WHERE prompt_id = ?", [(str(p),) for p in prompt_ids])
+
+    def forget_history(self, prompt_ids: Iterable[str] | None = None) -> None:
+        """History entries a client deleted (``POST /history``); ``None``: all of them."""
+        with self.lock, self._transaction():
+            if prompt_ids is None:
+                self.conn.execute("DELETE FROM history")
+            else:
+                self.conn.executemany("DELETE FROM history WHERE prompt_id = ?", [(str(p),) for p in prompt_ids])
+
+    # -- at start ----------------------------------------------------------------------------------------------------
+    def unfinished(self) -> list[StoredPrompt]:
+        """Every prompt in the store, in queue order (number, then the order they were accepted)."""
+        with self.lock:
+            rows = self.conn.execute("SELECT gpu_id, state, crashes, item, dropped_keys FROM prompts"
+                                     " ORDER BY number, rowid").fetchall()
+        return [StoredPrompt(gpu, tuple(json.loads(item)), state, crashes, tuple(json.loads(dropped)))
+                for gpu, state, crashes, item, dropped in rows]
+
+    def count_crash(self, prompt_ids: Iterable[str]) -> None:
+        """The server died while these ran: one more crash each, and queued again."""
+        with self.lock, self._transaction():
+            self.conn.executemany("UPDATE prompts SET crashes = crashes + 1, state = ? WHERE prompt_id = ?",
+                                  [(QUEUED, str(p)) for p in prompt_ids])
+
+    def history(self, limit: int) -> list[tuple[str, dict]]:
+        """The last ``limit`` history entries, oldest first; older ones are deleted."""
+        with self.lock, self._transaction():
+            self.conn.execute("DELETE FROM history WHERE seq NOT IN (SELECT seq FROM history ORDER BY seq DESC"
+                              " LIMIT ?)", (limit,))
+            rows = self.conn.execute("SELECT prompt_id, entry FROM history ORDER BY seq").fetchall()
+        return [(pid, json.loads(entry)) for pid, entry in rows]
+
+    def max_number(self) -> float | None:
+        with self.lock:
+            row = self.conn.execute("SELECT MAX(ABS(number)) FROM prompts WHERE number BETWEEN -1e300 AND 1e300"
+                                    ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def count(self) -> int:
+        with self.lock:
+            return int(self.conn.execute("SELECT COUNT(*) FROM prompts").fetchone()[0])
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error): autocommit connections need it spelled out."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
