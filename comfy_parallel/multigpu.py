@@ -9,6 +9,7 @@ A prompt's path, top to bottom:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import uuid
@@ -20,6 +21,7 @@ from aiohttp import web
 from . import access, cuda_fatal, http_api, recovery, routing, scan, shutdown, validation, worker_context
 from .comfy_adapter import custom_node_dirs
 from .device_status import DeviceStatus
+from .intake import Intake
 from .journal import Journal
 from .metrics import DeviceMetrics
 from .queues import DeviceQueues
@@ -93,6 +95,9 @@ class MultiDeviceServer:
             return
         self.journal = recovery.open_journal(path, self.settings.journal_synchronous)
         self.queues.history_store.journal = self.journal
+        intake = Intake(self.journal)
+        for q in self.queues.devices:
+            q.intake = intake
         self.graceful.journal = self.journal
         self.retry_notifier = recovery.CrashRetryNotifier(prompt_server)
         self.queues.add_listener(self.retry_notifier)
@@ -174,6 +179,13 @@ class MultiDeviceServer:
         if http_api.is_route(request, "GET", "/ws"):
             return await self._websocket(request, route, handler)
         response = await handler(request)
+        if route.stored is not None:
+            try:
+                await asyncio.wrap_future(route.stored)  # the answer promises a prompt that survives a crash
+            except Exception as err:
+                return web.json_response({"error": {"type": "not_stored", "message": f"the prompt could not be "
+                                                    f"written to the write-ahead queue: {err}", "details": "",
+                                                    "extra_info": {}}, "node_errors": {}}, status=500)
         if route.assigned is not None and http_api.is_route(request, "POST", "/prompt"):
             response = await routing.add_json_field(response, gpu_id=route.assigned)
         return response

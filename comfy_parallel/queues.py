@@ -17,11 +17,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import cuda_fatal, worker_context
 
 if TYPE_CHECKING:
+    from .intake import Intake
     from .journal import Journal
 
 log = logging.getLogger("comfy_parallel")
@@ -75,20 +77,28 @@ class History:
         self.entries: dict[str, dict] = {}
         self.journal: "Journal | None" = None
 
-    def record(self, prompt_id: str, entry: dict) -> None:
+    def record(self, prompt_id: str, entry: dict, write: bool = True) -> list[str]:
+        """Add ``entry``; return the ids evicted beyond the limit. ``write=False``: the caller calls ``write``
+        itself once it has let go of the queue lock (a worker must not hold every device's lock during I/O)."""
         with self.lock:
             evicted = []
             if len(self.entries) > MAXIMUM_HISTORY_SIZE:
                 evicted.append(next(iter(self.entries)))
                 self.entries.pop(evicted[0])
             self.entries[prompt_id] = entry
-            if self.journal is not None:
-                try:
-                    self.journal.finished(prompt_id, entry, evicted)
-                except Exception as err:  # the prompt ran; a store failure must not take the worker down
-                    log.error("comfy-parallel: history entry of %s not written to %s (%s: %s); it runs again if "
-                              "the server crashes before the store works", prompt_id, self.journal.path,
-                              type(err).__name__, err)
+            if write:
+                self.write(prompt_id, entry, evicted)
+            return evicted
+
+    def write(self, prompt_id: str, entry: dict, evicted: list[str]) -> None:
+        """Into the journal: the entry, and the prompt leaves the write-ahead queue."""
+        if self.journal is None:
+            return
+        try:
+            self.journal.finished(prompt_id, entry, evicted)
+        except Exception as err:  # the prompt ran; a store failure must not take the worker down
+            log.error("comfy-parallel: history entry of %s not written to %s (%s: %s); it runs again if the server "
+                      "crashes before the store works", prompt_id, self.journal.path, type(err).__name__, err)
 
     def load(self, entries: list[tuple[str, dict]]) -> None:
         """Entries a previous run wrote (oldest first), before anything is recorded in this one."""
@@ -169,6 +179,8 @@ class DeviceQueue(_SharedHistoryAccess):
         self.oom_retried: set[str] = set()
         # Prompts queued again after a server crash while they ran: prompt id -> the history message saying so.
         self.crash_retries: dict[str, dict] = {}
+        self.intake: "Intake | None" = None  # the write-ahead queue's writer (intake.py); None: not stored
+        self.incoming = 0  # prompts handed to the writer and not queued yet (they count for the shortest queue)
         self.peers: list[DeviceQueue] = [self]  # every device's queue (they share ``mutex``): DeviceQueues sets it
         # Called (and expected never to return) when a prompt's error shows a CUDA context is poisoned.
         self.on_fatal: Callable[[int, str, str], None] | None = None
@@ -185,11 +197,23 @@ class DeviceQueue(_SharedHistoryAccess):
         return self.history_store.journal
 
     # -- producer side (HTTP) -------------------------------------------------------------------------------
-    def put(self, item: tuple, durable: bool = True) -> None:
-        """Queue ``item``; with a journal it is on disk first (``durable=False``: warm-up, or already stored)."""
+    def put(self, item: tuple, durable: bool = True) -> Future | None:
+        """Queue ``item``. With a write-ahead queue it is stored first and queued once stored: the returned future
+        is done then (``durable=False``: warm-up prompts, or prompts the store holds already)."""
+        if durable and self.intake is not None:
+            with self.mutex:
+                self.incoming += 1
+            return self.intake.submit(self, item)
+        self.push(item)
+        return None
+
+    def push(self, item: tuple, incoming: bool = False, queue_it: bool = True) -> None:
+        """Into the queue now (``incoming``: it was counted in ``incoming`` while it was being stored)."""
         with self.mutex:
-            if durable and self.journal is not None:
-                self.journal.accepted(self.index, item)
+            if incoming:
+                self.incoming -= 1
+            if not queue_it:
+                return
             heapq.heappush(self.queue, item)
             self.enqueued_at[item[1]] = time.monotonic()
             self.on_change()
@@ -214,7 +238,7 @@ class DeviceQueue(_SharedHistoryAccess):
             else:
                 item = self.queue.pop(position)
                 heapq.heapify(self.queue)
-            if self.journal is not None:
+            if self.journal is not None:  # before anything says it started: a crash from now on counts for it
                 try:
                     self.journal.started(item[1])
                 except Exception as err:  # it still runs; a crash now would run it as if it had not started
@@ -229,7 +253,7 @@ class DeviceQueue(_SharedHistoryAccess):
             for listener in self.listeners:
                 listener.on_start(self.index, item[1], waited)
             self.on_change()
-            return item, i
+        return item, i
 
     def _next_position(self) -> int | None:
         """Where in ``queue`` the next prompt to start is, or ``None`` if none may start now.
@@ -275,10 +299,11 @@ class DeviceQueue(_SharedHistoryAccess):
             entry = {"prompt": prompt, "outputs": {}, "status": status_dict}
             entry.update(history_result)
             entry["gpu_id"] = self.index
-            self.history_store.record(prompt[1], entry)
+            evicted = self.history_store.record(prompt[1], entry, write=False)
             for listener in self.listeners:
                 listener.on_done(self.index, prompt[1], status_dict, time.monotonic() - started)
             self.on_change()
+        self.history_store.write(prompt[1], entry, evicted)  # outside the queue lock
 
     def _retry_after_oom(self, item: tuple, status: dict | None) -> bool:
         """Out of memory: free this device (models and executor cache) and run the prompt once more."""
@@ -344,7 +369,7 @@ class DeviceQueue(_SharedHistoryAccess):
 
     def get_tasks_remaining(self) -> int:
         with self.mutex:
-            return len(self.queue) + len(self.currently_running)
+            return len(self.queue) + len(self.currently_running) + self.incoming
 
     def running_prompt_ids(self) -> list[str]:
         with self.mutex:
@@ -467,10 +492,11 @@ class DeviceQueues(_SharedHistoryAccess):
         with self.mutex:
             target = self._target()
             index = self.choose_device() if target is None else target
-            self.devices[index].put(item)
+        stored = self.devices[index].put(item)
         route = self.current_route()
         if route is not None:
             route.assigned = index
+            route.stored = stored
         return index
 
     def get_current_queue(self) -> tuple[list, list]:

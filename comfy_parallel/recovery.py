@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -29,11 +30,28 @@ RETRY_EVENT = "comfy_parallel_crash_retry"  # websocket message type and history
 MAX_CRASHES = 2
 
 
+class JournalInUse(RuntimeError):
+    """Another process holds the store: two servers on one file would run every prompt twice."""
+
+
 def open_journal(path: Path, synchronous: str = "NORMAL") -> Journal:
-    """The store at ``path``; a file SQLite cannot read is moved aside (and logged) so the server still starts."""
+    """The store at ``path``; a file SQLite cannot read is moved aside (and logged) so the server still starts.
+
+    Raises ``JournalInUse`` when another process has it open (its lock is exclusive; see ``journal.py``).
+    """
     try:
         return Journal(path, synchronous)
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err) or "busy" in str(err):
+            raise JournalInUse(f"the write-ahead queue {path} is in use by another process (another comfy-parallel "
+                               "server on the same user directory?); give each server its own --persist-path, or "
+                               "stop the other one") from err
+        return _move_aside(path, synchronous, err)
     except Exception as err:
+        return _move_aside(path, synchronous, err)
+
+
+def _move_aside(path: Path, synchronous: str, err: Exception) -> Journal:
         aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
         log.error("comfy-parallel: the write-ahead queue %s cannot be read (%s: %s); moved to %s, starting empty",
                   path, type(err).__name__, err, aside)

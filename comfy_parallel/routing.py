@@ -20,6 +20,7 @@ import contextvars
 import json
 import logging
 import re
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -52,11 +53,13 @@ class RoutingError(Exception):
 
 @dataclass
 class RequestRoute:
-    """The routing decision for one request; ``assigned`` is set when a prompt is queued on a device."""
+    """The routing decision for one request; ``assigned`` is set when a prompt is queued on a device, ``stored``
+    when it goes to the write-ahead queue (done once it is on disk and queued)."""
 
     target: int | None
     source: str  # "header", "port", "prefix", "cookie" or "none"; agreeing explicit ones joined with "+"
     assigned: int | None = None
+    stored: Future | None = None
 
 
 _current: contextvars.ContextVar[RequestRoute | None] = contextvars.ContextVar("comfy_parallel_route",

@@ -8,12 +8,14 @@ process with its own exit code. The figures go to tests/results/reliability.md (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 import signal
+import sqlite3
 import time
 import uuid
 from collections import Counter
@@ -107,6 +109,20 @@ def test_cuda_errors_that_poison_a_context_are_told_apart() -> None:
                     "illegal memory access"):  # not a CUDA error message
         assert cuda_fatal.poisoning_error(status(message)) is None, message
     assert cuda_fatal.poisoning_error(None) is None
+
+
+def test_store_is_one_process_own(tmp_path: Path) -> None:
+    """Two servers on one file would run every prompt twice: the second one must not start on it."""
+    from comfy_parallel.journal import Journal
+    from comfy_parallel.recovery import JournalInUse, open_journal
+
+    first = Journal(tmp_path / "queue.sqlite3")
+    first.accepted(0, (1, "p", {}, {}, [], {}))
+    with pytest.raises(JournalInUse, match="in use by another process"):
+        open_journal(tmp_path / "queue.sqlite3")
+    assert (tmp_path / "queue.sqlite3").exists() and first.count() == 1  # not moved aside
+    first.close()
+    assert [p.prompt_id for p in open_journal(tmp_path / "queue.sqlite3").unfinished()] == ["p"]
 
 
 def test_supervisor_restart_policy() -> None:
@@ -387,17 +403,19 @@ def test_poisoned_cuda_context_ends_the_process_with_its_exit_code(comfy_dir: Pa
     version = comfy_dir.name
     user_dir = fresh_user_dir(f"crash-cuda-user-{version}")
     s = Server(comfy_dir, devices="cpu,cpu", user_dir=user_dir, name=f"crash-cuda-{version}").start()
+    pid = prompt_id_for(f"cuda-fatal-{uuid.uuid4().hex[:8]}")
+    body = {"prompt": {"1": {"class_type": "CPFail", "inputs": {
+        "message": "CUDA error: an illegal memory access was encountered"}}}, "prompt_id": pid}
     try:
-        pid = s.submit({"1": {"class_type": "CPFail", "inputs": {
-            "message": "CUDA error: an illegal memory access was encountered"}}},
-            headers={"X-TARGET-GPU": "1"})["prompt_id"]
+        try:
+            s.post("/prompt", body, headers={"X-TARGET-GPU": "1"})
+        except OSError:
+            pass  # it may start, and end the process, before the answer is sent: it was stored first
         code = s.wait_exit(60)
     finally:
         s.stop()
     assert code == cuda_fatal.EXIT_CODE, s.log()[-3000:]
     assert f"prompt {pid} hit a CUDA error that poisons the device context" in s.log()
-    import sqlite3
-
-    with sqlite3.connect(user_dir / STORE) as conn:
+    with contextlib.closing(sqlite3.connect(user_dir / STORE)) as conn:
         rows = conn.execute("SELECT prompt_id, gpu_id, state FROM prompts").fetchall()
     assert rows == [(pid, 1, "running")]  # runs once more after the restart, flagged as a retry after a crash

@@ -6,6 +6,7 @@ after the restart on the device it was routed to), or, with persistence off, in 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -37,7 +38,7 @@ def store_rows(path: Path) -> dict[str, tuple[int, str, list]]:
     """The unfinished prompts in the write-ahead queue: prompt id -> (device, state, item fields)."""
     if not path.exists():
         return {}
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # closed: the server's lock on the file is exclusive
         rows = conn.execute("SELECT prompt_id, gpu_id, state, item FROM prompts").fetchall()
     return {pid: (gpu, state, json.loads(item)) for pid, gpu, state, item in rows}
 
@@ -186,12 +187,12 @@ def test_sigterm_drains_persists_and_restores_on_the_same_devices(comfy_dir: Pat
         later = s2.submit(sleep_prompt(0.05, 1), headers={"X-TARGET-GPU": "0"})
         assert later["number"] > max(numbers.values())  # new prompts queue behind the restored ones
         s2.wait_history(later["prompt_id"])
-        assert store_rows(user_dir / STORE) == {}  # each left the write-ahead queue with its history entry
         assert "retry_after_server_crash" not in json.dumps(entries)  # a drain is not a crash
         history2 = s2.get("/history").json()
     finally:
         s2.stop()
 
+    assert store_rows(user_dir / STORE) == {}  # each left the write-ahead queue with its history entry
     finished2 = finished_in_log(s2.log())
     in_s1 = {p for p in routed if p in finished1}
     in_s2 = {p for p in routed if p in finished2}
