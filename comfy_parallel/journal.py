@@ -93,10 +93,9 @@ def _number_key(number: Any) -> float:
 class Journal:
     """One SQLite file in WAL mode, one connection shared by the HTTP thread and the workers under a lock.
 
-    Every method commits before it returns: ``accepted`` runs inside ComfyUI's ``POST /prompt`` handler, so the
-    prompt is on disk before the client gets its answer (``intake.py`` batches them off the event loop). The
-    per-prompt writes are one autocommitted statement each: every statement releases and takes back the GIL, which
-    costs up to a switch interval while the workers run, so three statements per write cost three times that.
+    Every method commits before it returns; the answer to ``POST /prompt`` waits for the commit of the batch that
+    holds the prompt (``journal_writer.py``). Single writes are one autocommitted statement each: every statement
+    releases and takes back the GIL, which costs up to a switch interval while the workers run.
     """
 
     def __init__(self, path: Path | str, synchronous: str = "NORMAL") -> None:
@@ -153,7 +152,7 @@ class Journal:
         self.accepted_many([(gpu_id, item)])
 
     def accepted_many(self, prompts: list[tuple[int, tuple]]) -> None:
-        """Write several prompts as queued in one commit (``intake.py``'s batches); all or none."""
+        """Write several prompts as queued in one commit (``journal_writer.py``'s batches); all or none."""
         rows = []
         now = time.time()
         for gpu_id, item in prompts:

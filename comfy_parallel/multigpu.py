@@ -21,8 +21,8 @@ from aiohttp import web
 from . import access, cuda_fatal, http_api, recovery, routing, scan, shutdown, validation, worker_context
 from .comfy_adapter import custom_node_dirs
 from .device_status import DeviceStatus
-from .intake import Intake
 from .journal import Journal
+from .journal_writer import JournalWriter
 from .metrics import DeviceMetrics
 from .queues import DeviceQueues
 from .warmup import Warmup
@@ -64,6 +64,7 @@ class MultiDeviceServer:
         self.admin = access.AdminToken(settings.admin_token) if settings.admin_token else None
         self.graceful = shutdown.GracefulShutdown(self, None, settings.drain_timeout)  # journal: in before_routes
         self.journal: Journal | None = None
+        self.journal_writer: JournalWriter | None = None
         self.recovering = settings.persist  # until the write-ahead queue's prompts are queued again
         self.retry_notifier: recovery.CrashRetryNotifier | None = None
         for q in self.queues.devices:
@@ -95,9 +96,10 @@ class MultiDeviceServer:
             return
         self.journal = recovery.open_journal(path, self.settings.journal_synchronous)
         self.queues.history_store.journal = self.journal
-        intake = Intake(self.journal)
+        self.journal_writer = JournalWriter(self.journal, getattr(prompt_server, "loop", None))
+        self.graceful.writer = self.journal_writer
         for q in self.queues.devices:
-            q.intake = intake
+            q.writer = self.journal_writer
         self.graceful.journal = self.journal
         self.retry_notifier = recovery.CrashRetryNotifier(prompt_server)
         self.queues.add_listener(self.retry_notifier)

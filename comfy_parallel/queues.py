@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from . import cuda_fatal, worker_context
 
 if TYPE_CHECKING:
-    from .intake import Intake
     from .journal import Journal
+    from .journal_writer import JournalWriter
 
 log = logging.getLogger("comfy_parallel")
 
@@ -179,7 +179,7 @@ class DeviceQueue(_SharedHistoryAccess):
         self.oom_retried: set[str] = set()
         # Prompts queued again after a server crash while they ran: prompt id -> the history message saying so.
         self.crash_retries: dict[str, dict] = {}
-        self.intake: "Intake | None" = None  # the write-ahead queue's writer (intake.py); None: not stored
+        self.writer: "JournalWriter | None" = None  # stores accepted prompts (journal_writer.py); None: no store
         self.incoming = 0  # prompts handed to the writer and not queued yet (they count for the shortest queue)
         self.peers: list[DeviceQueue] = [self]  # every device's queue (they share ``mutex``): DeviceQueues sets it
         # Called (and expected never to return) when a prompt's error shows a CUDA context is poisoned.
@@ -200,10 +200,10 @@ class DeviceQueue(_SharedHistoryAccess):
     def put(self, item: tuple, durable: bool = True) -> Future | None:
         """Queue ``item``. With a write-ahead queue it is stored first and queued once stored: the returned future
         is done then (``durable=False``: warm-up prompts, or prompts the store holds already)."""
-        if durable and self.intake is not None:
+        if durable and self.writer is not None:
             with self.mutex:
                 self.incoming += 1
-            return self.intake.submit(self, item)
+            return self.writer.accept(self, item)
         self.push(item)
         return None
 
@@ -238,21 +238,22 @@ class DeviceQueue(_SharedHistoryAccess):
             else:
                 item = self.queue.pop(position)
                 heapq.heapify(self.queue)
-            if self.journal is not None:  # before anything says it started: a crash from now on counts for it
-                try:
-                    self.journal.started(item[1])
-                except Exception as err:  # it still runs; a crash now would run it as if it had not started
-                    log.error("comfy-parallel: start of %s not written to %s (%s: %s)", item[1], self.journal.path,
-                              type(err).__name__, err)
             i = self.task_counter
             self.currently_running[i] = copy.deepcopy(item)
             self.task_counter += 1
             now = time.monotonic()
             self.started_at[i] = now
             waited = now - self.enqueued_at.pop(item[1], now)
-            for listener in self.listeners:
-                listener.on_start(self.index, item[1], waited)
-            self.on_change()
+        # Outside the queue lock, which every device and the HTTP handlers share: the store write gives up the GIL.
+        if self.journal is not None:  # before anything says it started: a crash from now on counts for it
+            try:
+                self.journal.started(item[1])
+            except Exception as err:  # it still runs; a crash now would run it as if it had not started
+                log.error("comfy-parallel: start of %s not written to %s (%s: %s)", item[1], self.journal.path,
+                          type(err).__name__, err)
+        for listener in self.listeners:
+            listener.on_start(self.index, item[1], waited)
+        self.on_change()
         return item, i
 
     def _next_position(self) -> int | None:

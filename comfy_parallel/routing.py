@@ -16,6 +16,7 @@ routes that custom nodes add) works under the prefix without being registered tw
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -59,7 +60,7 @@ class RequestRoute:
     target: int | None
     source: str  # "header", "port", "prefix", "cookie" or "none"; agreeing explicit ones joined with "+"
     assigned: int | None = None
-    stored: Future | None = None
+    stored: Future | asyncio.Future | None = None
 
 
 _current: contextvars.ContextVar[RequestRoute | None] = contextvars.ContextVar("comfy_parallel_route",

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from . import worker_context
 from .journal import Journal
+from .journal_writer import JournalWriter
 
 if TYPE_CHECKING:
     from .multigpu import MultiDeviceServer
@@ -53,6 +54,7 @@ class GracefulShutdown:
     def __init__(self, server: "MultiDeviceServer", journal: Journal | None, drain_timeout: float) -> None:
         self.server = server
         self.journal = journal
+        self.writer: "JournalWriter | None" = None  # set with the journal: what it was handed is stored before exit
         self.drain_timeout = drain_timeout
         self.deadline: float | None = None
         self.hurry = asyncio.Event()
@@ -163,6 +165,9 @@ class GracefulShutdown:
         queued = [item for _, item in self.server.queues.queued_items()
                   if warmup is None or item[1] not in warmup.pending]
         cut_ids = [item[1] for _, item in cut if warmup is None or item[1] not in warmup.pending]
+        if self.writer is not None and not self.writer.flush():
+            log.error("comfy-parallel: prompts put from another thread were still being written to %s at exit; "
+                      "they may be lost", self.journal.path)
         try:
             self.journal.requeued(cut_ids)
         except Exception as err:  # the process stops either way: they count as crashed at the next start

@@ -125,6 +125,21 @@ def test_store_is_one_process_own(tmp_path: Path) -> None:
     assert [p.prompt_id for p in open_journal(tmp_path / "queue.sqlite3").unfinished()] == ["p"]
 
 
+def test_store_of_a_drain_from_before_the_write_ahead_queue_is_converted(tmp_path: Path) -> None:
+    from comfy_parallel.journal import QUEUED, Journal
+
+    path = tmp_path / "queue.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("CREATE TABLE prompts (prompt_id TEXT PRIMARY KEY, gpu_id INTEGER NOT NULL, state TEXT NOT NULL,"
+                     " item TEXT NOT NULL, dropped_keys TEXT NOT NULL, saved_at REAL NOT NULL)")
+        conn.executemany("INSERT INTO prompts VALUES (?, ?, ?, ?, '[]', 0)", [
+            ("b", 1, "running", json.dumps([9, "b", {}, {}, []])),
+            ("a", 2, "queued", json.dumps([3, "a", {}, {}, []]))])
+        conn.execute("PRAGMA user_version = 1")
+    stored = Journal(path).unfinished()
+    assert [(p.prompt_id, p.gpu_id, p.state, p.crashes) for p in stored] == [("a", 2, QUEUED, 0), ("b", 1, QUEUED, 0)]
+
+
 def test_supervisor_restart_policy() -> None:
     from comfy_parallel import supervisor
 

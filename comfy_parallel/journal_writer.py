@@ -1,0 +1,98 @@
+"""Accepted prompts reach the write-ahead queue in batches: one commit per pass of the event loop.
+
+Each SQLite call gives up the GIL; a busy worker thread then keeps it for up to a switch interval (5 ms). One write
+per prompt from ComfyUI's ``POST /prompt`` handler cost 15-25% of the accepted prompts per second, and so did a
+writer thread that the handler waited for (two hand-overs of the GIL per prompt). So accepted prompts are written on
+the event loop, in one transaction per loop pass: the handler adds the prompt to the batch and the HTTP answer
+awaits the batch's commit (``MultiDeviceServer._handle``), which runs once the handlers of that pass have all
+added theirs. Only then is the prompt queued for its worker, so no worker ever starts a prompt the store does not
+have. A ``put`` from another thread (a custom node) is written by this module's thread instead.
+
+History entries are not written here: a worker writes its prompt's entry itself, right after the prompt ends (and
+its start before it runs), so only prompts that were really running at a crash run again after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .journal import Journal
+    from .queues import DeviceQueue
+
+log = logging.getLogger("comfy_parallel")
+
+
+class JournalWriter:
+    """The loop's batch, and the thread for prompts put from other threads."""
+
+    def __init__(self, journal: "Journal", loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.journal = journal
+        self.loop = loop
+        self.loop_batch: list[tuple["DeviceQueue", tuple, asyncio.Future]] = []
+        self.cond = threading.Condition()
+        self.pending: list[tuple["DeviceQueue", tuple, Future]] = []  # from other threads than the loop's
+        self.busy = False
+        self.thread = threading.Thread(target=self._run, name="comfy-parallel-journal", daemon=True)
+        self.thread.start()
+
+    def accept(self, queue: "DeviceQueue", item: tuple) -> "Future | asyncio.Future":
+        """Store ``item``, then queue it on ``queue``; the future is done once both happened (or failed)."""
+        if self.loop is not None and _running_loop() is self.loop:
+            loop_future: asyncio.Future = self.loop.create_future()
+            if not self.loop_batch:
+                self.loop.call_soon(self._commit_loop_batch)
+            self.loop_batch.append((queue, item, loop_future))
+            return loop_future
+        future: Future = Future()
+        with self.cond:
+            self.pending.append((queue, item, future))
+            self.cond.notify_all()
+        return future
+
+    def _commit_loop_batch(self) -> None:
+        batch, self.loop_batch = self.loop_batch, []
+        self._accept(batch)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until the thread has written what it was handed (before a clean exit); False if that took too long."""
+        with self.cond:
+            return self.cond.wait_for(lambda: not self.pending and not self.busy, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: bool(self.pending))
+                batch, self.pending = self.pending, []
+                self.busy = True
+            try:
+                self._accept(batch)
+            finally:
+                with self.cond:
+                    self.busy = False
+                    self.cond.notify_all()
+
+    def _accept(self, run: list[tuple["DeviceQueue", tuple, Any]]) -> None:
+        try:
+            self.journal.accepted_many([(q.index, item) for q, item, _ in run])
+        except Exception as err:  # not stored, so not queued: each client gets an error instead of an id
+            log.error("comfy-parallel: %d prompts could not be written to %s (%s: %s); they are not queued",
+                      len(run), self.journal.path, type(err).__name__, err)
+            for q, item, future in run:
+                q.push(item, incoming=True, queue_it=False)
+                future.set_exception(err)
+            return
+        for q, item, future in run:
+            q.push(item, incoming=True)
+            future.set_result(None)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
