@@ -71,6 +71,21 @@ def history_through_restarts(s: Server, prompt_id: str, timeout: float = 120) ->
     raise AssertionError(f"prompt {prompt_id} not in history after {timeout}s:\n{s.log()[-3000:]}")
 
 
+def ready_through_restarts(s: Server, timeout: float = 90) -> dict:
+    """``/ready``'s body once it answers 200. A restarted server serves /history (the stored entries, the records
+    its recovery made) before its workers have started, so /ready can still say ``starting`` then."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            resp = s.get("/ready")
+            if resp.status == 200:
+                return resp.json()
+        except OSError:
+            assert s.proc is not None and s.proc.poll() is None, s.log()[-3000:]
+        time.sleep(0.1)
+    raise AssertionError(f"/ready not 200 after {timeout}s:\n{s.log()[-3000:]}")
+
+
 def child_pid(s: Server) -> int | None:
     """The server process the supervisor runs now (None while it restarts)."""
     assert s.proc is not None
@@ -390,7 +405,7 @@ def test_native_crash_runs_once_more_then_is_recorded_as_crashed_twice(comfy_dir
         entry = history_through_restarts(s, abort)
         entries = {pid: history_through_restarts(s, pid) for pid in others}
         history = s.get("/history").json()
-        ready = s.get("/ready").json()
+        ready = ready_through_restarts(s)
     finally:
         s.stop()
     log = s.log()
