@@ -2,9 +2,13 @@
 
 One ComfyUI process serves every GPU, so a crash of that process (``kill -9``, a native crash in a custom node, the
 OOM killer, a CUDA fatal error) would lose every device's queue and history at once. Here a prompt is written to
-SQLite before ``POST /prompt`` answers and leaves the store in the same transaction that writes its history entry;
+SQLite before ``POST /prompt`` answers and leaves the store in the same statement that writes its history entry;
 the next start queues what is left again (``recovery.py``). A graceful drain uses the same rows: the prompts it
 leaves behind are already here.
+
+A prompt is stored with its *route*: the string the queues' routing entry point (``DeviceQueues.enqueue``) took it
+on, e.g. ``gpu:1`` for a prompt bound to device 1 (targeted, or untargeted and given that device). The store only
+keeps and returns it, so a new kind of route needs no change here.
 
 Plain Python (stdlib ``sqlite3`` and ``json``, no ComfyUI imports) so it can be tested alone. An item is a ComfyUI
 queue tuple ``(number, prompt_id, prompt, extra_data, outputs_to_execute[, sensitive])``; its first five fields are
@@ -15,6 +19,12 @@ so a prompt queued again after a restart runs without them and its API nodes rep
 WAL mode with ``synchronous=NORMAL`` (default): a commit is a write into the WAL file, which the kernel keeps when the
 process dies, so nothing accepted is lost to a process crash; only a power loss or kernel crash can lose the last
 commits. ``FULL`` adds an fsync per commit for that case (``bench/crash_safe_queue.py`` measures both).
+
+Every write is one SQL statement in autocommit mode: the sqlite3 module gives up the GIL for each statement it
+steps, and a thread that gave it up waits for it again behind busy worker threads, so a write costs one hand-over,
+not three (``BEGIN``, the statement, ``COMMIT``). The queue table is keyed by prompt id alone (``WITHOUT ROWID``),
+so a write changes one B-tree, not a table and its index (history rows are larger than its B-tree keeps in a page,
+so they stay in a rowid table).
 """
 
 from __future__ import annotations
@@ -24,27 +34,36 @@ import math
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
 # WARNING: mirrors ComfyUI's execution.SENSITIVE_EXTRA_DATA_KEYS (0.3.52-0.33.0); a key added upstream and not
 # here would be written to disk in clear by items that carry secrets in extra_data.
 SENSITIVE_EXTRA_DATA_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
-SCHEMA_VERSION = 2  # 1: the drain-only store (prompts saved at shutdown), imported on open
+SCHEMA_VERSION = 2  # 1: the drain-only store (prompts saved at shutdown, a device index each), converted on open
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+MAX_ROWS_PER_STATEMENT = 500  # accepted prompts per INSERT: 8 parameters each, far below SQLite's 32,766
 
 QUEUED = "queued"
 RUNNING = "running"  # a worker took it; still RUNNING at the next start means the process died while it ran
+
+_PROMPT_COLUMNS = "(prompt_id, route, number, state, crashes, item, dropped_keys, accepted_at)"
+_PROMPT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+def device_route(index: int) -> str:
+    """The route of a prompt bound to device ``index``."""
+    return f"gpu:{index}"
 
 
 @dataclass(frozen=True)
 class StoredPrompt:
     """One unfinished prompt as the store has it."""
 
-    gpu_id: int
+    route: str
     item: tuple
     state: str  # QUEUED or RUNNING
     crashes: int = 0  # how many times the server died while this prompt ran
@@ -93,9 +112,8 @@ def _number_key(number: Any) -> float:
 class Journal:
     """One SQLite file in WAL mode, one connection shared by the HTTP thread and the workers under a lock.
 
-    Every method commits before it returns; the answer to ``POST /prompt`` waits for the commit of the batch that
-    holds the prompt (``journal_writer.py``). Single writes are one autocommitted statement each: every statement
-    releases and takes back the GIL, which costs up to a switch interval while the workers run.
+    Every method has committed when it returns; the answer to ``POST /prompt`` waits for the commit that holds the
+    prompt (``journal_writer.py``).
     """
 
     def __init__(self, path: Path | str, synchronous: str = "NORMAL") -> None:
@@ -110,6 +128,7 @@ class Journal:
         self.conn.execute("PRAGMA locking_mode=EXCLUSIVE")
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        self._insert_sql: dict[int, str] = {}
         self._create()
 
     def _create(self) -> None:
@@ -119,12 +138,13 @@ class Journal:
             if version < SCHEMA_VERSION and "prompts" in tables:
                 self.conn.execute("ALTER TABLE prompts RENAME TO prompts_v1")
             self.conn.execute("CREATE TABLE IF NOT EXISTS prompts ("
-                              " prompt_id TEXT PRIMARY KEY, gpu_id INTEGER NOT NULL, number REAL NOT NULL,"
+                              " prompt_id TEXT PRIMARY KEY, route TEXT NOT NULL, number REAL NOT NULL,"
                               " state TEXT NOT NULL, crashes INTEGER NOT NULL DEFAULT 0, item TEXT NOT NULL,"
-                              " dropped_keys TEXT NOT NULL, accepted_at REAL NOT NULL)")
+                              " dropped_keys TEXT NOT NULL, accepted_at REAL NOT NULL) WITHOUT ROWID")
+            # seq: the order entries finished in (ComfyUI's history is a dict in that order); not AUTOINCREMENT,
+            # which writes a counter row on every insert.
             self.conn.execute("CREATE TABLE IF NOT EXISTS history ("
-                              " seq INTEGER PRIMARY KEY AUTOINCREMENT, prompt_id TEXT NOT NULL UNIQUE,"
-                              " entry TEXT NOT NULL)")
+                              " seq INTEGER PRIMARY KEY, prompt_id TEXT NOT NULL UNIQUE, entry TEXT NOT NULL)")
             # A history entry and the end of its prompt's row are one statement, so one atomic commit.
             self.conn.execute("CREATE TRIGGER IF NOT EXISTS finished AFTER INSERT ON history BEGIN"
                               " DELETE FROM prompts WHERE prompt_id = NEW.prompt_id; END")
@@ -133,8 +153,8 @@ class Journal:
                 rows = self.conn.execute("SELECT prompt_id, gpu_id, item, dropped_keys, saved_at FROM prompts_v1"
                                          " ORDER BY rowid").fetchall()
                 self.conn.executemany(
-                    "INSERT OR REPLACE INTO prompts VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
-                    [(pid, gpu, _number_key(json.loads(item)[0]), QUEUED, item, dropped, saved)
+                    f"INSERT OR REPLACE INTO prompts {_PROMPT_COLUMNS} VALUES {_PROMPT_ROW}",
+                    [(pid, device_route(gpu), _number_key(json.loads(item)[0]), QUEUED, 0, item, dropped, saved)
                      for pid, gpu, item, dropped, saved in rows])
                 self.conn.execute("DROP TABLE prompts_v1")
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -147,27 +167,39 @@ class Journal:
             self.conn.close()
 
     # -- the life of a prompt -------------------------------------------------------------------------------------
-    def accepted(self, gpu_id: int, item: tuple) -> None:
-        """Write ``item`` as queued on ``gpu_id``; raises (and writes nothing) if it cannot be stored as JSON."""
-        self.accepted_many([(gpu_id, item)])
+    def accepted(self, route: str, item: tuple) -> None:
+        """Write ``item`` as queued on ``route``; raises (and writes nothing) if it cannot be stored as JSON."""
+        self.accepted_many([(route, item)])
 
-    def accepted_many(self, prompts: list[tuple[int, tuple]]) -> None:
-        """Write several prompts as queued in one commit (``journal_writer.py``'s batches); all or none."""
-        rows = []
+    def accepted_many(self, prompts: list[tuple[str, tuple]]) -> None:
+        """Write several prompts as queued, all or none (``journal_writer.py``'s batches): one statement for up
+        to ``MAX_ROWS_PER_STATEMENT`` prompts, a transaction around several."""
+        params: list[Any] = []
         now = time.time()
-        for gpu_id, item in prompts:
+        for route, item in prompts:
             fields, dropped = public_fields(item)
             try:
                 encoded = json.dumps(fields)
             except (TypeError, ValueError) as err:
                 raise type(err)(f"prompt {item[1]} cannot be stored as JSON: {err}") from err
-            rows.append((str(item[1]), gpu_id, _number_key(item[0]), QUEUED, 0, encoded, json.dumps(dropped), now))
+            params += (str(item[1]), route, _number_key(item[0]), QUEUED, 0, encoded, json.dumps(dropped), now)
+        width = 8
+        chunks = [params[i:i + width * MAX_ROWS_PER_STATEMENT]
+                  for i in range(0, len(params), width * MAX_ROWS_PER_STATEMENT)]
         with self.lock:
-            if len(rows) == 1:
-                self.conn.execute("INSERT OR REPLACE INTO prompts VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows[0])
+            if len(chunks) == 1:
+                self.conn.execute(self._insert(len(chunks[0]) // width), chunks[0])
                 return
             with self._transaction():
-                self.conn.executemany("INSERT OR REPLACE INTO prompts VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                for chunk in chunks:
+                    self.conn.execute(self._insert(len(chunk) // width), chunk)
+
+    def _insert(self, rows: int) -> str:
+        sql = self._insert_sql.get(rows)
+        if sql is None:
+            sql = f"INSERT OR REPLACE INTO prompts {_PROMPT_COLUMNS} VALUES " + ", ".join([_PROMPT_ROW] * rows)
+            self._insert_sql[rows] = sql
+        return sql
 
     def started(self, prompt_id: str) -> None:
         with self.lock:
@@ -175,9 +207,12 @@ class Journal:
 
     def requeued(self, prompt_ids: Iterable[str]) -> None:
         """Back to queued without counting a crash: prompts a drain cut off, or a retry after out of memory."""
-        with self.lock, self._transaction():
-            self.conn.executemany("UPDATE prompts SET state = ? WHERE prompt_id = ?",
-                                  [(QUEUED, str(p)) for p in prompt_ids])
+        ids = [str(p) for p in prompt_ids]
+        if not ids:
+            return
+        with self.lock:
+            self.conn.execute(f"UPDATE prompts SET state = ? WHERE prompt_id IN ({', '.join('?' * len(ids))})",
+                              (QUEUED, *ids))
 
     def finished(self, prompt_id: str, entry: dict, evicted: Iterable[str] = ()) -> None:
         """One statement (the ``finished`` trigger): the history entry is written and the prompt leaves the queue;
@@ -185,30 +220,35 @@ class Journal:
         encoded = json.dumps(public_entry(entry), default=str)
         with self.lock:
             self.conn.execute("INSERT OR REPLACE INTO history (prompt_id, entry) VALUES (?, ?)", (prompt_id, encoded))
-            if evicted:
-                self.conn.executemany("DELETE FROM history WHERE prompt_id = ?", [(str(p),) for p in evicted])
+        self.forget_history(evicted)
 
     def forget_prompts(self, prompt_ids: Iterable[str]) -> None:
         """Queued prompts a client deleted (``POST /queue``): they will never run."""
-        with self.lock, self._transaction():
-            self.conn.executemany("DELETE FROM prompts WHERE prompt_id = ?", [(str(p),) for p in prompt_ids])
+        self._delete("prompts", prompt_ids)
 
     def forget_history(self, prompt_ids: Iterable[str] | None = None) -> None:
-        """History entries a client deleted (``POST /history``); ``None``: all of them."""
-        with self.lock, self._transaction():
-            if prompt_ids is None:
+        """History entries a client deleted (``POST /history``) or that were evicted; ``None``: all of them."""
+        if prompt_ids is None:
+            with self.lock:
                 self.conn.execute("DELETE FROM history")
-            else:
-                self.conn.executemany("DELETE FROM history WHERE prompt_id = ?", [(str(p),) for p in prompt_ids])
+            return
+        self._delete("history", prompt_ids)
+
+    def _delete(self, table: str, prompt_ids: Iterable[str]) -> None:
+        ids = [str(p) for p in prompt_ids]
+        for i in range(0, len(ids), MAX_ROWS_PER_STATEMENT):
+            chunk = ids[i:i + MAX_ROWS_PER_STATEMENT]
+            with self.lock:
+                self.conn.execute(f"DELETE FROM {table} WHERE prompt_id IN ({', '.join('?' * len(chunk))})", chunk)
 
     # -- at start ----------------------------------------------------------------------------------------------------
     def unfinished(self) -> list[StoredPrompt]:
-        """Every prompt in the store, in queue order (number, then the order they were accepted)."""
+        """Every prompt in the store, in queue order: number, then prompt id (the order of ComfyUI's heap)."""
         with self.lock:
-            rows = self.conn.execute("SELECT gpu_id, state, crashes, item, dropped_keys FROM prompts"
-                                     " ORDER BY number, rowid").fetchall()
-        return [StoredPrompt(gpu, tuple(json.loads(item)), state, crashes, tuple(json.loads(dropped)))
-                for gpu, state, crashes, item, dropped in rows]
+            rows = self.conn.execute("SELECT route, state, crashes, item, dropped_keys FROM prompts"
+                                     " ORDER BY number, prompt_id").fetchall()
+        return [StoredPrompt(route, tuple(json.loads(item)), state, crashes, tuple(json.loads(dropped)))
+                for route, state, crashes, item, dropped in rows]
 
     def count_crash(self, prompt_ids: Iterable[str]) -> None:
         """The server died while these ran: one more crash each, and queued again."""
@@ -216,13 +256,20 @@ class Journal:
             self.conn.executemany("UPDATE prompts SET crashes = crashes + 1, state = ? WHERE prompt_id = ?",
                                   [(QUEUED, str(p)) for p in prompt_ids])
 
-    def history(self, limit: int) -> list[tuple[str, dict]]:
-        """The last ``limit`` history entries, oldest first; older ones are deleted."""
+    def history_ids(self, limit: int) -> list[str]:
+        """The prompt ids of the last ``limit`` history entries, oldest first; older entries are deleted."""
         with self.lock, self._transaction():
-            self.conn.execute("DELETE FROM history WHERE seq NOT IN (SELECT seq FROM history ORDER BY seq DESC"
-                              " LIMIT ?)", (limit,))
-            rows = self.conn.execute("SELECT prompt_id, entry FROM history ORDER BY seq").fetchall()
-        return [(pid, json.loads(entry)) for pid, entry in rows]
+            rows = self.conn.execute("SELECT seq, prompt_id FROM history ORDER BY seq").fetchall()
+            kept = rows[max(0, len(rows) - limit):]
+            if kept and len(kept) < len(rows):
+                self.conn.execute("DELETE FROM history WHERE seq < ?", (kept[0][0],))
+        return [pid for _, pid in kept]
+
+    def history_entry(self, prompt_id: str) -> dict | None:
+        """One stored history entry (a previous process's: this one keeps its own in memory)."""
+        with self.lock:
+            row = self.conn.execute("SELECT entry FROM history WHERE prompt_id = ?", (prompt_id,)).fetchone()
+        return None if row is None else json.loads(row[0])
 
     def max_number(self) -> float | None:
         with self.lock:

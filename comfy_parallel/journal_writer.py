@@ -41,7 +41,8 @@ class JournalWriter:
         self.thread.start()
 
     def accept(self, queue: "DeviceQueue", item: tuple) -> "Future | asyncio.Future":
-        """Store ``item``, then queue it on ``queue``; the future is done once both happened (or failed)."""
+        """Store ``item`` with ``queue.route``, then push it into ``queue``; the future is done once both happened
+        (or failed)."""
         if self.loop is not None and _running_loop() is self.loop:
             loop_future: asyncio.Future = self.loop.create_future()
             if not self.loop_batch:
@@ -78,7 +79,7 @@ class JournalWriter:
 
     def _accept(self, run: list[tuple["DeviceQueue", tuple, Any]]) -> None:
         try:
-            self.journal.accepted_many([(q.index, item) for q, item, _ in run])
+            self.journal.accepted_many([(q.route, item) for q, item, _ in run])
         except Exception as err:  # not stored, so not queued: each client gets an error instead of an id
             log.error("comfy-parallel: %d prompts could not be written to %s (%s: %s); they are not queued",
                       len(run), self.journal.path, type(err).__name__, err)

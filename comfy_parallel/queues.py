@@ -7,6 +7,10 @@ current request targets (or to all of them, merged, when the request has no targ
 
 An item is ComfyUI's tuple ``(number, prompt_id, prompt, extra_data, outputs_to_execute[, sensitive])``; a
 history entry is ComfyUI's dict plus ``gpu_id``, the index of the device that ran it.
+
+Every prompt is queued on a *route*, a string (``gpu:N``: device N's queue), through one entry point,
+``DeviceQueues.enqueue``: new prompts and the prompts a restart queues again from the write-ahead queue
+(``recovery.py``), which stores the route as it was accepted.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import copy
 import heapq
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +26,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import cuda_fatal, worker_context
+from .journal import device_route
 
 if TYPE_CHECKING:
     from .journal import Journal
@@ -39,6 +45,10 @@ class RebuildExecutor(BaseException):
 
     A BaseException: ComfyUI's loop must not swallow it.
     """
+
+
+class UnknownRoute(ValueError):
+    """A route this server does not serve."""
 
 
 class QueueStats(NamedTuple):
@@ -68,13 +78,18 @@ def outcome_of(status: dict | None) -> str:
 class History:
     """The one history all device queues write to, in completion order (ComfyUI's dict semantics).
 
-    With a journal, every entry is also written to it, in the transaction that removes the prompt from the
-    write-ahead queue, so the last ``MAXIMUM_HISTORY_SIZE`` entries survive a crash.
+    ``entries`` is this process's history, what ``GET /history`` lists and pages through: as stock's, it starts
+    empty at every start (a crash or a clean stop alike) and holds what finishes from then on, prompts that the
+    restart queued again included. With a journal every entry is also written to it, in the statement that
+    removes the prompt from the write-ahead queue, so the last ``MAXIMUM_HISTORY_SIZE`` entries survive the
+    process; those of earlier processes (``earlier``, ids only) are read from the store when a client asks for one
+    by id (``GET /history/{id}``, 0.33's ``/api/jobs/{id}``).
     """
 
     def __init__(self, lock: threading.RLock) -> None:
         self.lock = lock
         self.entries: dict[str, dict] = {}
+        self.earlier: dict[str, None] = {}  # ids of the stored entries of earlier processes, oldest first
         self.journal: "Journal | None" = None
 
     def record(self, prompt_id: str, entry: dict, write: bool = True) -> list[str]:
@@ -85,10 +100,15 @@ class History:
             if len(self.entries) > MAXIMUM_HISTORY_SIZE:
                 evicted.append(next(iter(self.entries)))
                 self.entries.pop(evicted[0])
+            self.earlier.pop(prompt_id, None)
+            while self.earlier and len(self.earlier) + len(self.entries) > MAXIMUM_HISTORY_SIZE:
+                oldest = next(iter(self.earlier))
+                del self.earlier[oldest]
+                evicted.append(oldest)
             self.entries[prompt_id] = entry
-            if write:
-                self.write(prompt_id, entry, evicted)
-            return evicted
+        if write:
+            self.write(prompt_id, entry, evicted)
+        return evicted
 
     def write(self, prompt_id: str, entry: dict, evicted: list[str]) -> None:
         """Into the journal: the entry, and the prompt leaves the write-ahead queue."""
@@ -100,15 +120,14 @@ class History:
             log.error("comfy-parallel: history entry of %s not written to %s (%s: %s); it runs again if the server "
                       "crashes before the store works", prompt_id, self.journal.path, type(err).__name__, err)
 
-    def load(self, entries: list[tuple[str, dict]]) -> None:
-        """Entries a previous run wrote (oldest first), before anything is recorded in this one."""
+    def load(self, prompt_ids: list[str]) -> None:
+        """The ids of the entries earlier processes stored (oldest first), before anything is recorded in this one."""
         with self.lock:
-            for prompt_id, entry in entries:
-                self.entries[prompt_id] = entry
+            self.earlier = dict.fromkeys(prompt_ids)
 
     def get(self, prompt_id: str | None = None, max_items: int | None = None, offset: int = -1,
             map_function: Callable[[dict], dict] | None = None) -> dict:
-        # WARNING: mirrors execution.PromptQueue.get_history (ComfyUI 0.3.52-0.3.75) so /history pages alike.
+        # WARNING: mirrors execution.PromptQueue.get_history (ComfyUI 0.3.52-0.33) so /history pages alike.
         with self.lock:
             if prompt_id is None:
                 out = {}
@@ -125,19 +144,35 @@ class History:
             if prompt_id in self.entries:
                 entry = self.entries[prompt_id]
                 return {prompt_id: copy.deepcopy(entry) if map_function is None else map_function(entry)}
-            return {}
+            stored = prompt_id in self.earlier and self.journal is not None
+        if stored:
+            entry = self._read(prompt_id)  # outside the queue lock: a read of the store
+            if entry is not None:
+                return {prompt_id: entry if map_function is None else map_function(entry)}
+        return {}
+
+    def _read(self, prompt_id: str) -> dict | None:
+        assert self.journal is not None
+        try:
+            return self.journal.history_entry(prompt_id)
+        except Exception as err:  # answered as unknown, as stock answers after a restart
+            log.error("comfy-parallel: history entry of %s not read from %s (%s: %s)", prompt_id, self.journal.path,
+                      type(err).__name__, err)
+            return None
 
     def wipe(self) -> None:
         with self.lock:
             self.entries.clear()
-            if self.journal is not None:
-                self.journal.forget_history()
+            self.earlier.clear()
+        if self.journal is not None:
+            self.journal.forget_history()
 
     def delete(self, prompt_id: str) -> None:
         with self.lock:
             self.entries.pop(prompt_id, None)
-            if self.journal is not None:
-                self.journal.forget_history([prompt_id])
+            self.earlier.pop(prompt_id, None)
+        if self.journal is not None:
+            self.journal.forget_history([prompt_id])
 
 
 class _SharedHistoryAccess:
@@ -165,6 +200,7 @@ class DeviceQueue(_SharedHistoryAccess):
     def __init__(self, index: int, lock: threading.RLock, history: History,
                  on_change: Callable[[], None]) -> None:
         self.index = index
+        self.route = device_route(index)
         self.mutex = lock
         self.not_empty = threading.Condition(lock)
         self.history_store = history
@@ -178,6 +214,7 @@ class DeviceQueue(_SharedHistoryAccess):
         self.listeners: list[Any] = []
         self.oom_retried: set[str] = set()
         # Prompts queued again after a server crash while they ran: prompt id -> the history message saying so.
+        # One dict for every device (DeviceQueues sets it): while it holds any, they run alone (_next_position).
         self.crash_retries: dict[str, dict] = {}
         self.writer: "JournalWriter | None" = None  # stores accepted prompts (journal_writer.py); None: no store
         self.incoming = 0  # prompts handed to the writer and not queued yet (they count for the shortest queue)
@@ -265,7 +302,7 @@ class DeviceQueue(_SharedHistoryAccess):
         """
         if not self.queue or self.held:
             return None
-        if not any(peer.crash_retries for peer in self.peers):
+        if not self.crash_retries:
             return 0
         if any(peer.currently_running for peer in self.peers):
             return None
@@ -461,8 +498,10 @@ class DeviceQueues(_SharedHistoryAccess):
         self._on_change = on_change or (lambda _index: None)
         self.devices = [DeviceQueue(i, self.mutex, self.history_store, self._changed_callback(i))
                         for i in range(n_devices)]
+        self.crash_retries: dict[str, dict] = {}  # see DeviceQueue.crash_retries
         for q in self.devices:
             q.peers = self.devices
+            q.crash_retries = self.crash_retries
         self.current_route = current_route
         self.default_route = default_route
 
@@ -488,17 +527,36 @@ class DeviceQueues(_SharedHistoryAccess):
         with self.mutex:
             return min(range(len(self.devices)), key=lambda i: (self.devices[i].get_tasks_remaining(), i))
 
+    # -- routes ---------------------------------------------------------------------------------------------------
+    def route_for(self, target: int | None) -> str:
+        """The route of a new prompt: its target device, or the device the default route gives it."""
+        return device_route(self.choose_device() if target is None else target)
+
+    def destination(self, route: str) -> DeviceQueue:
+        """The queue that takes prompts on ``route``; ``UnknownRoute`` if this server has none (a stored prompt's
+        device that a restart with fewer devices lost)."""
+        kind, _, arg = route.partition(":")
+        if kind == "gpu" and re.fullmatch(r"[0-9]+", arg) and int(arg) < len(self.devices):
+            return self.devices[int(arg)]
+        raise UnknownRoute(f"route {route!r} is not one of this server's "
+                           f"({', '.join(q.route for q in self.devices)})")
+
+    def enqueue(self, route: str, item: tuple, durable: bool = True) -> Future | None:
+        """Queue ``item`` on ``route``: the one way in for new prompts and for prompts a restart queues again.
+        ``durable``: stored in the write-ahead queue first (see ``DeviceQueue.put``)."""
+        return self.destination(route).put(item, durable)
+
     # -- the PromptQueue interface that ComfyUI's server.py uses --------------------------------------------
     def put(self, item: tuple) -> int:
         with self.mutex:
-            target = self._target()
-            index = self.choose_device() if target is None else target
-        stored = self.devices[index].put(item)
-        route = self.current_route()
-        if route is not None:
-            route.assigned = index
-            route.stored = stored
-        return index
+            route = self.route_for(self._target())
+        q = self.destination(route)
+        stored = q.put(item)
+        request = self.current_route()
+        if request is not None:
+            request.assigned = q.index
+            request.stored = stored
+        return q.index
 
     def get_current_queue(self) -> tuple[list, list]:
         running: list = []

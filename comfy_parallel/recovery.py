@@ -1,7 +1,10 @@
 """At start: the history and the unfinished prompts of the write-ahead queue (``journal.py``) come back.
 
-History first, before the HTTP listener serves ``/history``; then, before the workers start, every unfinished
-prompt is queued again on the device it was routed to, in its order, with its id and ``extra_data``. A prompt that
+History first, before the HTTP listener serves ``/history``: the ids of the stored entries, which
+``GET /history/{id}`` answers from the store (the ``/history`` listing starts empty, as stock's; see
+``queues.History``). Then, before the workers start, every unfinished prompt is queued again through the queues'
+routing entry point on the route it was accepted on (``gpu:N``: its device), in its order, with its id and
+``extra_data``. A prompt that
 was running when the process died runs once more and its websocket client and history entry are told that this is
 a retry after a server crash; one that was running at two crashes in a row is recorded as an error instead, so one
 poisonous workflow cannot crash-loop the server. ``/ready`` answers ``recovering`` until this is done.
@@ -18,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .journal import RUNNING, Journal, StoredPrompt, as_queue_item
-from .queues import MAXIMUM_HISTORY_SIZE
+from .queues import MAXIMUM_HISTORY_SIZE, UnknownRoute
 
 if TYPE_CHECKING:
     from .queues import DeviceQueues
@@ -63,18 +66,19 @@ def _move_aside(path: Path, synchronous: str, err: Exception) -> Journal:
 
 
 def load_history(queues: "DeviceQueues", journal: Journal, prompt_server: Any) -> int:
-    """Put the persisted history back and make new prompts number after every stored one."""
-    entries = journal.history(MAXIMUM_HISTORY_SIZE + 1)
-    queues.history_store.load(entries)
+    """Make the stored history answerable by id and new prompts number after every stored one."""
+    ids = journal.history_ids(MAXIMUM_HISTORY_SIZE + 1)
+    queues.history_store.load(ids)
     highest = journal.max_number()
     if highest is not None and hasattr(prompt_server, "number") and math.isfinite(highest):
         prompt_server.number = max(int(prompt_server.number), int(highest) + 1)
-    if entries:
-        log.info("comfy-parallel: %d history entries restored from %s", len(entries), journal.path)
-    return len(entries)
+    if ids:
+        log.info("comfy-parallel: %d history entries of earlier runs kept in %s (GET /history/{id} answers them; "
+                 "the /history listing starts empty)", len(ids), journal.path)
+    return len(ids)
 
 
-def retry_message(prompt_id: str, gpu_id: int, crashes: int) -> dict:
+def retry_message(prompt_id: str, gpu_id: int | None, crashes: int) -> dict:
     return {"prompt_id": prompt_id, "gpu_id": gpu_id, "retry_after_server_crash": True, "crashes": crashes,
             "message": "the server crashed while this prompt was running; it runs once more",
             "timestamp": int(time.time() * 1000)}
@@ -136,11 +140,13 @@ def requeue(queues: "DeviceQueues", journal: Journal, prompt_server: Any, item_l
     journal.count_crash(crashed)
     queued = retried = failed = 0
     for p in prompts:
-        index = p.gpu_id
-        if not 0 <= index < len(queues.devices):
-            index = queues.choose_device()
-            log.warning("comfy-parallel: stored prompt %s was on device %d, which this server does not have; "
-                        "queued on device %d", p.prompt_id, p.gpu_id, index)
+        route = p.route
+        try:
+            index = queues.destination(route).index
+        except UnknownRoute as err:
+            route = queues.route_for(None)
+            index = queues.destination(route).index
+            log.warning("comfy-parallel: stored prompt %s: %s; queued on %s instead", p.prompt_id, err, route)
         crashes = p.crashes + (p.state == RUNNING)
         if p.state == RUNNING and crashes >= MAX_CRASHES:
             _crashed_twice(queues, index, p, crashes, prompt_server)
@@ -149,15 +155,14 @@ def requeue(queues: "DeviceQueues", journal: Journal, prompt_server: Any, item_l
         if p.dropped_keys:
             log.warning("comfy-parallel: stored prompt %s runs without %s (secrets are not stored)", p.prompt_id,
                         ", ".join(p.dropped_keys))
-        q = queues.devices[index]
         if crashes:
             message = retry_message(p.prompt_id, index, crashes)
-            with q.mutex:
-                q.crash_retries[p.prompt_id] = message
+            with queues.mutex:
+                queues.crash_retries[p.prompt_id] = message
             client_id = p.item[3].get("client_id") if isinstance(p.item[3], dict) else None
             notifier.expect(p.prompt_id, client_id, message)
             retried += 1
-        q.put(as_queue_item(p, item_length), durable=False)  # its row is in the store already
+        queues.enqueue(route, as_queue_item(p, item_length), durable=False)  # its row is in the store already
         queued += 1
     log.info("comfy-parallel: restored %d persisted prompts from %s (%d were running when the server crashed; %d "
              "run again as a retry after a crash, %d crashed twice and are recorded as errors)", queued, journal.path,

@@ -22,7 +22,7 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -58,7 +58,6 @@ class GracefulShutdown:
         self.drain_timeout = drain_timeout
         self.deadline: float | None = None
         self.hurry = asyncio.Event()
-        self.history_before: list[str] = []  # history when the drain began: a clean stop drops it from the store
         self.task: asyncio.Task | None = None
 
     @property
@@ -99,8 +98,6 @@ class GracefulShutdown:
         queues = self.server.queues
         self.deadline = time.monotonic() + self.drain_timeout
         queues.hold()
-        with queues.mutex:
-            self.history_before = list(queues.history_store.entries)
         stats = queues.stats()
         log.info("comfy-parallel: %s received: draining (%d running, %d queued); new prompts get 503 for up to "
                  "%.0f s", sig.name, sum(s.running for s in stats), sum(s.queued for s in stats), self.drain_timeout)
@@ -171,14 +168,6 @@ class GracefulShutdown:
         if self.writer is not None and not self.writer.flush():
             log.error("comfy-parallel: prompts put from another thread were still being written to %s at exit; "
                       "they may be lost", self.journal.path)
-        try:
-            # A clean stop starts the next process with stock's empty history, except for the prompts that finished
-            # while it drained (their clients may ask after the restart); only a crash keeps the whole history.
-            # Upstream's own tests restart servers in one folder and expect a fresh history each time.
-            self.journal.forget_history(self.history_before)
-        except Exception as err:  # an old entry shown again after the restart is the only consequence
-            log.error("comfy-parallel: could not drop the history from %s (%s: %s)", self.journal.path,
-                      type(err).__name__, err)
         try:
             self.journal.requeued(cut_ids)
         except Exception as err:  # the process stops either way: they count as crashed at the next start

@@ -35,6 +35,7 @@ N_PROMPTS = 1000
 KILLS = 3
 ROUTES = ("header", "port", "prefix", "auto")
 STARTED_RE = re.compile(r"\[GPU (\d+)\] prompt (\S+) started")
+FINISHED_RE = re.compile(r"\[GPU \d+\] prompt (\S+) finished: ")
 STORE = Path("__comfy_parallel") / "queue.sqlite3"
 
 
@@ -86,6 +87,12 @@ def ready_through_restarts(s: Server, timeout: float = 90) -> dict:
     raise AssertionError(f"/ready not 200 after {timeout}s:\n{s.log()[-3000:]}")
 
 
+def finished_in_last_run(log: str) -> set[str]:
+    """Prompt ids the last server process the supervisor started logged as finished."""
+    last = log.rsplit("comfy-parallel supervisor: server started", 1)[-1]
+    return set(FINISHED_RE.findall(last))
+
+
 def child_pid(s: Server) -> int | None:
     """The server process the supervisor runs now (None while it restarts)."""
     assert s.proc is not None
@@ -132,7 +139,7 @@ def test_store_is_one_process_own(tmp_path: Path) -> None:
     from comfy_parallel.recovery import JournalInUse, open_journal
 
     first = Journal(tmp_path / "queue.sqlite3")
-    first.accepted(0, (1, "p", {}, {}, [], {}))
+    first.accepted("gpu:0", (1, "p", {}, {}, [], {}))
     with pytest.raises(JournalInUse, match="in use by another process"):
         open_journal(tmp_path / "queue.sqlite3")
     assert (tmp_path / "queue.sqlite3").exists() and first.count() == 1  # not moved aside
@@ -152,7 +159,50 @@ def test_store_of_a_drain_from_before_the_write_ahead_queue_is_converted(tmp_pat
             ("a", 2, "queued", json.dumps([3, "a", {}, {}, []]))])
         conn.execute("PRAGMA user_version = 1")
     stored = Journal(path).unfinished()
-    assert [(p.prompt_id, p.gpu_id, p.state, p.crashes) for p in stored] == [("a", 2, QUEUED, 0), ("b", 1, QUEUED, 0)]
+    assert [(p.prompt_id, p.route, p.state, p.crashes) for p in stored] == [
+        ("a", "gpu:2", QUEUED, 0), ("b", "gpu:1", QUEUED, 0)]
+
+
+def test_history_of_earlier_runs_answers_by_id_while_the_listing_starts_empty(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one rule for every start (crash or clean stop): /history/{id} finds what finished before it; the
+    /history listing, its offset and max_items start empty, as stock's; the store keeps the last N in all."""
+    from comfy_parallel import queues, recovery
+    from comfy_parallel.journal import Journal
+
+    monkeypatch.setattr(queues, "MAXIMUM_HISTORY_SIZE", 3)
+    monkeypatch.setattr(recovery, "MAXIMUM_HISTORY_SIZE", 3)
+    path = tmp_path / "queue.sqlite3"
+
+    def run(finished: list[str]) -> queues.DeviceQueues:
+        qs = queues.DeviceQueues(2, lambda: None)
+        journal = Journal(path)
+        qs.history_store.journal = journal
+        recovery.load_history(qs, journal, None)
+        for pid in finished:
+            journal.accepted("gpu:1", (1, pid, {}, {}, [], {}))
+            qs.history_store.record(pid, {"prompt": [1, pid, {}, {}, []], "outputs": {}, "gpu_id": 1})
+        return qs
+
+    first = run(["a", "b", "c"])
+    assert list(first.get_history()) == ["a", "b", "c"]
+    first.history_store.journal.close()
+    second = run([])
+    assert second.get_history() == {} and second.get_history(max_items=2, offset=0) == {}
+    assert second.get_history("b")["b"]["gpu_id"] == 1 and second.get_history("nope") == {}
+    assert list(second.get_history("a", map_function=lambda e: {"mapped": e["gpu_id"]}).values()) == [{"mapped": 1}]
+    second.delete_history_item("b")
+    second.history_store.record("d", {"prompt": [], "outputs": {}, "gpu_id": 0})
+    second.history_store.record("e", {"prompt": [], "outputs": {}, "gpu_id": 0})  # 4 in all: the limit's N + 1
+    assert list(second.get_history()) == ["d", "e"] and second.get_history("a") and second.get_history("c")
+    second.history_store.record("f", {"prompt": [], "outputs": {}, "gpu_id": 0})  # "a", the oldest, goes
+    assert second.get_history("a") == {} and list(second.get_history()) == ["d", "e", "f"]
+    second.history_store.journal.close()
+    third = run([])
+    assert third.get_history() == {}
+    assert [pid for pid in "abcdef" if third.get_history(pid)] == ["c", "d", "e", "f"]
+    third.wipe_history()
+    assert third.get_history("c") == {} and third.history_store.journal.history_ids(10) == []
 
 
 def test_supervisor_restart_policy() -> None:
@@ -236,6 +286,28 @@ def _request_of(s: Server, p: Planned) -> tuple[str, dict[str, str]]:
     if p.route == "prefix":
         return f"{s.url}/gpu{p.device}/prompt", {}
     return s.url + "/prompt", {}
+
+
+async def entries_by_id(session: aiohttp.ClientSession, s: Server, prompt_ids: list[str],
+                        timeout: float) -> dict[str, dict]:
+    """``GET /history/{id}`` of every prompt until each is there (the listing holds only what finished since the
+    last start)."""
+    found: dict[str, dict] = {}
+    gate = asyncio.Semaphore(8)
+
+    async def one(pid: str) -> None:
+        async with gate, session.get(f"{s.url}/history/{pid}") as resp:
+            entry = (await resp.json()).get(pid)
+        if entry is not None:
+            found[pid] = entry
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await asyncio.gather(*(one(pid) for pid in prompt_ids if pid not in found))
+        if len(found) == len(prompt_ids):
+            break
+        await asyncio.sleep(0.2)
+    return found
 
 
 async def known_to_server(session: aiohttp.ClientSession, s: Server, prompt_id: str) -> int | None:
@@ -326,16 +398,10 @@ async def test_kill_9_three_times_under_load(comfy_dir: Path) -> None:
 
             started = time.monotonic()
             await asyncio.gather(killer(), *(submit(p) for p in plan))
-            ids = {p.prompt_id for p in plan}
-            history: dict = {}
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                async with session.get(s.url + "/history") as resp:
-                    history = json.loads(await resp.text(), object_pairs_hook=_no_duplicate_keys)
-                if ids <= set(history):
-                    break
-                await asyncio.sleep(0.2)
+            history = await entries_by_id(session, s, [p.prompt_id for p in plan], timeout=120)
             wall_s = time.monotonic() - started
+            async with session.get(s.url + "/history") as resp:
+                listing = json.loads(await resp.text(), object_pairs_hook=_no_duplicate_keys)
             stop.set()
             for t in followers:
                 t.cancel()
@@ -380,6 +446,8 @@ async def test_kill_9_three_times_under_load(comfy_dir: Path) -> None:
     assert not never_ran and not not_success, (where, never_ran[:5], not_success[:5])
     assert not misdelivered and not told_unflagged, (where, misdelivered[:5], told_unflagged[:5])
     assert http_5xx == 0, statuses
+    # The listing starts empty at every start: it holds exactly what finished in the last process.
+    assert set(listing) == finished_in_last_run(log), (where, len(listing), len(finished_in_last_run(log)))
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -404,8 +472,8 @@ def test_native_crash_runs_once_more_then_is_recorded_as_crashed_twice(comfy_dir
                          headers={"X-TARGET-GPU": "1"}, client_id="crash-abort-client")["prompt_id"]
         entry = history_through_restarts(s, abort)
         entries = {pid: history_through_restarts(s, pid) for pid in others}
-        history = s.get("/history").json()
         ready = ready_through_restarts(s)
+        history = s.get("/history").json()
     finally:
         s.stop()
     log = s.log()
@@ -418,7 +486,8 @@ def test_native_crash_runs_once_more_then_is_recorded_as_crashed_twice(comfy_dir
     assert all(len(starts[pid]) <= 2 for pid in others)  # one running at each crash may run twice (flagged)
     assert all(len(starts[pid]) == 1 or retry_flags(entries[pid]) for pid in others)
     assert ready["ready"] and ready["status"] == "ready"
-    assert set(others) | {abort} <= set(history)
+    # The last start's listing: the record its recovery made, and what finished since; not the earlier runs'.
+    assert set(history) == finished_in_last_run(log) and abort in history
     reliability_results.record(f"crash os.abort ({version})", {
         "section": "crash: os.abort in a node", "comfyui": version, "prompts_sent": len(others) + 1, "lost": 0,
         "duplicated": 0, "faults_injected": 2, "faults_survived": 2, "wall_s": round(time.time() - started, 1),
@@ -447,5 +516,5 @@ def test_poisoned_cuda_context_ends_the_process_with_its_exit_code(comfy_dir: Pa
     assert code == cuda_fatal.EXIT_CODE, s.log()[-3000:]
     assert f"prompt {pid} hit a CUDA error that poisons the device context" in s.log()
     with contextlib.closing(sqlite3.connect(user_dir / STORE)) as conn:
-        rows = conn.execute("SELECT prompt_id, gpu_id, state FROM prompts").fetchall()
-    assert rows == [(pid, 1, "running")]  # runs once more after the restart, flagged as a retry after a crash
+        rows = conn.execute("SELECT prompt_id, route, state FROM prompts").fetchall()
+    assert rows == [(pid, "gpu:1", "running")]  # runs once more after the restart, flagged as a retry after a crash

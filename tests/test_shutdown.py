@@ -34,13 +34,13 @@ def finished_in_log(log: str) -> dict[str, list[tuple[int, str]]]:
     return out
 
 
-def store_rows(path: Path) -> dict[str, tuple[int, str, list]]:
-    """The unfinished prompts in the write-ahead queue: prompt id -> (device, state, item fields)."""
+def store_rows(path: Path) -> dict[str, tuple[str, str, list]]:
+    """The unfinished prompts in the write-ahead queue: prompt id -> (route, state, item fields)."""
     if not path.exists():
         return {}
     with contextlib.closing(sqlite3.connect(path)) as conn:  # closed: the server's lock on the file is exclusive
-        rows = conn.execute("SELECT prompt_id, gpu_id, state, item FROM prompts").fetchall()
-    return {pid: (gpu, state, json.loads(item)) for pid, gpu, state, item in rows}
+        rows = conn.execute("SELECT prompt_id, route, state, item FROM prompts").fetchall()
+    return {pid: (route, state, json.loads(item)) for pid, route, state, item in rows}
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -67,9 +67,9 @@ def test_store_keeps_order_and_drops_secrets(tmp_path: Path) -> None:
     assert journal.unfinished() == [] and journal.count() == 0
     secret = "sk-" + uuid.uuid4().hex
     late, front, cut = (prompt_id_for(f"store-{name}") for name in ("late", "front", "cut"))  # UUIDs, as on 0.33
-    journal.accepted(2, (7, late, {"1": {}}, {"client_id": "c1"}, ["1"], {"auth_token_comfy_org": secret}))
-    journal.accepted(0, (-3, front, {"1": {}}, {"api_key_comfy_org": secret, "x": 1}, ["1"]))
-    journal.accepted(1, (5.5, cut, {"1": {}}, {}, ["1"], {}))
+    journal.accepted("gpu:2", (7, late, {"1": {}}, {"client_id": "c1"}, ["1"], {"auth_token_comfy_org": secret}))
+    journal.accepted_many([("gpu:0", (-3, front, {"1": {}}, {"api_key_comfy_org": secret, "x": 1}, ["1"])),
+                           ("gpu:1", (5.5, cut, {"1": {}}, {}, ["1"], {}))])
     journal.started(cut)
     journal.requeued([cut])  # a drain cut it off: queued again, no crash counted
     journal.finished(front, {"prompt": [-3, front, {}, {"api_key_comfy_org": secret}, []], "outputs": {}})
@@ -81,12 +81,12 @@ def test_store_keeps_order_and_drops_secrets(tmp_path: Path) -> None:
     loaded = journal.unfinished()
     assert [tag_of(p.prompt_id) for p in loaded] == ["store-cut", "store-late"]  # number order
     stored_late = loaded[1]
-    assert (stored_late.gpu_id == 2 and stored_late.item[3] == {"client_id": "c1"}
+    assert (stored_late.route == "gpu:2" and stored_late.item[3] == {"client_id": "c1"}
             and stored_late.dropped_keys == ("auth_token_comfy_org",))
     assert loaded[0].state == QUEUED and loaded[0].crashes == 0
     assert as_queue_item(stored_late, 6) == (7, late, {"1": {}}, {"client_id": "c1"}, ["1"], {})
     assert as_queue_item(stored_late, 5) == (7, late, {"1": {}}, {"client_id": "c1"}, ["1"])
-    assert [pid for pid, _ in journal.history(10)] == [front]
+    assert journal.history_ids(10) == [front] and journal.history_entry(front)["prompt"][3] == {}
     journal.forget_prompts([late])
     assert [tag_of(p.prompt_id) for p in journal.unfinished()] == ["store-cut"]
 
@@ -167,14 +167,14 @@ def test_sigterm_drains_persists_and_restores_on_the_same_devices(comfy_dir: Pat
     assert run1 not in finished1  # cut off: its result is dropped, it runs again after the restart
     rows = store_rows(user_dir / STORE)
     assert set(rows) == set(queued) | {run1}
-    assert rows[run1][:2] == (1, QUEUED) and all(rows[p][1] == QUEUED for p in queued)  # cut off: not a crash
-    assert all(rows[p][0] == routed[p] for p in rows)
+    assert rows[run1][:2] == ("gpu:1", QUEUED) and all(rows[p][1] == QUEUED for p in queued)  # cut off: not a crash
+    assert all(rows[p][0] == f"gpu:{routed[p]}" for p in rows)
     assert rows[q2[0]][2][3]["client_id"] == "cp-shutdown-client"
     numbers = {p: rows[p][2][0] for p in rows}
 
     s2 = Server(comfy_dir, user_dir=user_dir, name=f"shutdown-restart-{version}").start()
     try:
-        assert f"restored {len(rows)} persisted prompts" in s2.log()
+        s2.wait_log(f"restored {len(rows)} persisted prompts")  # logged while the listener starts, not before
         entries = {pid: s2.wait_history(pid, timeout=60) for pid in rows}
         for pid, entry in entries.items():
             assert entry["status"]["status_str"] == "success", entry["status"]
@@ -189,6 +189,7 @@ def test_sigterm_drains_persists_and_restores_on_the_same_devices(comfy_dir: Pat
         s2.wait_history(later["prompt_id"])
         assert "retry_after_server_crash" not in json.dumps(entries)  # a drain is not a crash
         history2 = s2.get("/history").json()
+        by_id = {pid: s2.get(f"/history/{pid}").json().get(pid) for pid in routed}
     finally:
         s2.stop()
 
@@ -196,11 +197,13 @@ def test_sigterm_drains_persists_and_restores_on_the_same_devices(comfy_dir: Pat
     finished2 = finished_in_log(s2.log())
     in_s1 = {p for p in routed if p in finished1}
     in_s2 = {p for p in routed if p in finished2}
-    # A clean stop keeps the prompts that finished while draining; the history before the drain goes, as in stock.
-    lost = [p for p in routed if p not in in_s1 and p not in history2]
-    assert {run0, run2} <= set(history2)
+    # One rule for every start: /history/{id} answers for what finished before it (before the signal or while
+    # draining); the /history listing starts empty, as stock's, and lists what finished since.
+    assert set(history2) == in_s2 | {later["prompt_id"]}, (sorted(map(tag_of, history2)), len(in_s2))
+    assert all(by_id[p] is not None and by_id[p]["status"]["status_str"] == "success" for p in in_s1)
+    lost = [p for p in routed if by_id[p] is None]
     duplicated = [p for p in routed if len(finished1.get(p, []) + finished2.get(p, [])) > 1]
-    wrong = [p for p in in_s2 if history2[p]["gpu_id"] != routed[p]]
+    wrong = [p for p in routed if by_id[p] is not None and by_id[p]["gpu_id"] != routed[p]]
     reliability_results.record(f"shutdown ({version})", {
         "section": "shutdown", "comfyui": version, "prompts_sent": len(routed),
         "finished_before_signal": len(before), "finished_while_draining": len(in_s1) - len(before),
