@@ -22,19 +22,23 @@ commits. ``FULL`` adds an fsync per commit for that case (``bench/crash_safe_que
 
 Every write is one SQL statement in autocommit mode: the sqlite3 module gives up the GIL for each statement it
 steps, and a thread that gave it up waits for it again behind busy worker threads, so a write costs one hand-over,
-not three (``BEGIN``, the statement, ``COMMIT``). The queue table is keyed by prompt id alone (``WITHOUT ROWID``),
-so a write changes one B-tree, not a table and its index (history rows are larger than its B-tree keeps in a page,
-so they stay in a rowid table).
+not three (``BEGIN``, the statement, ``COMMIT``). Nor does a write hold a Python lock: SQLite serializes the
+statements of threads that share its connection (``sqlite3.threadsafety`` 3) and lets go as each one's step ends,
+while a Python lock around ``execute`` stays held until the writer has the GIL back, so the event loop's write of
+accepted prompts would wait for a worker that waits for the GIL. The queue table is keyed by prompt id alone
+(``WITHOUT ROWID``), so a write changes one B-tree, not a table and its index (history rows are larger than its
+B-tree keeps in a page, so they stay in a rowid table).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -45,7 +49,7 @@ from typing import Any
 SENSITIVE_EXTRA_DATA_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
 SCHEMA_VERSION = 2  # 1: the drain-only store (prompts saved at shutdown, a device index each), converted on open
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
-MAX_ROWS_PER_STATEMENT = 500  # accepted prompts per INSERT: 8 parameters each, far below SQLite's 32,766
+MAX_ROWS_PER_STATEMENT = 100  # prompts (8 parameters each) or ids per statement: under SQLite's oldest limit, 999
 
 QUEUED = "queued"
 RUNNING = "running"  # a worker took it; still RUNNING at the next start means the process died while it ran
@@ -110,10 +114,11 @@ def _number_key(number: Any) -> float:
 
 
 class Journal:
-    """One SQLite file in WAL mode, one connection shared by the HTTP thread and the workers under a lock.
+    """One SQLite file in WAL mode, one connection shared by the HTTP thread and the workers.
 
     Every method has committed when it returns; the answer to ``POST /prompt`` waits for the commit that holds the
-    prompt (``journal_writer.py``).
+    prompt (``journal_writer.py``). Each write is one statement, atomic on its own; the few steps that take several
+    (opening, ``history_ids``, ``count_crash``) run at start, before anything else writes.
     """
 
     def __init__(self, path: Path | str, synchronous: str = "NORMAL") -> None:
@@ -121,7 +126,9 @@ class Journal:
             raise ValueError(f"synchronous={synchronous!r}; use one of {', '.join(SYNCHRONOUS_MODES)}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.lock = threading.Lock()
+        # Only where SQLite does not serialize a shared connection itself do statements take a lock of ours.
+        self.lock: contextlib.AbstractContextManager[Any] = (
+            contextlib.nullcontext() if sqlite3.threadsafety == 3 else threading.Lock())
         self.conn = sqlite3.connect(self.path, timeout=1, isolation_level=None, check_same_thread=False)
         # EXCLUSIVE: this process alone writes the file (a second server on the same file would run its prompts
         # twice), and WAL needs no shared-memory index then; every commit is a few syscalls fewer.
@@ -129,6 +136,8 @@ class Journal:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self._insert_sql: dict[int, str] = {}
+        self._evicting = threading.Lock()  # guards _evicted alone, never held during I/O
+        self._evicted: set[str] = set()  # evicted history entries not deleted yet (see ``finished``)
         self._create()
 
     def _create(self) -> None:
@@ -162,6 +171,10 @@ class Journal:
     def _transaction(self) -> "_Transaction":
         return _Transaction(self.conn)
 
+    def _write(self, sql: str, params: Sequence[Any] = ()) -> None:
+        with self.lock:
+            self.conn.execute(sql, params)
+
     def close(self) -> None:
         with self.lock:
             self.conn.close()
@@ -172,8 +185,10 @@ class Journal:
         self.accepted_many([(route, item)])
 
     def accepted_many(self, prompts: list[tuple[str, tuple]]) -> None:
-        """Write several prompts as queued, all or none (``journal_writer.py``'s batches): one statement for up
-        to ``MAX_ROWS_PER_STATEMENT`` prompts, a transaction around several."""
+        """Write up to ``MAX_ROWS_PER_STATEMENT`` prompts as queued in one statement, all or none
+        (``journal_writer.py``'s batches)."""
+        if len(prompts) > MAX_ROWS_PER_STATEMENT:
+            raise ValueError(f"{len(prompts)} prompts in one statement; at most {MAX_ROWS_PER_STATEMENT}")
         params: list[Any] = []
         now = time.time()
         for route, item in prompts:
@@ -182,17 +197,10 @@ class Journal:
                 encoded = json.dumps(fields)
             except (TypeError, ValueError) as err:
                 raise type(err)(f"prompt {item[1]} cannot be stored as JSON: {err}") from err
-            params += (str(item[1]), route, _number_key(item[0]), QUEUED, 0, encoded, json.dumps(dropped), now)
-        width = 8
-        chunks = [params[i:i + width * MAX_ROWS_PER_STATEMENT]
-                  for i in range(0, len(params), width * MAX_ROWS_PER_STATEMENT)]
-        with self.lock:
-            if len(chunks) == 1:
-                self.conn.execute(self._insert(len(chunks[0]) // width), chunks[0])
-                return
-            with self._transaction():
-                for chunk in chunks:
-                    self.conn.execute(self._insert(len(chunk) // width), chunk)
+            params += (str(item[1]), route, _number_key(item[0]), QUEUED, 0, encoded,
+                       json.dumps(dropped) if dropped else "[]", now)
+        if params:
+            self._write(self._insert(len(prompts)), params)
 
     def _insert(self, rows: int) -> str:
         sql = self._insert_sql.get(rows)
@@ -202,44 +210,43 @@ class Journal:
         return sql
 
     def started(self, prompt_id: str) -> None:
-        with self.lock:
-            self.conn.execute("UPDATE prompts SET state = ? WHERE prompt_id = ?", (RUNNING, prompt_id))
+        self._write("UPDATE prompts SET state = ? WHERE prompt_id = ?", (RUNNING, prompt_id))
 
     def requeued(self, prompt_ids: Iterable[str]) -> None:
         """Back to queued without counting a crash: prompts a drain cut off, or a retry after out of memory."""
-        ids = [str(p) for p in prompt_ids]
-        if not ids:
-            return
-        with self.lock:
-            self.conn.execute(f"UPDATE prompts SET state = ? WHERE prompt_id IN ({', '.join('?' * len(ids))})",
-                              (QUEUED, *ids))
+        for chunk in _chunks(prompt_ids):
+            self._write(f"UPDATE prompts SET state = ? WHERE prompt_id IN ({', '.join('?' * len(chunk))})",
+                        (QUEUED, *chunk))
 
     def finished(self, prompt_id: str, entry: dict, evicted: Iterable[str] = ()) -> None:
-        """One statement (the ``finished`` trigger): the history entry is written and the prompt leaves the queue;
-        then the ``evicted`` entries (beyond ComfyUI's history limit) go."""
+        """One statement (the ``finished`` trigger): the history entry is written and the prompt leaves the queue.
+
+        The ``evicted`` entries (beyond ComfyUI's history limit: one per prompt once it is reached) are deleted
+        ``MAX_ROWS_PER_STATEMENT`` at a time, not one statement each; until then the store holds a few more than
+        the limit, which ``history_ids`` trims at the next start.
+        """
         encoded = json.dumps(public_entry(entry), default=str)
-        with self.lock:
-            self.conn.execute("INSERT OR REPLACE INTO history (prompt_id, entry) VALUES (?, ?)", (prompt_id, encoded))
-        self.forget_history(evicted)
+        with self._evicting:
+            self._evicted.discard(prompt_id)
+            self._evicted.update(str(p) for p in evicted)
+            due = list(self._evicted) if len(self._evicted) >= MAX_ROWS_PER_STATEMENT else []
+            self._evicted.difference_update(due)
+        self._write("INSERT OR REPLACE INTO history (prompt_id, entry) VALUES (?, ?)", (prompt_id, encoded))
+        if due:
+            self.forget_history(due)
 
     def forget_prompts(self, prompt_ids: Iterable[str]) -> None:
         """Queued prompts a client deleted (``POST /queue``): they will never run."""
-        self._delete("prompts", prompt_ids)
+        for chunk in _chunks(prompt_ids):
+            self._write(f"DELETE FROM prompts WHERE prompt_id IN ({', '.join('?' * len(chunk))})", chunk)
 
     def forget_history(self, prompt_ids: Iterable[str] | None = None) -> None:
         """History entries a client deleted (``POST /history``) or that were evicted; ``None``: all of them."""
         if prompt_ids is None:
-            with self.lock:
-                self.conn.execute("DELETE FROM history")
+            self._write("DELETE FROM history")
             return
-        self._delete("history", prompt_ids)
-
-    def _delete(self, table: str, prompt_ids: Iterable[str]) -> None:
-        ids = [str(p) for p in prompt_ids]
-        for i in range(0, len(ids), MAX_ROWS_PER_STATEMENT):
-            chunk = ids[i:i + MAX_ROWS_PER_STATEMENT]
-            with self.lock:
-                self.conn.execute(f"DELETE FROM {table} WHERE prompt_id IN ({', '.join('?' * len(chunk))})", chunk)
+        for chunk in _chunks(prompt_ids):
+            self._write(f"DELETE FROM history WHERE prompt_id IN ({', '.join('?' * len(chunk))})", chunk)
 
     # -- at start ----------------------------------------------------------------------------------------------------
     def unfinished(self) -> list[StoredPrompt]:
@@ -250,15 +257,17 @@ class Journal:
         return [StoredPrompt(route, tuple(json.loads(item)), state, crashes, tuple(json.loads(dropped)))
                 for route, state, crashes, item, dropped in rows]
 
-    def count_crash(self, prompt_ids: Iterable[str]) -> None:
-        """The server died while these ran: one more crash each, and queued again."""
-        with self.lock, self._transaction():
-            self.conn.executemany("UPDATE prompts SET crashes = crashes + 1, state = ? WHERE prompt_id = ?",
-                                  [(QUEUED, str(p)) for p in prompt_ids])
+    def count_crash(self) -> list[str]:
+        """The server died while the prompts still marked running ran: one more crash each, and queued again;
+        returns their ids. Only at start, before any worker marks a prompt as running."""
+        with self.lock:
+            ids = [r[0] for r in self.conn.execute("SELECT prompt_id FROM prompts WHERE state = ?", (RUNNING,))]
+            self.conn.execute("UPDATE prompts SET crashes = crashes + 1, state = ? WHERE state = ?", (QUEUED, RUNNING))
+        return ids
 
     def history_ids(self, limit: int) -> list[str]:
         """The prompt ids of the last ``limit`` history entries, oldest first; older entries are deleted."""
-        with self.lock, self._transaction():
+        with self.lock:
             rows = self.conn.execute("SELECT seq, prompt_id FROM history ORDER BY seq").fetchall()
             kept = rows[max(0, len(rows) - limit):]
             if kept and len(kept) < len(rows):
@@ -280,6 +289,11 @@ class Journal:
     def count(self) -> int:
         with self.lock:
             return int(self.conn.execute("SELECT COUNT(*) FROM prompts").fetchone()[0])
+
+
+def _chunks(prompt_ids: Iterable[str]) -> list[list[str]]:
+    ids = [str(p) for p in prompt_ids]
+    return [ids[i:i + MAX_ROWS_PER_STATEMENT] for i in range(0, len(ids), MAX_ROWS_PER_STATEMENT)]
 
 
 class _Transaction:

@@ -22,6 +22,8 @@ import threading
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+from .journal import MAX_ROWS_PER_STATEMENT
+
 if TYPE_CHECKING:
     from .journal import Journal
     from .queues import DeviceQueue
@@ -79,7 +81,11 @@ class JournalWriter:
                     self.busy = False
                     self.cond.notify_all()
 
-    def _accept(self, run: list[tuple["DeviceQueue", tuple, Any]]) -> None:
+    def _accept(self, batch: list[tuple["DeviceQueue", tuple, Any]]) -> None:
+        for start in range(0, len(batch), MAX_ROWS_PER_STATEMENT):
+            self._accept_statement(batch[start:start + MAX_ROWS_PER_STATEMENT])
+
+    def _accept_statement(self, run: list[tuple["DeviceQueue", tuple, Any]]) -> None:
         try:
             self.journal.accepted_many([(q.route, item) for q, item, _ in run])
         except Exception as err:  # not stored, so not queued: each client gets an error instead of an id
@@ -87,11 +93,13 @@ class JournalWriter:
                       len(run), self.journal.path, type(err).__name__, err)
             for q, item, future in run:
                 q.push(item, incoming=True, queue_it=False)
-                future.set_exception(err)
+                if not future.done():  # done: its request was cancelled
+                    future.set_exception(err)
             return
         for q, item, future in run:
             q.push(item, incoming=True)
-            future.set_result(None)
+            if not future.done():
+                future.set_result(None)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

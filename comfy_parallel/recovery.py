@@ -136,8 +136,7 @@ def requeue(queues: "DeviceQueues", journal: Journal, prompt_server: Any, item_l
     prompts = journal.unfinished()
     if not prompts:
         return 0
-    crashed = [p.prompt_id for p in prompts if p.state == RUNNING]
-    journal.count_crash(crashed)
+    crashed = journal.count_crash()
     queued = retried = failed = 0
     for p in prompts:
         route = p.route

@@ -205,6 +205,58 @@ def test_history_of_earlier_runs_answers_by_id_while_the_listing_starts_empty(
     assert third.get_history("c") == {} and third.history_store.journal.history_ids(10) == []
 
 
+def test_threads_write_the_store_at_once(tmp_path: Path) -> None:
+    """Writes take no lock of ours (SQLite serializes a shared connection): the event loop's batches, the workers'
+    starts and history entries and clients' deletes, from threads at once, all land."""
+    import threading
+
+    from comfy_parallel.journal import MAX_ROWS_PER_STATEMENT, Journal
+
+    journal = Journal(tmp_path / "queue.sqlite3")
+    errors: list[BaseException] = []
+
+    def worker(w: int) -> None:
+        try:
+            for n in range(0, 300, 3):
+                items = [(f"gpu:{w}", (n + k, f"{w}-{n + k}", {"1": {}}, {}, ["1"], {})) for k in range(3)]
+                journal.accepted_many(items)
+                for _, item in items:
+                    journal.started(item[1])
+                    journal.finished(item[1], {"prompt": list(item[:5]), "outputs": {}, "gpu_id": w})
+                journal.forget_history([f"{w}-{n}"])
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert journal.count() == 0 and len(journal.history_ids(10_000)) == 4 * 200
+    with pytest.raises(ValueError, match="at most"):
+        journal.accepted_many([("gpu:0", (i, f"x{i}", {}, {}, [], {})) for i in range(MAX_ROWS_PER_STATEMENT + 1)])
+
+
+def test_evicted_history_leaves_the_store_in_batches(tmp_path: Path) -> None:
+    """Beyond the history limit every prompt evicts one entry: they are deleted in one statement per batch, an
+    entry written again meanwhile stays, and the next start trims what is left over."""
+    from comfy_parallel.journal import MAX_ROWS_PER_STATEMENT, Journal
+
+    journal = Journal(tmp_path / "queue.sqlite3")
+    n = MAX_ROWS_PER_STATEMENT
+    for i in range(2 * n):
+        journal.finished(f"p{i}", {"outputs": {}})
+    for i in range(n - 1):  # one short of a batch: nothing deleted yet
+        journal.finished(f"q{i}", {"outputs": {}}, evicted=[f"p{i}"])
+    assert len(journal.history_ids(10 * n)) == 3 * n - 1
+    journal.finished("p0", {"outputs": {"again": 1}})  # written again before its eviction went through
+    journal.finished(f"q{n - 1}", {"outputs": {}}, evicted=[f"p{n - 1}", f"p{n}"])  # the batch is due
+    ids = journal.history_ids(10 * n)
+    assert "p0" in ids and not {f"p{i}" for i in range(1, n + 1)} & set(ids) and len(ids) == 2 * n
+    assert journal.history_ids(5) == ids[-5:] and journal.history_ids(10 * n) == ids[-5:]  # trimmed at a start
+
+
 def test_supervisor_restart_policy() -> None:
     from comfy_parallel import supervisor
 
