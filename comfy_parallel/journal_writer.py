@@ -3,12 +3,14 @@
 Each SQLite statement gives up the GIL; a busy worker thread then keeps it for up to a switch interval (5 ms). One
 write per prompt from ComfyUI's ``POST /prompt`` handler cost 15-25% of the accepted prompts per second. A writer
 thread that the handler waits for keeps the loop from waiting for the GIL, but waking the thread and then the loop
-for every batch costs CPU: in three A/B runs against this module on the shared 2-core VM it was ahead once and
-behind twice (by up to 20% of the no-store rate), with up to 17% more server CPU per prompt. So accepted prompts are
-written on the event loop, one statement per loop pass: the handler adds the prompt to the batch and the HTTP answer
-awaits the batch's commit (``MultiDeviceServer._handle``), which runs once the handlers of that pass have all added
-theirs. Only then is the prompt queued for its worker, so no worker ever starts a prompt the store does not have. A
-``put`` from another thread (a custom node) is written by this module's thread instead.
+for every batch costs CPU: measured against this module on the shared 2-core VM (20 rounds while no other process
+ran, both without a lock around statements), it accepted about as many prompts (-7% against -9% of the no-store
+rate of the same round) for 40% more server CPU per prompt (2.7 against 1.9 ms), and fell further behind whenever
+other processes wanted the CPU. So accepted prompts are written on the event loop, one statement per loop pass:
+the handler adds the prompt to the batch and the HTTP answer awaits the batch's commit
+(``MultiDeviceServer._handle``), which runs once the handlers of that pass have all added theirs. Only then is the
+prompt queued for its worker, so no worker ever starts a prompt the store does not have. A ``put`` from another
+thread (a custom node) is written by this module's thread instead.
 
 History entries are not written here: a worker writes its prompt's entry itself, right after the prompt ends (and
 its start before it runs), so only prompts that were really running at a crash run again after it.
