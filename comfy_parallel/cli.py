@@ -14,13 +14,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import deploy, provision, scan
+from . import deploy, provision, scan, supervisor
 from .pool import DEFAULT_SLACK
 from .settings import (DEFAULT_ROUTE, Settings, SettingsError, default_devices, env_enabled, parse_affinity_slack,
                        parse_cuda_graphs, parse_default_route, parse_devices, parse_entry_ports, parse_graphs_max,
                        parse_vram_limit,
                        weight_settings)
-from .settings import ALLOW_UNCHECKED_ENV, DEFAULT_DRAIN_TIMEOUT_S, env_flag, lifecycle_env, lifecycle_settings
+from .settings import (ALLOW_UNCHECKED_ENV, DEFAULT_DRAIN_TIMEOUT_S, env_flag, journal_synchronous, lifecycle_env,
+                       lifecycle_settings)
 
 log = logging.getLogger("comfy_parallel")
 
@@ -35,12 +36,20 @@ routing (one process, one queue and one worker per device):
                               then age; /prompt answers "gpu_id": null, "route": "pool"); N = always device N
 A bad target is answered with HTTP 400 and a JSON body listing the valid targets.
 
+crash safety (the write-ahead queue, on unless --no-persist):
+  every accepted prompt is in <user-dir>/__comfy_parallel/queue.sqlite3 (--persist-path)
+  before POST /prompt answers, until its history entry is written; the last 10,000 history
+  entries are kept there too. After a crash (kill -9, OOM killer, native crash, CUDA error)
+  the next start queues the unfinished prompts again as routed (device or pool), in order;
+  a prompt running at the crash runs once more (flagged as a retry), at two crashes in a row
+  it is recorded as an error. --supervise restarts the server after a crash.
+
 shutdown (SIGTERM or Ctrl-C; a second signal stops at once):
   POST /prompt answers 503 with Retry-After, reads keep working, /ready answers 503;
-  running prompts get --drain-timeout seconds; queued prompts and those cut off are saved
-  to <user-dir>/__comfy_parallel/queue.sqlite3 (--persist-path) and queued again as they were
-  routed (their device, or the pool) at the next start; with --no-persist they are recorded
-  in /history as errors.
+  running prompts get --drain-timeout seconds; queued prompts (pooled ones too) and those
+  cut off stay in the write-ahead queue and run after the next start, as they were routed
+  (their device, or the pool); with --no-persist queued prompts are recorded in /history
+  as errors.
 
 admin token (--admin-token or COMFY_PARALLEL_ADMIN_TOKEN; unset: no access control, as stock):
   POST /free, untargeted POST /interrupt without prompt_id, POST /queue {"clear": true},
@@ -142,10 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
                            help="after SIGTERM/SIGINT, how long running prompts may finish before they are cut "
                                 f"off and persisted (default {DEFAULT_DRAIN_TIMEOUT_S:.0f})")
     lifecycle.add_argument("--no-persist", action="store_true",
-                           help="do not save prompts left at shutdown; queued ones are recorded as errors")
+                           help="no write-ahead queue: a crash loses every queued and running prompt and the "
+                                "history, and at shutdown queued prompts are recorded as errors")
     lifecycle.add_argument("--persist-path", metavar="FILE",
-                           help="SQLite file for prompts left at shutdown "
+                           help="SQLite file of the write-ahead queue and the history "
                                 "(default <user-dir>/__comfy_parallel/queue.sqlite3)")
+    lifecycle.add_argument("--supervise", action="store_true",
+                           help="run the server as a child process and start it again whenever it crashes "
+                                f"(killed, aborted, or exit code {supervisor.cuda_fatal.EXIT_CODE} after a CUDA error "
+                                "that poisons a device); a clean shutdown, bad settings or a refused ComfyUI end "
+                                "it. Not needed under systemd, whose unit restarts the service itself")
     lifecycle.add_argument("--admin-token", metavar="TOKEN",
                            help="require this token for /free, /interrupt of everything, clearing queues and the "
                                 "monitoring routes (prefer COMFY_PARALLEL_ADMIN_TOKEN: a command line is visible "
@@ -220,7 +235,7 @@ def serve_settings(args: argparse.Namespace, env: dict[str, str] | None = None) 
                                        getattr(args, "weights_ram_limit", None), getattr(args, "host_copy", "ram")),
                     allow_unchecked_comfyui=bool(getattr(args, "allow_unchecked_comfyui", False))
                     or env_flag(env, ALLOW_UNCHECKED_ENV),
-                    **_lifecycle(args, env))
+                    journal_synchronous=journal_synchronous(env), **_lifecycle(args, env))
 
 
 def _lifecycle(args: argparse.Namespace, env: dict[str, str]) -> dict:
@@ -402,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ours, comfy_args = _split_comfy_args(argv)
     args = build_parser().parse_args(ours)
+    if args.command == "serve" and args.supervise:
+        child_args = [a for a in ours[ours.index("serve") + 1:] if a != "--supervise"]
+        return supervisor.run([*child_args, "--", *comfy_args])
     if args.command == "serve":
         return cmd_serve(args, comfy_args)
     if args.command == "doctor":

@@ -170,8 +170,9 @@ def add_routes(server: "MultiDeviceServer", routes: web.RouteTableDef) -> None:
         workers = [{"gpu_id": w.spec.index, "alive": w.is_alive(), "started": w.ready.is_set()}
                    for w in server.workers]
         draining = bool(getattr(getattr(server, "graceful", None), "draining", False))
-        return web.json_response({"ready": ready, "draining": draining, "workers": workers},
-                                 status=200 if ready else 503)
+        recovering = bool(getattr(server, "recovering", False))
+        return web.json_response({"ready": ready, "status": server.state(), "draining": draining,
+                                  "recovering": recovering, "workers": workers}, status=200 if ready else 503)
 
 
 def stock_path(request: web.Request) -> str | None:

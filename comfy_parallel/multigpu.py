@@ -10,6 +10,7 @@ A prompt's path, top to bottom:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import uuid
@@ -18,12 +19,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from aiohttp import web
 
-from . import access, http_api, routing, scan, shutdown, validation, worker_context
+from . import access, cuda_fatal, http_api, recovery, routing, scan, shutdown, validation, worker_context
 from .comfy_adapter import custom_node_dirs
 from .comfy_adapter.model_files import find_model_file
 from .device_status import DeviceStatus
+from .journal import Journal
+from .journal_writer import JournalWriter
 from .metrics import DeviceMetrics
-from .persistence import PromptStore
 from .pool import Residency
 from .queues import DeviceQueues
 from .warmup import Warmup
@@ -64,7 +66,13 @@ class MultiDeviceServer:
         self.prompt_server: Any = None
         self.ws_targets: dict[str, int] = {}
         self.admin = access.AdminToken(settings.admin_token) if settings.admin_token else None
-        self.graceful = shutdown.GracefulShutdown(self, None, settings.drain_timeout)  # store: in start_workers
+        self.graceful = shutdown.GracefulShutdown(self, None, settings.drain_timeout)  # journal: in before_routes
+        self.journal: Journal | None = None
+        self.journal_writer: JournalWriter | None = None
+        self.recovering = settings.persist  # until the write-ahead queue's prompts are queued again
+        self.retry_notifier: recovery.CrashRetryNotifier | None = None
+        for q in self.queues.devices:
+            q.on_fatal = cuda_fatal.exit_process
 
     @property
     def n_devices(self) -> int:
@@ -80,6 +88,28 @@ class MultiDeviceServer:
             self.metrics.graph_stats = STATS.as_dict
         prompt_server.prompt_queue = self.queues
         http_api.add_routes(self, prompt_server.routes)
+        self._open_journal(prompt_server)
+
+    def _open_journal(self, prompt_server: Any) -> None:
+        """History back before the listener starts; new prompts numbered after every stored one."""
+        path = self._journal_path()
+        if not self.settings.persist:
+            if path.exists():
+                log.warning("comfy-parallel: persistence is off: prompts and history stored at %s are not "
+                            "restored", path)
+            return
+        self.journal = recovery.open_journal(path, self.settings.journal_synchronous)
+        self.queues.history_store.journal = self.journal
+        self.journal_writer = JournalWriter(self.journal, getattr(prompt_server, "loop", None))
+        self.graceful.writer = self.journal_writer
+        self.queues.writer = self.journal_writer
+        self.graceful.journal = self.journal
+        self.retry_notifier = recovery.CrashRetryNotifier(prompt_server)
+        self.queues.add_listener(self.retry_notifier)
+        recovery.load_history(self.queues, self.journal, prompt_server)
+
+    def _journal_path(self) -> Path:
+        return Path(self.settings.persist_path) if self.settings.persist_path else shutdown.default_persist_path()
 
     def after_routes(self, prompt_server: Any) -> None:
         app: web.Application = prompt_server.app
@@ -97,17 +127,17 @@ class MultiDeviceServer:
         threading.Thread(target=scan.startup_report, args=(dirs, log), name="comfy-parallel-scan", daemon=True).start()
 
     def _restore_and_arm_shutdown(self, prompt_server: Any, prompt_worker: Callable[[Any, Any], None]) -> None:
-        """Queue what the last shutdown persisted before any worker starts; then take over SIGTERM/SIGINT."""
-        path = Path(self.settings.persist_path) if self.settings.persist_path else shutdown.default_persist_path()
-        store = PromptStore(path)
-        if self.settings.persist:
-            self.graceful.store = store
-            # WARNING: ComfyUI 0.3.75's prompt_worker reads item[5] (``sensitive``); 0.3.52's items have 5 fields.
-            code = getattr(prompt_worker, "__code__", None)
-            item_length = 6 if code is not None and "sensitive" in code.co_varnames else 5
-            shutdown.restore(self, store, prompt_server, item_length)
-        elif path.exists() and (left := store.count()):
-            log.warning("comfy-parallel: persistence is off: %d prompts persisted at %s are not restored", left, path)
+        """Queue what the write-ahead queue holds before any worker starts; then take over SIGTERM/SIGINT."""
+        try:
+            if self.journal is not None and self.retry_notifier is not None:
+                # WARNING: ComfyUI 0.3.75/0.33's prompt_worker reads item[5] (``sensitive``); 0.3.52's have 5 fields.
+                code = getattr(prompt_worker, "__code__", None)
+                item_length = 6 if code is not None and "sensitive" in code.co_varnames else 5
+                recovery.requeue(self.queues, self.journal, prompt_server, item_length, self.retry_notifier)
+        except Exception:  # the store stays as it is for the next start; this one serves new prompts
+            log.exception("comfy-parallel: could not queue the stored prompts again")
+        finally:
+            self.recovering = False
         # This runs on the thread start_comfyui made for the worker; signal handlers belong to the loop's thread.
         prompt_server.loop.call_soon_threadsafe(self.graceful.install, prompt_server.loop)
 
@@ -154,6 +184,13 @@ class MultiDeviceServer:
         if http_api.is_route(request, "GET", "/ws"):
             return await self._websocket(request, route, handler)
         response = await handler(request)
+        if route.stored is not None:
+            try:
+                await asyncio.wrap_future(route.stored)  # the answer promises a prompt that survives a crash
+            except Exception as err:
+                return web.json_response({"error": {"type": "not_stored", "message": f"the prompt could not be "
+                                                    f"written to the write-ahead queue: {err}", "details": "",
+                                                    "extra_info": {}}, "node_errors": {}}, status=500)
         if http_api.is_route(request, "POST", "/prompt"):
             if route.pooled:
                 response = await routing.add_json_field(response, gpu_id=None, route="pool")
@@ -193,7 +230,15 @@ class MultiDeviceServer:
         """Every worker thread is alive, has warmed up its device, and the optional model warm-up is done."""
         workers_up = len(self.workers) == self.n_devices and all(w.is_alive() and w.ready.is_set()
                                                                  for w in self.workers)
-        return workers_up and self.warmup.done and not self.graceful.draining
+        return workers_up and self.warmup.done and not self.graceful.draining and not self.recovering
+
+    def state(self) -> str:
+        """What /ready says: recovering, draining, starting or ready."""
+        if self.recovering:
+            return "recovering"
+        if self.graceful.draining:
+            return "draining"
+        return "ready" if self.ready() else "starting"
 
     def _queue_changed(self, index: int | None) -> None:
         if self.prompt_server is not None:

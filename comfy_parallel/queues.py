@@ -8,6 +8,11 @@ current request targets (or to all of them, merged, when the request has no targ
 With ``--default-route pool`` untargeted prompts are not bound to a device when they arrive: they wait in one
 ``pool.Pool`` and a worker that goes idle takes the pooled prompt cheapest for it (late binding, see pool.py).
 
+Every prompt comes in through one routing entry point, ``DeviceQueues.route_put``, with its *route*: a device
+index as a string, or ``"pool"``. New prompts do, and so do the prompts a restart queues again from the
+write-ahead queue (``recovery.py``), which stores each with the route it was accepted on; with the store, a new
+prompt is written there before it is queued or pooled (``journal_writer.py``).
+
 An item is ComfyUI's tuple ``(number, prompt_id, prompt, extra_data, outputs_to_execute[, sensitive])``; a
 history entry is ComfyUI's dict plus ``gpu_id``, the index of the device that ran it.
 """
@@ -20,13 +25,18 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from . import worker_context
+from . import cuda_fatal, worker_context
 from .pool import DEFAULT_SLACK, NO_RESIDENCY, FileResolver, Pool, Residency, Traits, traits_of
 
+if TYPE_CHECKING:
+    from .journal import Journal
+    from .journal_writer import JournalWriter
+
 log = logging.getLogger("comfy_parallel.queues")
-POOL_ROUTE = "pool"  # the route string of a prompt accepted into the pool (persisted as such)
+POOL_ROUTE = "pool"  # the route string of a prompt accepted into the pool (stored as such)
 
 MAXIMUM_HISTORY_SIZE = 10000  # ComfyUI's execution.MAXIMUM_HISTORY_SIZE
 
@@ -73,21 +83,58 @@ def shutdown_error(item: tuple, message: str) -> dict:
 
 
 class History:
-    """The one history all device queues write to, in completion order (ComfyUI's dict semantics)."""
+    """The one history all device queues write to, in completion order (ComfyUI's dict semantics).
+
+    ``entries`` is this process's history, what ``GET /history`` lists and pages through: as stock's, it starts
+    empty at every start (a crash or a clean stop alike) and holds what finishes from then on, prompts that the
+    restart queued again included. With a journal every entry is also written to it, in the statement that
+    removes the prompt from the write-ahead queue, so the last ``MAXIMUM_HISTORY_SIZE`` entries survive the
+    process; those of earlier processes (``earlier``, ids only) are read from the store when a client asks for one
+    by id (``GET /history/{id}``, 0.33's ``/api/jobs/{id}``).
+    """
 
     def __init__(self, lock: threading.RLock) -> None:
         self.lock = lock
         self.entries: dict[str, dict] = {}
+        self.earlier: dict[str, None] = {}  # ids of the stored entries of earlier processes, oldest first
+        self.journal: "Journal | None" = None
 
-    def record(self, prompt_id: str, entry: dict) -> None:
+    def record(self, prompt_id: str, entry: dict, write: bool = True) -> list[str]:
+        """Add ``entry``; return the ids evicted beyond the limit. ``write=False``: the caller calls ``write``
+        itself once it has let go of the queue lock (a worker must not hold every device's lock during I/O)."""
         with self.lock:
+            evicted = []
             if len(self.entries) > MAXIMUM_HISTORY_SIZE:
-                self.entries.pop(next(iter(self.entries)))
+                evicted.append(next(iter(self.entries)))
+                self.entries.pop(evicted[0])
+            self.earlier.pop(prompt_id, None)
+            while self.earlier and len(self.earlier) + len(self.entries) > MAXIMUM_HISTORY_SIZE:
+                oldest = next(iter(self.earlier))
+                del self.earlier[oldest]
+                evicted.append(oldest)
             self.entries[prompt_id] = entry
+        if write:
+            self.write(prompt_id, entry, evicted)
+        return evicted
+
+    def write(self, prompt_id: str, entry: dict, evicted: list[str]) -> None:
+        """Into the journal: the entry, and the prompt leaves the write-ahead queue."""
+        if self.journal is None:
+            return
+        try:
+            self.journal.finished(prompt_id, entry, evicted)
+        except Exception as err:  # the prompt ran; a store failure must not take the worker down
+            log.error("comfy-parallel: history entry of %s not written to %s (%s: %s); it runs again if the server "
+                      "crashes before the store works", prompt_id, self.journal.path, type(err).__name__, err)
+
+    def load(self, prompt_ids: list[str]) -> None:
+        """The ids of the entries earlier processes stored (oldest first), before anything is recorded in this one."""
+        with self.lock:
+            self.earlier = dict.fromkeys(prompt_ids)
 
     def get(self, prompt_id: str | None = None, max_items: int | None = None, offset: int = -1,
             map_function: Callable[[dict], dict] | None = None) -> dict:
-        # WARNING: mirrors execution.PromptQueue.get_history (ComfyUI 0.3.52-0.3.75) so /history pages alike.
+        # WARNING: mirrors execution.PromptQueue.get_history (ComfyUI 0.3.52-0.33) so /history pages alike.
         with self.lock:
             if prompt_id is None:
                 out = {}
@@ -104,15 +151,35 @@ class History:
             if prompt_id in self.entries:
                 entry = self.entries[prompt_id]
                 return {prompt_id: copy.deepcopy(entry) if map_function is None else map_function(entry)}
-            return {}
+            stored = prompt_id in self.earlier and self.journal is not None
+        if stored:
+            entry = self._read(prompt_id)  # outside the queue lock: a read of the store
+            if entry is not None:
+                return {prompt_id: entry if map_function is None else map_function(entry)}
+        return {}
+
+    def _read(self, prompt_id: str) -> dict | None:
+        assert self.journal is not None
+        try:
+            return self.journal.history_entry(prompt_id)
+        except Exception as err:  # answered as unknown, as stock answers after a restart
+            log.error("comfy-parallel: history entry of %s not read from %s (%s: %s)", prompt_id, self.journal.path,
+                      type(err).__name__, err)
+            return None
 
     def wipe(self) -> None:
         with self.lock:
             self.entries.clear()
+            self.earlier.clear()
+        if self.journal is not None:
+            self.journal.forget_history()
 
     def delete(self, prompt_id: str) -> None:
         with self.lock:
             self.entries.pop(prompt_id, None)
+            self.earlier.pop(prompt_id, None)
+        if self.journal is not None:
+            self.journal.forget_history([prompt_id])
 
 
 class _SharedHistoryAccess:
@@ -152,10 +219,17 @@ class DeviceQueue(_SharedHistoryAccess):
         self.flags: dict[str, Any] = {}
         self.listeners: list[Any] = []
         self.oom_retried: set[str] = set()
+        # Prompts queued again after a server crash while they ran: prompt id -> the history message saying so.
+        # One dict for every device (DeviceQueues sets it): while it holds any, they run alone (``_next``).
+        self.crash_retries: dict[str, dict] = {}
+        self.incoming = 0  # prompts routed here and being stored, not queued yet (they count for the shortest queue)
+        self.peers: list[DeviceQueue] = [self]  # every device's queue (they share ``mutex``): DeviceQueues sets it
+        # Called (and expected never to return) when a prompt's error shows a CUDA context is poisoned.
+        self.on_fatal: Callable[[int, str, str], None] | None = None
         self.consecutive_failures = 0
         self.rebuild_requested = False
         # Shutdown: ``held`` keeps queued prompts from starting, ``parked`` says the worker waits in ``get``,
-        # ``closed`` drops the results of prompts that were cut off (they are persisted and run again).
+        # ``closed`` drops the results of prompts that were cut off (they are in the store and run again).
         self.held = False
         self.parked = False
         self.closed = False
@@ -163,8 +237,13 @@ class DeviceQueue(_SharedHistoryAccess):
         self.pool: Pool | None = None
         self.wake_pending = False
 
+    @property
+    def journal(self) -> "Journal | None":
+        return self.history_store.journal
+
     # -- producer side (HTTP) -------------------------------------------------------------------------------
     def put(self, item: tuple) -> None:
+        """Into this device's queue now (``DeviceQueues.route_put`` stores a new prompt first)."""
         with self.mutex:
             heapq.heappush(self.queue, item)
             self.enqueued_at[item[1]] = time.monotonic()
@@ -179,7 +258,7 @@ class DeviceQueue(_SharedHistoryAccess):
                 if self.pool is not None:
                     self.pool.forget_worker(self.index)
                 raise RebuildExecutor()
-            item = None if self.held else self._next()
+            item = self._next()
             while item is None:
                 self.parked = True
                 try:
@@ -187,7 +266,7 @@ class DeviceQueue(_SharedHistoryAccess):
                 finally:
                     self.parked = False
                     self.wake_pending = False
-                item = None if self.held else self._next()
+                item = self._next()
                 if item is None and timeout is not None:
                     return None
             i = self.task_counter
@@ -198,14 +277,38 @@ class DeviceQueue(_SharedHistoryAccess):
             waited = now - self.enqueued_at.pop(item[1], now)
             if self.pool is not None:
                 self.pool.start(self.index, item[1])
-            for listener in self.listeners:
-                listener.on_start(self.index, item[1], waited)
-            self.on_change()
-            return item, i
+        # Outside the queue lock, which every device and the HTTP handlers share: the store write gives up the GIL.
+        if self.journal is not None:  # before anything says it started: a crash from now on counts for it
+            try:
+                self.journal.started(item[1], self.index)
+            except Exception as err:  # it still runs; a crash now would run it as if it had not started
+                log.error("comfy-parallel: start of %s not written to %s (%s: %s)", item[1], self.journal.path,
+                          type(err).__name__, err)
+        for listener in self.listeners:
+            listener.on_start(self.index, item[1], waited)
+        self.on_change()
+        return item, i
 
     def _next(self) -> tuple | None:
-        """This worker's next item: a pooled prompt older than its own queue's head (the cheapest for it, see
-        pool.py), else that head."""
+        """This worker's next item, taken out of the queue or the pool; ``None`` if none may start now.
+
+        After a crash, the prompts that were running at it (``crash_retries``, always queued on a device) run one at
+        a time with nothing else running on any device: if one of them crashes the server again, it alone was
+        running, so only the prompt that crashes the server is recorded as crashed twice, never a neighbour.
+        Otherwise a pooled prompt older than this queue's head (the cheapest for this worker, see pool.py), else
+        that head.
+        """
+        if self.held:
+            return None
+        if self.crash_retries:
+            if any(peer.currently_running for peer in self.peers):
+                return None
+            position = next((i for i, item in enumerate(self.queue) if item[1] in self.crash_retries), None)
+            if position is None:
+                return None
+            item = self.queue.pop(position)
+            heapq.heapify(self.queue)
+            return item
         pool = self.pool
         if pool is not None and len(pool):
             pick = pool.take(self.index, self.queue[0][0] if self.queue else None)
@@ -221,6 +324,11 @@ class DeviceQueue(_SharedHistoryAccess):
             return heapq.heappop(self.queue)
         return None
 
+    def _wake_peers(self) -> None:
+        """A prompt ended or left: workers waiting for a crash retry to run alone may start now."""
+        for peer in self.peers:
+            peer.not_empty.notify()
+
     def task_done(self, item_id: int, history_result: dict, status: Any = None,
                   process_item: Callable[[tuple], tuple] | None = None) -> None:
         with self.mutex:
@@ -228,22 +336,40 @@ class DeviceQueue(_SharedHistoryAccess):
                 self.currently_running.pop(item_id, None)
                 self.started_at.pop(item_id, None)
                 return
+            self._wake_peers()
             item = self.currently_running.pop(item_id)
             started = self.started_at.pop(item_id, time.monotonic())
             status_dict = copy.deepcopy(status._asdict()) if status is not None else None
+            reason = cuda_fatal.poisoning_error(status_dict)
+            if reason is not None and self.on_fatal is not None:
+                self.on_fatal(self.index, item[1], reason)
             if self._retry_after_oom(item, status_dict):
-                return
-            self._count_failure(status_dict)
-            prompt = process_item(item) if process_item is not None else item
-            entry = {"prompt": prompt, "outputs": {}, "status": status_dict}
-            entry.update(history_result)
-            entry["gpu_id"] = self.index
-            self.history_store.record(prompt[1], entry)
-            if self.pool is not None:
-                self.pool.finished(prompt[1])
-            for listener in self.listeners:
-                listener.on_done(self.index, prompt[1], status_dict, time.monotonic() - started)
-            self.on_change()
+                retried = item[1]
+            else:
+                retried = None
+                self._count_failure(status_dict)
+                retry = self.crash_retries.pop(item[1], None)
+                if retry is not None and status_dict is not None:
+                    status_dict["messages"].append(("comfy_parallel_crash_retry", retry))
+                prompt = process_item(item) if process_item is not None else item
+                entry = {"prompt": prompt, "outputs": {}, "status": status_dict}
+                entry.update(history_result)
+                entry["gpu_id"] = self.index
+                evicted = self.history_store.record(prompt[1], entry, write=False)
+                if self.pool is not None:
+                    self.pool.finished(prompt[1])
+                for listener in self.listeners:
+                    listener.on_done(self.index, prompt[1], status_dict, time.monotonic() - started)
+                self.on_change()
+        # Outside the queue lock: the store writes give up the GIL.
+        if retried is None:
+            self.history_store.write(prompt[1], entry, evicted)
+        elif self.journal is not None:
+            try:
+                self.journal.requeued([retried])  # it runs again: not running, so not a crash if the server dies now
+            except Exception as err:
+                log.error("comfy-parallel: retry of %s not written to %s (%s: %s)", retried, self.journal.path,
+                          type(err).__name__, err)
 
     def _retry_after_oom(self, item: tuple, status: dict | None) -> bool:
         """Out of memory: free this device (models and executor cache) and run the prompt once more."""
@@ -307,7 +433,7 @@ class DeviceQueue(_SharedHistoryAccess):
 
     def get_tasks_remaining(self) -> int:
         with self.mutex:
-            return len(self.queue) + len(self.currently_running)
+            return len(self.queue) + len(self.currently_running) + self.incoming
 
     def running_prompt_ids(self) -> list[str]:
         with self.mutex:
@@ -317,27 +443,35 @@ class DeviceQueue(_SharedHistoryAccess):
         with self.mutex:
             return QueueStats(self.index, len(self.queue), len(self.currently_running))
 
-    def wipe_queue(self) -> None:
+    def wipe_queue(self) -> list[str]:
+        """Drop every queued prompt; return their ids (the caller forgets them in the store, outside the lock)."""
         with self.mutex:
-            for item in self.queue:
-                self.enqueued_at.pop(item[1], None)
+            dropped = [item[1] for item in self.queue]
+            for prompt_id in dropped:
+                self.enqueued_at.pop(prompt_id, None)
+                self.crash_retries.pop(prompt_id, None)
                 if self.pool is not None:
-                    self.pool.finished(item[1])
+                    self.pool.finished(prompt_id)
             self.queue = []
+            self._wake_peers()
             self.on_change()
+        return dropped
 
-    def delete_queue_item(self, function: Callable[[tuple], bool]) -> bool:
+    def delete_queue_item(self, function: Callable[[tuple], bool]) -> str | None:
+        """Drop the first queued prompt ``function`` matches; return its id, or ``None``."""
         with self.mutex:
             for x in range(len(self.queue)):
                 if function(self.queue[x]):
                     item = self.queue.pop(x)
                     heapq.heapify(self.queue)
                     self.enqueued_at.pop(item[1], None)
+                    self.crash_retries.pop(item[1], None)
                     if self.pool is not None:
                         self.pool.finished(item[1])
+                    self._wake_peers()
                     self.on_change()
-                    return True
-        return False
+                    return str(item[1])
+        return None
 
     def set_flag(self, name: str, data: Any) -> None:
         with self.mutex:
@@ -384,10 +518,11 @@ class DeviceQueues(_SharedHistoryAccess):
     """The server's ``prompt_queue``: routes each call to the request's target device, or merges all devices.
 
     ``current_route`` returns the routing decision of the HTTP request being handled (an object with
-    ``target: int | None``, ``assigned: int | None`` and ``pooled: bool``), or ``None`` outside a request.
-    An untargeted ``put`` goes to the pool (``default_route="pool"``) or to the device ``choose_device`` picks.
-    ``residency(index)`` says which model files are loaded on a worker's device; ``find_model(name)`` where a
-    model file a prompt names lies (both only matter to the pool).
+    ``target: int | None``, ``assigned: int | None``, ``pooled: bool`` and ``stored``), or ``None`` outside a
+    request. An untargeted ``put`` goes to the pool (``default_route="pool"``) or to the device ``choose_device``
+    picks. ``residency(index)`` says which model files are loaded on a worker's device; ``find_model(name)`` where
+    a model file a prompt names lies (both only matter to the pool). With a write-ahead queue, ``writer`` is set
+    (``MultiDeviceServer``) and every new prompt is stored before it is queued.
     """
 
     def __init__(self, n_devices: int, current_route: Callable[[], Any],
@@ -399,8 +534,13 @@ class DeviceQueues(_SharedHistoryAccess):
         self._on_change = on_change or (lambda _index: None)
         self.devices = [DeviceQueue(i, self.mutex, self.history_store, self._changed_callback(i))
                         for i in range(n_devices)]
+        self.crash_retries: dict[str, dict] = {}  # see DeviceQueue.crash_retries
+        for q in self.devices:
+            q.peers = self.devices
+            q.crash_retries = self.crash_retries
         self.current_route = current_route
         self.default_route = default_route
+        self.writer: "JournalWriter | None" = None  # stores accepted prompts (journal_writer.py); None: no store
         self.pool: Pool | None = None
         self.resolver: FileResolver | None = None
         if default_route == POOL_ROUTE:
@@ -408,6 +548,10 @@ class DeviceQueues(_SharedHistoryAccess):
             self.resolver = FileResolver(find_model) if find_model is not None else None
             for q in self.devices:
                 q.pool = self.pool
+
+    @property
+    def journal(self) -> "Journal | None":
+        return self.history_store.journal
 
     def _target(self) -> int | None:
         route = self.current_route()
@@ -440,6 +584,11 @@ class DeviceQueues(_SharedHistoryAccess):
         outside the mutex."""
         return traits_of(item, self.resolver) if self.pool is not None else None
 
+    def serves(self, route: str) -> bool:
+        """Whether ``route`` is one of this server's: one of its devices' indexes, or the pool's route (which a
+        server without a pool serves by its default route)."""
+        return route == POOL_ROUTE or (route.isdigit() and int(route) < len(self.devices))
+
     # -- the PromptQueue interface that ComfyUI's server.py uses --------------------------------------------
     def put(self, item: tuple) -> int | None:
         """Queue ``item`` where the current request routes it; the device index, or ``None`` when pooled."""
@@ -447,9 +596,14 @@ class DeviceQueues(_SharedHistoryAccess):
         return self.route_put(item, POOL_ROUTE if target is None and self.pool is not None
                               else str(target) if target is not None else None)
 
-    def route_put(self, item: tuple, route: str | None) -> int | None:
+    def route_put(self, item: tuple, route: str | None, durable: bool = True) -> int | None:
         """The one routing entry point: ``route`` is a device index as a string, ``"pool"``, or ``None`` for
-        the default route. A persisted prompt comes back through here with the route it was accepted with."""
+        the default route. A stored prompt comes back through here at a restart with the route it was accepted on
+        (``durable=False``: it is in the store already).
+
+        With a write-ahead queue a new prompt is stored first, with the route it took (a device index, or
+        ``"pool"``), and queued or pooled once stored; the current request's ``stored`` future is done then.
+        """
         traits = self.traits(item)
         with self.mutex:
             index: int | None
@@ -462,6 +616,31 @@ class DeviceQueues(_SharedHistoryAccess):
                 index = None
             else:
                 index = self.choose_device()
+            writer = self.writer if durable else None
+            if writer is None:
+                self._place(item, index, traits)
+            elif index is not None:
+                self.devices[index].incoming += 1
+        stored: Future | Any = None
+        if writer is not None:
+            stored = writer.accept(POOL_ROUTE if index is None else str(index), item,
+                                   lambda queue_it: self._place(item, index, traits, queue_it, True))
+        current = self.current_route()
+        if current is not None:
+            current.assigned = index
+            current.pooled = index is None
+            current.stored = stored
+        return index
+
+    def _place(self, item: tuple, index: int | None, traits: Traits | None, queue_it: bool = True,
+               incoming: bool = False) -> None:
+        """Into the pool (``index`` None) or device ``index``'s queue now; ``queue_it=False``: it could not be
+        stored, so it goes nowhere (``incoming``: it was counted while it was being stored)."""
+        with self.mutex:
+            if incoming and index is not None:
+                self.devices[index].incoming -= 1
+            if not queue_it:
+                return
             if index is None:
                 assert self.pool is not None and traits is not None
                 pooled = self.pool.add(item, traits)
@@ -471,11 +650,6 @@ class DeviceQueues(_SharedHistoryAccess):
                 if self.pool is not None and traits is not None:
                     self.pool.note_bound(str(item[1]), traits)
                 self.devices[index].put(item)
-        current = self.current_route()
-        if current is not None:
-            current.assigned = index
-            current.pooled = index is None
-        return index
 
     def _wake_for(self, traits: Traits) -> None:
         """Wake the idle worker for which a new pooled prompt is cheapest, unless enough are already woken."""
@@ -523,19 +697,36 @@ class DeviceQueues(_SharedHistoryAccess):
 
     def wipe_queue(self) -> None:
         with self.mutex:
+            dropped: list[str] = []
             pool = self._pool_in_scope()
-            if pool is not None and pool.clear():
-                self._on_change(None)
+            if pool is not None:
+                dropped += [p.prompt_id for p in pool.clear()]
+                if dropped:
+                    self._on_change(None)
             for q in self._scope():
-                q.wipe_queue()
+                dropped += q.wipe_queue()
+        self._forget(dropped)
 
     def delete_queue_item(self, function: Callable[[tuple], bool]) -> bool:
         with self.mutex:
+            deleted: str | None = None
             pool = self._pool_in_scope()
-            if pool is not None and pool.remove_first(function) is not None:
+            if pool is not None and (pooled := pool.remove_first(function)) is not None:
+                deleted = pooled.prompt_id
                 self._on_change(None)
-                return True
-            return any(q.delete_queue_item(function) for q in self._scope())
+            for q in self._scope():
+                if deleted is not None:
+                    break
+                deleted = q.delete_queue_item(function)
+        if deleted is None:
+            return False
+        self._forget([deleted])
+        return True
+
+    def _forget(self, prompt_ids: list[str]) -> None:
+        """Queued prompts a client deleted leave the write-ahead queue (outside the queue lock): they never run."""
+        if prompt_ids and self.journal is not None:
+            self.journal.forget_prompts(prompt_ids)
 
     def set_flag(self, name: str, data: Any) -> None:
         for q in self._scope():
@@ -615,20 +806,14 @@ class DeviceQueues(_SharedHistoryAccess):
                 q.closed = True
         return running
 
-    def queued_items(self) -> list[tuple[str, tuple]]:
-        """Every queued prompt with the route it was accepted with: its device's index, or ``"pool"`` (also for a
-        pooled prompt queued on a device again after an out-of-memory retry)."""
+    def queued_items(self) -> list[tuple[int | None, tuple]]:
+        """Every queued prompt with its device's index, ``None`` for those waiting in the pool."""
         with self.mutex:
-            items = [(self.accepted_route(q.index, item[1]), copy.deepcopy(item)) for q in self.devices
-                     for item in sorted(q.queue)]
+            items: list[tuple[int | None, tuple]] = [(q.index, copy.deepcopy(item)) for q in self.devices
+                                                     for item in sorted(q.queue)]
             if self.pool is not None:
-                items += [(POOL_ROUTE, copy.deepcopy(item)) for item in self.pool.items()]
+                items += [(None, copy.deepcopy(item)) for item in self.pool.items()]
             return items
-
-    def accepted_route(self, index: int, prompt_id: str) -> str:
-        """The route a prompt now on device ``index`` was accepted with: ``"pool"`` if it came from the pool."""
-        with self.mutex:
-            return POOL_ROUTE if self.pool is not None and self.pool.was_pooled(prompt_id) else str(index)
 
     def fail_pooled(self, message: str) -> list[tuple[tuple, dict]]:
         """Record every pooled prompt in history as an error (it will never run); see ``DeviceQueue.fail_queued``."""

@@ -16,10 +16,12 @@ routes that custom nodes add) works under the prefix without being registered tw
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
 import re
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -53,12 +55,14 @@ class RoutingError(Exception):
 @dataclass
 class RequestRoute:
     """The routing decision for one request; ``assigned`` is set when a prompt is queued on a device, ``pooled``
-    when it waits in the pool instead (``--default-route pool``)."""
+    when it waits in the pool instead (``--default-route pool``), ``stored`` when it goes to the write-ahead queue
+    (done once it is on disk and queued or pooled)."""
 
     target: int | None
     source: str  # "header", "port", "prefix", "cookie" or "none"; agreeing explicit ones joined with "+"
     assigned: int | None = None
     pooled: bool = False
+    stored: Future | asyncio.Future | None = None
 
 
 _current: contextvars.ContextVar[RequestRoute | None] = contextvars.ContextVar("comfy_parallel_route",

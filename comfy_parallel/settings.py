@@ -59,6 +59,7 @@ class Settings:
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S  # after SIGTERM/SIGINT, running prompts may finish (shutdown.py)
     persist: bool = True  # prompts left at shutdown are saved and queued again at the next start
     persist_path: str | None = None  # default: <ComfyUI user directory>/__comfy_parallel/queue.sqlite3
+    journal_synchronous: str = "NORMAL"  # SQLite synchronous of the write-ahead queue (journal.py says why)
     admin_token: str | None = field(default=None, repr=False)  # access.py; kept out of repr so it is never logged
     allow_unchecked_comfyui: bool = False  # a ComfyUI outside comfy_adapter.CHECKED starts if every check passes
 
@@ -218,7 +219,7 @@ def from_env(env: Mapping[str, str] | None = None, cpu_mode: bool = False) -> Se
                                       env.get("COMFY_PARALLEL_WEIGHTS_RAM_LIMIT"),
                                       env.get("COMFY_PARALLEL_HOST_COPY", "ram")),
                     allow_unchecked_comfyui=env_flag(env, ALLOW_UNCHECKED_ENV),
-                    **lifecycle_settings(*lifecycle_env(env)))
+                    journal_synchronous=journal_synchronous(env), **lifecycle_settings(*lifecycle_env(env)))
 
 
 ALLOW_UNCHECKED_ENV = "COMFY_PARALLEL_ALLOW_UNCHECKED_COMFYUI"
@@ -226,6 +227,18 @@ ALLOW_UNCHECKED_ENV = "COMFY_PARALLEL_ALLOW_UNCHECKED_COMFYUI"
 
 def env_flag(env: Mapping[str, str], name: str) -> bool:
     return env.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+JOURNAL_SYNCHRONOUS_ENV = "COMFY_PARALLEL_JOURNAL_SYNCHRONOUS"
+
+
+def journal_synchronous(env: Mapping[str, str]) -> str:
+    """SQLite ``synchronous`` of the write-ahead queue: NORMAL (default; survives process crashes) or FULL (also
+    power loss, one fsync per prompt)."""
+    value = env.get(JOURNAL_SYNCHRONOUS_ENV, "NORMAL").strip().upper()
+    if value not in ("NORMAL", "FULL", "EXTRA"):
+        raise SettingsError(f"{JOURNAL_SYNCHRONOUS_ENV}={value!r}: use NORMAL, FULL or EXTRA")
+    return value
 
 
 def lifecycle_env(env: Mapping[str, str]) -> tuple[str, bool, str | None, str | None]:

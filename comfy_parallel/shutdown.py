@@ -1,13 +1,16 @@
-"""Graceful shutdown on SIGTERM/SIGINT, and the restore of persisted prompts at the next start.
+"""Graceful shutdown on SIGTERM/SIGINT.
 
 Stock ComfyUI dies on SIGTERM and takes its queue with it. Here the first signal starts a drain: new prompts get a
 503 with ``Retry-After`` (reads keep working), queued prompts stop starting, and running ones get up to
-``drain_timeout`` seconds to finish. Then the prompts still queued (pooled ones too), and the running ones cut off
-at the timeout, are written to SQLite (``persistence``, each with the route it was accepted with) and the process
-stops the way Ctrl-C stops stock ComfyUI (a ``KeyboardInterrupt`` out of the event loop, so ComfyUI's own clean-up
-runs and the exit code is 0). A second
-signal cuts the drain short. With persistence off, queued prompts are recorded in history as errors at once, so
-an accepted prompt always ends in history or in the store.
+``drain_timeout`` seconds to finish. Then the process stops the way Ctrl-C stops stock ComfyUI (a
+``KeyboardInterrupt`` out of the event loop, so ComfyUI's own clean-up runs and the exit code is 0). A second
+signal cuts the drain short.
+
+Nothing needs saving at that point: every accepted prompt (pooled ones too) is already in the write-ahead queue
+with the route it was accepted on (``journal.py``), and the next start queues it again (``recovery.py``). The drain
+only marks the running prompts it cut off as queued, so that the next start does not count them as crashed. With
+the store off (``--no-persist``), queued and pooled prompts are recorded in history as errors at once, so an
+accepted prompt always ends in history or in the store.
 
 The launcher and the drop-in custom node install the same handlers, from ``MultiDeviceServer.start_workers``.
 """
@@ -20,13 +23,13 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from . import worker_context
-from .persistence import QUEUED, RUNNING, PersistedPrompt, PromptStore, as_queue_item
-from .queues import POOL_ROUTE
+from .journal import Journal
+from .journal_writer import JournalWriter
 
 if TYPE_CHECKING:
     from .multigpu import MultiDeviceServer
@@ -49,9 +52,10 @@ def default_persist_path() -> Path:
 class GracefulShutdown:
     """The drain state of one server; ``install`` puts it behind SIGTERM and SIGINT on ComfyUI's event loop."""
 
-    def __init__(self, server: "MultiDeviceServer", store: PromptStore | None, drain_timeout: float) -> None:
+    def __init__(self, server: "MultiDeviceServer", journal: Journal | None, drain_timeout: float) -> None:
         self.server = server
-        self.store = store
+        self.journal = journal
+        self.writer: "JournalWriter | None" = None  # set with the journal: what it was handed is stored before exit
         self.drain_timeout = drain_timeout
         self.deadline: float | None = None
         self.hurry = asyncio.Event()
@@ -73,7 +77,7 @@ class GracefulShutdown:
             loop.add_signal_handler(sig, self.on_signal, sig)
         log.info("comfy-parallel: on SIGTERM/SIGINT running prompts get up to %.0f s to finish; queued prompts "
                  "are %s",
-                 self.drain_timeout, f"persisted to {self.store.path}" if self.store is not None
+                 self.drain_timeout, f"kept in {self.journal.path}" if self.journal is not None
                  else "recorded as errors (persistence is off)")
 
     def on_signal(self, sig: signal.Signals) -> None:
@@ -100,7 +104,7 @@ class GracefulShutdown:
         log.info("comfy-parallel: %s received: draining (%d running, %d queued); new prompts get 503 for up to "
                  "%.0f s", sig.name, sum(s.running for s in stats), sum(s.queued for s in stats) + pooled,
                  self.drain_timeout)
-        if self.store is None:
+        if self.journal is None:
             failed = self._fail_queued()
             if failed:
                 log.warning("comfy-parallel: persistence is off: %d queued prompts recorded as errors (%s)",
@@ -154,7 +158,7 @@ class GracefulShutdown:
         return True
 
     def _persist(self, cut: list[tuple[int, tuple]]) -> None:
-        if self.store is None:
+        if self.journal is None:
             late = self._fail_queued()
             if late or cut:
                 log.warning("comfy-parallel: persistence is off: lost %d prompts queued while draining (%s) and "
@@ -162,63 +166,21 @@ class GracefulShutdown:
                             ", ".join(item[1] for _, item in cut) or "none")
             return
         warmup = getattr(self.server, "warmup", None)
-        queued = [(i, item) for i, item in self.server.queues.queued_items()
+        queued = [item for _, item in self.server.queues.queued_items()
                   if warmup is None or item[1] not in warmup.pending]
-        prompts = [PersistedPrompt(route, item, QUEUED) for route, item in queued]
-        prompts += [PersistedPrompt(self.server.queues.accepted_route(i, item[1]), item, RUNNING) for i, item in cut
-                    if warmup is None or item[1] not in warmup.pending]
-        if not prompts:
-            return
+        cut_ids = [item[1] for _, item in cut if warmup is None or item[1] not in warmup.pending]
+        if self.writer is not None and not self.writer.flush():
+            log.error("comfy-parallel: prompts put from another thread were still being written to %s at exit; "
+                      "they may be lost", self.journal.path)
         try:
-            saved = self.store.save(prompts)
-        except Exception as err:  # the process stops either way: say which prompts are lost
-            log.error("comfy-parallel: could not persist %d prompts to %s (%s: %s); lost: %s", len(prompts),
-                      self.store.path, type(err).__name__, err, ", ".join(p.prompt_id for p in prompts))
-            return
-        log.info("comfy-parallel: persisted %d prompts (%d queued, %d cut off while running) to %s; the next "
-                 "start queues them again", len(saved), len(queued), len(prompts) - len(queued), self.store.path)
-
-
-def restore(server: "MultiDeviceServer", store: PromptStore, prompt_server: Any, item_length: int) -> int:
-    """Queue the persisted prompts again through the routing entry point with the route each was accepted with
-    (its device, or the pool), in their number order; remove them from the store."""
-    try:
-        prompts = store.load()
-    except Exception as err:  # a broken file must not stop the server; it is left in place for inspection
-        log.error("comfy-parallel: could not read persisted prompts from %s (%s: %s)", store.path,
-                  type(err).__name__, err)
-        return 0
-    if not prompts:
-        return 0
-    queues = server.queues
-    cut_off = 0
-    for p in prompts:
-        route: str | None = p.route
-        if p.route.isdigit() and int(p.route) >= len(queues.devices):
-            route = None
-        elif not p.route.isdigit() and p.route != POOL_ROUTE:
-            route = None
-        if p.dropped_keys:
-            log.warning("comfy-parallel: persisted prompt %s runs without %s (secrets are not persisted)",
-                        p.prompt_id, ", ".join(p.dropped_keys))
-        index = queues.route_put(as_queue_item(p, item_length), route)
-        if route is None:
-            log.warning("comfy-parallel: persisted prompt %s was routed to %r, which this server does not have; "
-                        "queued by the default route (%s)", p.prompt_id, p.route,
-                        "the pool" if index is None else f"device {index}")
-        cut_off += p.state == RUNNING
-    try:
-        store.remove(p.prompt_id for p in prompts)
-    except Exception as err:
-        log.error("comfy-parallel: restored prompts could not be removed from %s (%s: %s); remove the file, or "
-                  "they run again at the next start", store.path, type(err).__name__, err)
-    numbers = [p.item[0] for p in prompts if isinstance(p.item[0], (int, float)) and math.isfinite(p.item[0])]
-    if numbers and hasattr(prompt_server, "number"):
-        # New prompts must queue behind the restored ones, as they would have without the restart.
-        prompt_server.number = max(int(prompt_server.number), int(max(abs(n) for n in numbers)) + 1)
-    log.info("comfy-parallel: restored %d persisted prompts from %s (%d queued, %d cut off while running)",
-             len(prompts), store.path, len(prompts) - cut_off, cut_off)
-    return len(prompts)
+            self.journal.requeued(cut_ids)
+        except Exception as err:  # the process stops either way: they count as crashed at the next start
+            log.error("comfy-parallel: could not mark %d cut-off prompts as queued in %s (%s: %s)", len(cut_ids),
+                      self.journal.path, type(err).__name__, err)
+        if queued or cut_ids:
+            log.info("comfy-parallel: persisted %d prompts (%d queued, %d cut off while running) in %s; the next "
+                     "start queues them again", len(queued) + len(cut_ids), len(queued), len(cut_ids),
+                     self.journal.path)
 
 
 def rejection(shutdown: GracefulShutdown, request: web.Request) -> web.Response:

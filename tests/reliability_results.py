@@ -133,6 +133,26 @@ def _conformance_lines(rows: list[tuple[str, dict[str, Figure]]]) -> list[str]:
     return lines
 
 
+# Figures of benchmarks that are not tests (they measure, they do not pass or fail), from their committed results.
+BENCHMARKS: tuple[tuple[str, Path], ...] = (
+    ("Write-ahead queue: cost and crash recovery", REPO / "bench" / "results" / "crash_safe_queue_cpu.json"),
+)
+
+
+def _benchmark_lines() -> list[str]:
+    lines: list[str] = []
+    for title, path in BENCHMARKS:
+        try:
+            figures = json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            continue
+        lines += ["", f"## Benchmark: {title}", "",
+                  f"Not a test; `{figures.get('command', '?')}` on {figures.get('date', '?')} "
+                  f"({path.relative_to(REPO)}).", ""]
+        lines += [f"- {key}: {_cell(value)}" for key, value in figures.items() if key not in ("command", "date")]
+    return lines
+
+
 def render_markdown(sections: dict[str, dict[str, Figure]], command: str,
                     when: _dt.datetime | None = None) -> str:
     """The committed summary: one row per section and ComfyUI version, the conformance runs, then every other
@@ -163,6 +183,7 @@ def render_markdown(sections: dict[str, dict[str, Figure]], command: str,
         lines.append("| " + " | ".join(cells) + " |")
     if conformance:
         lines += _conformance_lines(conformance)
+    lines += _benchmark_lines()
     lines += ["", "## Other figures", ""]
     for name, figs in rows + conformance:
         extra = {k: v for k, v in figs.items()

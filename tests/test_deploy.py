@@ -194,9 +194,10 @@ def test_systemd_unit_runs_serve_with_the_live_options(fake_venv: Path, tmp_path
     assert f'--comfyui "{comfy}"' in line  # a path with a space is quoted for systemd
     assert "--devices 0,1,3 --entry-ports 8181,8182,8190 --default-route 1 --" in line
     assert line.endswith("-- --listen 127.0.0.1 --port 8288 --highvram --preview-method auto")
-    for expected in ("Restart=on-failure", "KillSignal=SIGTERM", "TimeoutStopSec=", "LimitNOFILE=65536",
-                     "User=comfy", f"WorkingDirectory={comfy}", f'Environment="COMFYUI_DIR={comfy}"',
-                     "Environment=COMFY_PARALLEL_HOME=", "WantedBy=multi-user.target"):
+    for expected in ("Restart=on-failure", "RestartPreventExitStatus=2 3", "KillSignal=SIGTERM", "TimeoutStopSec=",
+                     "LimitNOFILE=65536", "User=comfy", f"WorkingDirectory={comfy}",
+                     f'Environment="COMFYUI_DIR={comfy}"', "Environment=COMFY_PARALLEL_HOME=",
+                     "WantedBy=multi-user.target"):
         assert expected in unit, expected
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed; the text was checked")

@@ -6,6 +6,7 @@ after the restart on the device it was routed to), or, with persistence off, in 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -19,7 +20,7 @@ import pytest
 import reliability_results
 from harness import ARTIFACTS, Server, prompt_id_for, record_of, sleep_prompt, tag_of
 
-from comfy_parallel.persistence import QUEUED, RUNNING, PersistedPrompt, PromptStore, as_queue_item
+from comfy_parallel.journal import QUEUED, Journal, as_queue_item
 
 STORE = Path("__comfy_parallel") / "queue.sqlite3"
 FINISHED_RE = re.compile(r"\[GPU (\d+)\] prompt (\S+) finished: (\w+)")
@@ -33,12 +34,13 @@ def finished_in_log(log: str) -> dict[str, list[tuple[int, str]]]:
     return out
 
 
-def store_rows(path: Path) -> dict[str, tuple[int, str, list]]:
+def store_rows(path: Path) -> dict[str, tuple[str, str, list]]:
+    """The unfinished prompts in the write-ahead queue: prompt id -> (route, state, item fields)."""
     if not path.exists():
         return {}
-    with sqlite3.connect(path) as conn:
-        rows = conn.execute("SELECT prompt_id, gpu_id, state, item FROM prompts").fetchall()
-    return {pid: (gpu, state, json.loads(item)) for pid, gpu, state, item in rows}
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # closed: the server's lock on the file is exclusive
+        rows = conn.execute("SELECT prompt_id, route, state, item FROM prompts").fetchall()
+    return {pid: (route, state, json.loads(item)) for pid, route, state, item in rows}
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -60,42 +62,56 @@ def assert_rejected_while_draining(server: Server, path: str = "/prompt", **wher
 # -- the store alone ---------------------------------------------------------------------------------------------
 
 def test_store_keeps_order_and_drops_secrets(tmp_path: Path) -> None:
-    store = PromptStore(tmp_path / "q" / "queue.sqlite3")
-    assert store.load() == [] and store.count() == 0
+    path = tmp_path / "q" / "queue.sqlite3"
+    journal = Journal(path)
+    assert journal.unfinished() == [] and journal.count() == 0
     secret = "sk-" + uuid.uuid4().hex
     late, front, cut = (prompt_id_for(f"store-{name}") for name in ("late", "front", "cut"))  # UUIDs, as on 0.33
-    items = [
-        PersistedPrompt("2", (7, late, {"1": {}}, {"client_id": "c1"}, ["1"], {"auth_token_comfy_org": secret}),
-                        QUEUED),
-        PersistedPrompt("0", (-3, front, {"1": {}}, {"api_key_comfy_org": secret, "x": 1}, ["1"]), QUEUED),
-        PersistedPrompt("pool", (5.5, cut, {"1": {}}, {}, ["1"], {}), RUNNING),
-    ]
-    assert sorted(store.save(items)) == sorted([cut, front, late])
-    assert secret.encode() not in (tmp_path / "q" / "queue.sqlite3").read_bytes()
-    loaded = store.load()
-    assert [tag_of(p.prompt_id) for p in loaded] == ["store-front", "store-cut", "store-late"]  # number order
-    stored_late = loaded[2]
+    journal.accepted("2", (7, late, {"1": {}}, {"client_id": "c1"}, ["1"], {"auth_token_comfy_org": secret}))
+    journal.accepted_many([("0", (-3, front, {"1": {}}, {"api_key_comfy_org": secret, "x": 1}, ["1"])),
+                           ("pool", (5.5, cut, {"1": {}}, {}, ["1"], {}))])
+    journal.started(cut, 1)
+    journal.requeued([cut])  # a drain cut it off: queued again, no crash counted
+    journal.finished(front, {"prompt": [-3, front, {}, {"api_key_comfy_org": secret}, []], "outputs": {}})
+    journal.close()
+    for suffix in ("", "-wal"):
+        if Path(f"{path}{suffix}").exists():
+            assert secret.encode() not in Path(f"{path}{suffix}").read_bytes()
+    journal = Journal(path)
+    loaded = journal.unfinished()
+    assert [tag_of(p.prompt_id) for p in loaded] == ["store-cut", "store-late"]  # number order
+    stored_late = loaded[1]
     assert (stored_late.route == "2" and stored_late.item[3] == {"client_id": "c1"}
             and stored_late.dropped_keys == ("auth_token_comfy_org",))
-    assert loaded[0].item[3] == {"x": 1} and loaded[1].state == RUNNING
-    assert (loaded[1].route, loaded[1].gpu_id) == ("pool", -1)  # a pooled prompt: pooled again after a restart
+    assert loaded[0].state == QUEUED and loaded[0].crashes == 0
+    assert (loaded[0].route, loaded[0].device) == ("pool", 1)  # a pooled prompt: pooled again after a restart
     assert as_queue_item(stored_late, 6) == (7, late, {"1": {}}, {"client_id": "c1"}, ["1"], {})
     assert as_queue_item(stored_late, 5) == (7, late, {"1": {}}, {"client_id": "c1"}, ["1"])
-    store.remove([front, late])
-    assert [tag_of(p.prompt_id) for p in store.load()] == ["store-cut"]
+    assert journal.history_ids(10) == [front] and journal.history_entry(front)["prompt"][3] == {}
+    journal.forget_prompts([late])
+    assert [tag_of(p.prompt_id) for p in journal.unfinished()] == ["store-cut"]
 
 
-def test_store_of_schema_1_reads_each_prompts_device_as_its_route(tmp_path: Path) -> None:
+@pytest.mark.parametrize("schema", [1, 2])
+def test_store_of_a_drain_from_before_the_write_ahead_queue_is_converted(tmp_path: Path, schema: int) -> None:
+    """Schema 1 kept each prompt's device, schema 2 a route too (empty on rows schema 1 wrote; "pool")."""
     path = tmp_path / "queue.sqlite3"
-    pid = prompt_id_for("store-v1")
-    with sqlite3.connect(path) as conn:
+    rows = [("b", 1, "running", 9, None), ("a", 2, "queued", 3, "2"), ("p", 0, "queued", 5, "pool")][:schema + 1]
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("CREATE TABLE prompts (prompt_id TEXT PRIMARY KEY, gpu_id INTEGER NOT NULL, state TEXT NOT NULL,"
-                     " item TEXT NOT NULL, dropped_keys TEXT NOT NULL, saved_at REAL NOT NULL)")
-        conn.execute("INSERT INTO prompts VALUES (?, 1, 'queued', ?, '[]', 0)",
-                     (pid, json.dumps([3, pid, {"1": {}}, {}, ["1"]])))
-        conn.execute("PRAGMA user_version = 1")
-    store = PromptStore(path)
-    assert [(p.route, p.prompt_id, p.state) for p in store.load()] == [("1", pid, QUEUED)]
+                     " item TEXT NOT NULL, dropped_keys TEXT NOT NULL, saved_at REAL NOT NULL"
+                     + (", route TEXT)" if schema == 2 else ")"))
+        for pid, gpu, state, number, route in rows:
+            values = (pid, gpu, state, json.dumps([number, pid, {"1": {}}, {}, ["1"]]), "[]", 0.0)
+            conn.execute(f"INSERT INTO prompts VALUES (?, ?, ?, ?, ?, ?{', ?' if schema == 2 else ''})",
+                         values + ((route,) if schema == 2 else ()))
+        conn.execute(f"PRAGMA user_version = {schema}")
+    stored = Journal(path).unfinished()  # a drain is not a crash: all queued, none counted as crashed
+    routes = {pid: route or str(gpu) for pid, gpu, _, _, route in rows}
+    numbers = {pid: number for pid, _, _, number, _ in rows}
+    assert [(p.prompt_id, p.route, p.state, p.crashes) for p in stored] == [
+        (pid, routes[pid], QUEUED, 0) for pid in sorted(numbers, key=numbers.__getitem__)]
+    assert routes["b"] == "1" and (schema == 1 or routes["p"] == "pool")
 
 
 def test_shutdown_settings_from_options_and_environment() -> None:
@@ -174,15 +190,14 @@ def test_sigterm_drains_persists_and_restores_on_the_same_devices(comfy_dir: Pat
     assert run1 not in finished1  # cut off: its result is dropped, it runs again after the restart
     rows = store_rows(user_dir / STORE)
     assert set(rows) == set(queued) | {run1}
-    assert rows[run1][:2] == (1, RUNNING) and all(rows[p][1] == QUEUED for p in queued)
-    assert all(rows[p][0] == routed[p] for p in rows)
+    assert rows[run1][:2] == ("1", QUEUED) and all(rows[p][1] == QUEUED for p in queued)  # cut off: not a crash
+    assert all(rows[p][0] == str(routed[p]) for p in rows)
     assert rows[q2[0]][2][3]["client_id"] == "cp-shutdown-client"
     numbers = {p: rows[p][2][0] for p in rows}
 
     s2 = Server(comfy_dir, user_dir=user_dir, name=f"shutdown-restart-{version}").start()
     try:
-        assert f"restored {len(rows)} persisted prompts" in s2.log()
-        assert store_rows(user_dir / STORE) == {}
+        s2.wait_log(f"restored {len(rows)} persisted prompts")  # logged while the listener starts, not before
         entries = {pid: s2.wait_history(pid, timeout=60) for pid in rows}
         for pid, entry in entries.items():
             assert entry["status"]["status_str"] == "success", entry["status"]
@@ -195,15 +210,23 @@ def test_sigterm_drains_persists_and_restores_on_the_same_devices(comfy_dir: Pat
         later = s2.submit(sleep_prompt(0.05, 1), headers={"X-TARGET-GPU": "0"})
         assert later["number"] > max(numbers.values())  # new prompts queue behind the restored ones
         s2.wait_history(later["prompt_id"])
+        assert "retry_after_server_crash" not in json.dumps(entries)  # a drain is not a crash
         history2 = s2.get("/history").json()
+        by_id = {pid: s2.get(f"/history/{pid}").json().get(pid) for pid in routed}
     finally:
         s2.stop()
 
+    assert store_rows(user_dir / STORE) == {}  # each left the write-ahead queue with its history entry
+    finished2 = finished_in_log(s2.log())
     in_s1 = {p for p in routed if p in finished1}
-    in_s2 = {p for p in routed if p in history2}
-    lost = [p for p in routed if p not in in_s1 and p not in in_s2]
-    duplicated = [p for p in routed if (p in in_s1 and p in in_s2) or len(finished1.get(p, [])) > 1]
-    wrong = [p for p in in_s2 if history2[p]["gpu_id"] != routed[p]]
+    in_s2 = {p for p in routed if p in finished2}
+    # One rule for every start: /history/{id} answers for what finished before it (before the signal or while
+    # draining); the /history listing starts empty, as stock's, and lists what finished since.
+    assert set(history2) == in_s2 | {later["prompt_id"]}, (sorted(map(tag_of, history2)), len(in_s2))
+    assert all(by_id[p] is not None and by_id[p]["status"]["status_str"] == "success" for p in in_s1)
+    lost = [p for p in routed if by_id[p] is None]
+    duplicated = [p for p in routed if len(finished1.get(p, []) + finished2.get(p, [])) > 1]
+    wrong = [p for p in routed if by_id[p] is not None and by_id[p]["gpu_id"] != routed[p]]
     reliability_results.record(f"shutdown ({version})", {
         "section": "shutdown", "comfyui": version, "prompts_sent": len(routed),
         "finished_before_signal": len(before), "finished_while_draining": len(in_s1) - len(before),

@@ -46,6 +46,7 @@ FRESH_DIRS = ("custom_nodes", "user", "output", "temp", "input")  # empty in the
 CLEARED_ENV_PREFIXES = ("COMFY_MULTI_GPU_SCHED", "COMFY_NUM_GPUS", "COMFY_PARALLEL_", "COMFYUI_SERVER", "PYTEST_")
 KEPT_ENV = ("COMFY_PARALLEL_HOME", "COMFY_PARALLEL_ARCHIVES")
 DROPIN_BANNER = f"multi-device mode with {WORKERS} workers"
+STORE_BANNER = "queued prompts are kept in "  # the write-ahead queue is on (shutdown.GracefulShutdown.install)
 SERVER_BANNER = "Starting server"
 
 
@@ -254,6 +255,9 @@ def test_upstream_execution_suite_passes_under_dropin_as_on_stock() -> None:
             # Upstream's client gives a server ~20 s to listen; the drop-in's run starts once stock's first server
             # listens, so the two runs' server starts (the CPU-bound part of the suite) do not all coincide.
             wait_listening(stock_port, stock_proc, timeout=60)
+            # The drop-in as users get it: the write-ahead queue on. Upstream restarts servers on one user
+            # directory (SIGKILL) and expects an empty /history listing after each start: the listing starts
+            # empty at every start, stored entries answer /history/{id} only (README, Crash safety).
             dropin_env = {"COMFY_MULTI_GPU_SCHED": "1", "COMFY_NUM_GPUS": str(WORKERS)}
             dropin_proc, dropin_t0 = start_suite("dropin", dropin_tree, dropin_port,
                                                  suite_env(closed_url, dropin_env))
@@ -277,6 +281,9 @@ def test_upstream_execution_suite_passes_under_dropin_as_on_stock() -> None:
     assert starts > 0 and dropin_log.count(DROPIN_BANNER) == starts, (
         f"not every drop-in server start ran {WORKERS} workers ({starts} starts, "
         f"{dropin_log.count(DROPIN_BANNER)} with '{DROPIN_BANNER}'): {dropin.log}")
+    assert dropin_log.count(STORE_BANNER) == starts, (
+        f"not every drop-in server start ran with the write-ahead queue ({starts} starts, "
+        f"{dropin_log.count(STORE_BANNER)} with '{STORE_BANNER}'): {dropin.log}")
     only_dropin = sorted(set(dropin.failed) - set(stock.failed))
     assert not only_dropin and (dropin.total, dropin.skipped) == (stock.total, stock.skipped), (
         f"the drop-in ({WORKERS} CPU workers) does not pass what stock passes; failing only under the drop-in: "

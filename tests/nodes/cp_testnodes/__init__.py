@@ -96,6 +96,21 @@ class CPCrash(_OutputNode):
         raise WorkerCrash(f"injected worker crash {tag}")
 
 
+class CPAbort(_OutputNode):
+    """``os.abort()``: a native crash of the whole process, as a segfaulting extension or a CUDA ``terminate``."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"tag": ("STRING", {})}}
+
+    def run(self, tag: str):
+        import os
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file in the test run's folder
+        os.abort()
+
+
 class CPBigOutput(_OutputNode):
     """Emit ``kilobytes`` KB of incompressible text in its ``ui`` output: a large websocket ``executed`` message."""
 
@@ -216,6 +231,7 @@ class CPEncode:
 
 NODE_CLASS_MAPPINGS = {"CPSleep": CPSleep, "CPFail": CPFail, "CPOOM": CPOOM, "CPCrash": CPCrash}
 NODE_CLASS_MAPPINGS["CPBigOutput"] = CPBigOutput
+NODE_CLASS_MAPPINGS["CPAbort"] = CPAbort
 NODE_CLASS_MAPPINGS.update(CPGate=CPGate, CPModel=CPModel, CPText=CPText, CPEncode=CPEncode)
 NODE_DISPLAY_NAME_MAPPINGS = {name: f"{name} (comfy-parallel tests)" for name in NODE_CLASS_MAPPINGS}
 

@@ -1,0 +1,312 @@
+"""The write-ahead queue store: every accepted prompt until its history entry is written, and the last history entries.
+
+One ComfyUI process serves every GPU, so a crash of that process (``kill -9``, a native crash in a custom node, the
+OOM killer, a CUDA fatal error) would lose every device's queue and history at once. Here a prompt is written to
+SQLite before ``POST /prompt`` answers and leaves the store in the same statement that writes its history entry;
+the next start queues what is left again (``recovery.py``). A graceful drain uses the same rows: the prompts it
+leaves behind are already here.
+
+A prompt is stored with its *route*: the string the queues' routing entry point (``DeviceQueues.route_put``) took
+it on: a device index (``"1"``: targeted, or untargeted and bound on arrival by ``--default-route auto``) or
+``"pool"``. The store only keeps and returns it, so a new kind of route needs no change here. A worker's start also
+records its device, so that a prompt running at a crash runs again where it ran (``recovery.py``).
+
+Plain Python (stdlib ``sqlite3`` and ``json``, no ComfyUI imports) so it can be tested alone. An item is a ComfyUI
+queue tuple ``(number, prompt_id, prompt, extra_data, outputs_to_execute[, sensitive])``; its first five fields are
+stored as JSON. Secrets are never written: ComfyUI 0.3.75 and 0.33 keep API-node credentials in the sixth field
+(``sensitive``), 0.3.52 kept them in ``extra_data``. Both are dropped (only the names of the dropped keys are kept),
+so a prompt queued again after a restart runs without them and its API nodes report the missing credentials.
+
+WAL mode with ``synchronous=NORMAL`` (default): a commit is a write into the WAL file, which the kernel keeps when the
+process dies, so nothing accepted is lost to a process crash; only a power loss or kernel crash can lose the last
+commits. ``FULL`` adds an fsync per commit for that case (``bench/crash_safe_queue.py`` measures both).
+
+Every write is one SQL statement in autocommit mode: the sqlite3 module gives up the GIL for each statement it
+steps, and a thread that gave it up waits for it again behind busy worker threads, so a write costs one hand-over,
+not three (``BEGIN``, the statement, ``COMMIT``). Nor does a write hold a Python lock: SQLite serializes the
+statements of threads that share its connection (``sqlite3.threadsafety`` 3) and lets go as each one's step ends,
+while a Python lock around ``execute`` stays held until the writer has the GIL back, so the event loop's write of
+accepted prompts would wait for a worker that waits for the GIL. The queue table is keyed by prompt id alone
+(``WITHOUT ROWID``), so a write changes one B-tree, not a table and its index (history rows are larger than its
+B-tree keeps in a page, so they stay in a rowid table).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+# WARNING: mirrors ComfyUI's execution.SENSITIVE_EXTRA_DATA_KEYS (0.3.52-0.33.0); a key added upstream and not
+# here would be written to disk in clear by items that carry secrets in extra_data.
+SENSITIVE_EXTRA_DATA_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
+# 1 and 2: the drain-only store (prompts saved at shutdown; 1 with a device index each, 2 with a route too),
+# converted on open.
+SCHEMA_VERSION = 3
+SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+MAX_ROWS_PER_STATEMENT = 100  # prompts (8 parameters each) or ids per statement: under SQLite's oldest limit, 999
+
+QUEUED = "queued"
+RUNNING = "running"  # a worker took it; still RUNNING at the next start means the process died while it ran
+
+_PROMPT_COLUMNS = "(prompt_id, route, number, state, crashes, item, dropped_keys, accepted_at)"
+_PROMPT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+@dataclass(frozen=True)
+class StoredPrompt:
+    """One unfinished prompt as the store has it."""
+
+    route: str
+    item: tuple
+    state: str  # QUEUED or RUNNING
+    crashes: int = 0  # how many times the server died while this prompt ran
+    dropped_keys: tuple[str, ...] = ()
+    device: int | None = None  # where it last started
+
+    @property
+    def prompt_id(self) -> str:
+        return str(self.item[1])
+
+
+def public_fields(item: tuple) -> tuple[list, list[str]]:
+    """The first five fields with every secret removed, and the names of what was removed."""
+    number, prompt_id, prompt, extra_data, outputs = item[:5]
+    dropped = [str(k) for k in (item[5] if len(item) > 5 and isinstance(item[5], dict) else {})]
+    extra = dict(extra_data or {})
+    for key in SENSITIVE_EXTRA_DATA_KEYS:
+        if key in extra:
+            extra.pop(key)
+            dropped.append(key)
+    return [number, prompt_id, prompt, extra, list(outputs)], sorted(set(dropped))
+
+
+def public_entry(entry: dict) -> dict:
+    """A history entry with its prompt's secrets removed (ComfyUI already strips ``sensitive`` from it)."""
+    prompt = entry.get("prompt")
+    if isinstance(prompt, (list, tuple)) and len(prompt) >= 5:
+        fields, _ = public_fields(tuple(prompt))
+        entry = {**entry, "prompt": fields + list(prompt[6:] if len(prompt) > 6 else [])}
+    return entry
+
+
+def as_queue_item(prompt: StoredPrompt, item_length: int) -> tuple:
+    """The tuple the running ComfyUI expects: 6 fields (an empty ``sensitive``) on 0.3.75/0.33, 5 on 0.3.52."""
+    base: tuple[Any, ...] = tuple(prompt.item[:5])
+    return base + ({},) if item_length >= 6 else base
+
+
+def _number_key(number: Any) -> float:
+    try:
+        value = float(number)
+    except (TypeError, ValueError):
+        return 0.0
+    return value if not math.isnan(value) else 0.0
+
+
+class Journal:
+    """One SQLite file in WAL mode, one connection shared by the HTTP thread and the workers.
+
+    Every method has committed when it returns; the answer to ``POST /prompt`` waits for the commit that holds the
+    prompt (``journal_writer.py``). Each write is one statement, atomic on its own; the few steps that take several
+    (opening, ``history_ids``, ``count_crash``) run at start, before anything else writes.
+    """
+
+    def __init__(self, path: Path | str, synchronous: str = "NORMAL") -> None:
+        if synchronous.upper() not in SYNCHRONOUS_MODES:
+            raise ValueError(f"synchronous={synchronous!r}; use one of {', '.join(SYNCHRONOUS_MODES)}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Only where SQLite does not serialize a shared connection itself do statements take a lock of ours.
+        self.lock: contextlib.AbstractContextManager[Any] = (
+            contextlib.nullcontext() if sqlite3.threadsafety == 3 else threading.Lock())
+        self.conn = sqlite3.connect(self.path, timeout=1, isolation_level=None, check_same_thread=False)
+        # EXCLUSIVE: this process alone writes the file (a second server on the same file would run its prompts
+        # twice), and WAL needs no shared-memory index then; every commit is a few syscalls fewer.
+        self.conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        self._insert_sql: dict[int, str] = {}
+        self._evicting = threading.Lock()  # guards _evicted alone, never held during I/O
+        self._evicted: set[str] = set()  # evicted history entries not deleted yet (see ``finished``)
+        self._create()
+
+    def _create(self) -> None:
+        with self.lock, self._transaction():
+            version = int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+            tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if version < SCHEMA_VERSION and "prompts" in tables:
+                self.conn.execute("ALTER TABLE prompts RENAME TO prompts_drained")
+            self.conn.execute("CREATE TABLE IF NOT EXISTS prompts ("
+                              " prompt_id TEXT PRIMARY KEY, route TEXT NOT NULL, number REAL NOT NULL,"
+                              " state TEXT NOT NULL, crashes INTEGER NOT NULL DEFAULT 0, item TEXT NOT NULL,"
+                              " dropped_keys TEXT NOT NULL, accepted_at REAL NOT NULL, device INTEGER) WITHOUT ROWID")
+            # seq: the order entries finished in (ComfyUI's history is a dict in that order); not AUTOINCREMENT,
+            # which writes a counter row on every insert.
+            self.conn.execute("CREATE TABLE IF NOT EXISTS history ("
+                              " seq INTEGER PRIMARY KEY, prompt_id TEXT NOT NULL UNIQUE, entry TEXT NOT NULL)")
+            # A history entry and the end of its prompt's row are one statement, so one atomic commit.
+            self.conn.execute("CREATE TRIGGER IF NOT EXISTS finished AFTER INSERT ON history BEGIN"
+                              " DELETE FROM prompts WHERE prompt_id = NEW.prompt_id; END")
+            if version < SCHEMA_VERSION and "prompts" in tables:
+                # Prompts a drain saved before the store became a write-ahead log: none of them crashed. Schema 1
+                # had a device index alone, schema 2 a route too (empty for rows written by schema 1).
+                columns = {r[1] for r in self.conn.execute("PRAGMA table_info(prompts_drained)")}
+                route = "route" if "route" in columns else "NULL"
+                rows = self.conn.execute(f"SELECT prompt_id, gpu_id, {route}, item, dropped_keys, saved_at"
+                                         " FROM prompts_drained ORDER BY rowid").fetchall()
+                self.conn.executemany(
+                    f"INSERT OR REPLACE INTO prompts {_PROMPT_COLUMNS} VALUES {_PROMPT_ROW}",
+                    [(pid, route or str(gpu), _number_key(json.loads(item)[0]), QUEUED, 0, item, dropped, saved)
+                     for pid, gpu, route, item, dropped, saved in rows])
+                self.conn.execute("DROP TABLE prompts_drained")
+            self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _transaction(self) -> "_Transaction":
+        return _Transaction(self.conn)
+
+    def _write(self, sql: str, params: Sequence[Any] = ()) -> None:
+        with self.lock:
+            self.conn.execute(sql, params)
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+    # -- the life of a prompt -------------------------------------------------------------------------------------
+    def accepted(self, route: str, item: tuple) -> None:
+        """Write ``item`` as queued on ``route``; raises (and writes nothing) if it cannot be stored as JSON."""
+        self.accepted_many([(route, item)])
+
+    def accepted_many(self, prompts: list[tuple[str, tuple]]) -> None:
+        """Write up to ``MAX_ROWS_PER_STATEMENT`` prompts as queued in one statement, all or none
+        (``journal_writer.py``'s batches)."""
+        if len(prompts) > MAX_ROWS_PER_STATEMENT:
+            raise ValueError(f"{len(prompts)} prompts in one statement; at most {MAX_ROWS_PER_STATEMENT}")
+        params: list[Any] = []
+        now = time.time()
+        for route, item in prompts:
+            fields, dropped = public_fields(item)
+            try:
+                encoded = json.dumps(fields)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"prompt {item[1]} cannot be stored as JSON: {err}") from err
+            params += (str(item[1]), route, _number_key(item[0]), QUEUED, 0, encoded,
+                       json.dumps(dropped) if dropped else "[]", now)
+        if params:
+            self._write(self._insert(len(prompts)), params)
+
+    def _insert(self, rows: int) -> str:
+        sql = self._insert_sql.get(rows)
+        if sql is None:
+            sql = f"INSERT OR REPLACE INTO prompts {_PROMPT_COLUMNS} VALUES " + ", ".join([_PROMPT_ROW] * rows)
+            self._insert_sql[rows] = sql
+        return sql
+
+    def started(self, prompt_id: str, device: int) -> None:
+        self._write("UPDATE prompts SET state = ?, device = ? WHERE prompt_id = ?", (RUNNING, device, prompt_id))
+
+    def requeued(self, prompt_ids: Iterable[str]) -> None:
+        """Back to queued without counting a crash: prompts a drain cut off, or a retry after out of memory."""
+        for chunk in _chunks(prompt_ids):
+            self._write(f"UPDATE prompts SET state = ? WHERE prompt_id IN ({', '.join('?' * len(chunk))})",
+                        (QUEUED, *chunk))
+
+    def finished(self, prompt_id: str, entry: dict, evicted: Iterable[str] = ()) -> None:
+        """One statement (the ``finished`` trigger): the history entry is written and the prompt leaves the queue.
+
+        The ``evicted`` entries (beyond ComfyUI's history limit: one per prompt once it is reached) are deleted
+        ``MAX_ROWS_PER_STATEMENT`` at a time, not one statement each; until then the store holds a few more than
+        the limit, which ``history_ids`` trims at the next start.
+        """
+        encoded = json.dumps(public_entry(entry), default=str)
+        with self._evicting:
+            self._evicted.discard(prompt_id)
+            self._evicted.update(str(p) for p in evicted)
+            due = list(self._evicted) if len(self._evicted) >= MAX_ROWS_PER_STATEMENT else []
+            self._evicted.difference_update(due)
+        self._write("INSERT OR REPLACE INTO history (prompt_id, entry) VALUES (?, ?)", (prompt_id, encoded))
+        if due:
+            self.forget_history(due)
+
+    def forget_prompts(self, prompt_ids: Iterable[str]) -> None:
+        """Queued prompts a client deleted (``POST /queue``): they will never run."""
+        for chunk in _chunks(prompt_ids):
+            self._write(f"DELETE FROM prompts WHERE prompt_id IN ({', '.join('?' * len(chunk))})", chunk)
+
+    def forget_history(self, prompt_ids: Iterable[str] | None = None) -> None:
+        """History entries a client deleted (``POST /history``) or that were evicted; ``None``: all of them."""
+        if prompt_ids is None:
+            self._write("DELETE FROM history")
+            return
+        for chunk in _chunks(prompt_ids):
+            self._write(f"DELETE FROM history WHERE prompt_id IN ({', '.join('?' * len(chunk))})", chunk)
+
+    # -- at start ----------------------------------------------------------------------------------------------------
+    def unfinished(self) -> list[StoredPrompt]:
+        """Every prompt in the store, in queue order: number, then prompt id (the order of ComfyUI's heap)."""
+        with self.lock:
+            rows = self.conn.execute("SELECT route, state, crashes, item, dropped_keys, device FROM prompts"
+                                     " ORDER BY number, prompt_id").fetchall()
+        return [StoredPrompt(route, tuple(json.loads(item)), state, crashes, tuple(json.loads(dropped)), device)
+                for route, state, crashes, item, dropped, device in rows]
+
+    def count_crash(self) -> list[str]:
+        """The server died while the prompts still marked running ran: one more crash each, and queued again;
+        returns their ids. Only at start, before any worker marks a prompt as running."""
+        with self.lock:
+            ids = [r[0] for r in self.conn.execute("SELECT prompt_id FROM prompts WHERE state = ?", (RUNNING,))]
+            self.conn.execute("UPDATE prompts SET crashes = crashes + 1, state = ? WHERE state = ?", (QUEUED, RUNNING))
+        return ids
+
+    def history_ids(self, limit: int) -> list[str]:
+        """The prompt ids of the last ``limit`` history entries, oldest first; older entries are deleted."""
+        with self.lock:
+            rows = self.conn.execute("SELECT seq, prompt_id FROM history ORDER BY seq").fetchall()
+            kept = rows[max(0, len(rows) - limit):]
+            if kept and len(kept) < len(rows):
+                self.conn.execute("DELETE FROM history WHERE seq < ?", (kept[0][0],))
+        return [pid for _, pid in kept]
+
+    def history_entry(self, prompt_id: str) -> dict | None:
+        """One stored history entry (a previous process's: this one keeps its own in memory)."""
+        with self.lock:
+            row = self.conn.execute("SELECT entry FROM history WHERE prompt_id = ?", (prompt_id,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def max_number(self) -> float | None:
+        with self.lock:
+            row = self.conn.execute("SELECT MAX(ABS(number)) FROM prompts WHERE number BETWEEN -1e300 AND 1e300"
+                                    ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def count(self) -> int:
+        with self.lock:
+            return int(self.conn.execute("SELECT COUNT(*) FROM prompts").fetchone()[0])
+
+
+def _chunks(prompt_ids: Iterable[str]) -> list[list[str]]:
+    ids = [str(p) for p in prompt_ids]
+    return [ids[i:i + MAX_ROWS_PER_STATEMENT] for i in range(0, len(ids), MAX_ROWS_PER_STATEMENT)]
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error): autocommit connections need it spelled out."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
