@@ -193,8 +193,8 @@ def store_cost(n: int = 2000) -> dict[str, dict[str, float]]:
         journal = Journal(folder / "queue.sqlite3", mode)
         items = [(i, str(uuid.uuid4()), entry["prompt"][2], {"client_id": "c"}, ["1"], {}) for i in range(n)]
         costs = {}
-        writes = (("accepted", lambda it: journal.accepted("gpu:0", it)),
-                  ("started", lambda it: journal.started(it[1])),
+        writes = (("accepted", lambda it: journal.accepted("0", it)),
+                  ("started", lambda it: journal.started(it[1], 0)),
                   ("finished", lambda it: journal.finished(it[1], entry)))
         for name, call in writes:
             started = time.perf_counter()
