@@ -222,6 +222,9 @@ class DeviceQueue(_SharedHistoryAccess):
         # Prompts queued again after a server crash while they ran: prompt id -> the history message saying so.
         # One dict for every device (DeviceQueues sets it): while it holds any, they run alone (``_next``).
         self.crash_retries: dict[str, dict] = {}
+        # Prompts whose history entry is being written to the store (one set for every device): until it is, a
+        # crash would count them as running, so a crash retry must not start beside them (``_next``).
+        self.finishing: set[str] = set()
         self.incoming = 0  # prompts routed here and being stored, not queued yet (they count for the shortest queue)
         self.peers: list[DeviceQueue] = [self]  # every device's queue (they share ``mutex``): DeviceQueues sets it
         # Called (and expected never to return) when a prompt's error shows a CUDA context is poisoned.
@@ -301,7 +304,7 @@ class DeviceQueue(_SharedHistoryAccess):
         if self.held:
             return None
         if self.crash_retries:
-            if any(peer.currently_running for peer in self.peers):
+            if self.finishing or any(peer.currently_running for peer in self.peers):
                 return None
             position = next((i for i, item in enumerate(self.queue) if item[1] in self.crash_retries), None)
             if position is None:
@@ -356,6 +359,8 @@ class DeviceQueue(_SharedHistoryAccess):
                 entry.update(history_result)
                 entry["gpu_id"] = self.index
                 evicted = self.history_store.record(prompt[1], entry, write=False)
+                if self.journal is not None:
+                    self.finishing.add(prompt[1])
                 if self.pool is not None:
                     self.pool.finished(prompt[1])
                 for listener in self.listeners:
@@ -364,6 +369,10 @@ class DeviceQueue(_SharedHistoryAccess):
         # Outside the queue lock: the store writes give up the GIL.
         if retried is None:
             self.history_store.write(prompt[1], entry, evicted)
+            if self.journal is not None:
+                with self.mutex:
+                    self.finishing.discard(prompt[1])
+                    self._wake_peers()
         elif self.journal is not None:
             try:
                 self.journal.requeued([retried])  # it runs again: not running, so not a crash if the server dies now
@@ -535,9 +544,11 @@ class DeviceQueues(_SharedHistoryAccess):
         self.devices = [DeviceQueue(i, self.mutex, self.history_store, self._changed_callback(i))
                         for i in range(n_devices)]
         self.crash_retries: dict[str, dict] = {}  # see DeviceQueue.crash_retries
+        self.finishing: set[str] = set()  # see DeviceQueue.finishing
         for q in self.devices:
             q.peers = self.devices
             q.crash_retries = self.crash_retries
+            q.finishing = self.finishing
         self.current_route = current_route
         self.default_route = default_route
         self.writer: "JournalWriter | None" = None  # stores accepted prompts (journal_writer.py); None: no store

@@ -270,6 +270,48 @@ def test_prompts_retried_after_a_crash_run_alone() -> None:
     assert q0.get(timeout=0.01)[0][1] == "new-0" and q1.get(timeout=0.01)[0][1] == "new-1"
 
 
+def test_a_crash_retry_waits_for_the_history_write_of_a_prompt_beside_it(tmp_path: Path) -> None:
+    """A prompt counts as running until its history entry is in the store: were the retry to start (and crash the
+    server) while a finished neighbour's entry was still being written, the neighbour would be counted as running at
+    two crashes and recorded as crashed twice (seen in test_native_crash before this rule)."""
+    import threading
+
+    from comfy_parallel.journal import Journal
+    from comfy_parallel.queues import DeviceQueues
+
+    class SlowJournal(Journal):
+        def __init__(self, path: Path) -> None:
+            super().__init__(path)
+            self.writing = threading.Event()
+            self.release = threading.Event()
+
+        def finished(self, prompt_id: str, entry: dict, evicted=()) -> None:
+            self.writing.set()
+            assert self.release.wait(10)
+            super().finished(prompt_id, entry, evicted)
+
+    queues = DeviceQueues(2, lambda: None)
+    journal = queues.history_store.journal = SlowJournal(tmp_path / "queue.sqlite3")
+    q0, q1 = queues.devices
+    for q, item in ((q0, (1, "neighbour", {}, {}, [], {})), (q1, (2, "retry", {}, {}, [], {}))):
+        journal.accepted(str(q.index), item)
+        q.put(item)
+    queues.crash_retries["neighbour"] = {"retry_after_server_crash": True}
+    queues.crash_retries["retry"] = {"retry_after_server_crash": True}
+    item, n = q0.get(timeout=0.01)
+    assert item[1] == "neighbour"
+    done = threading.Thread(target=q0.task_done, args=(n, {"outputs": {}, "meta": {}}, None))
+    done.start()
+    try:
+        assert journal.writing.wait(10)
+        assert q1.get(timeout=0.05) is None  # the neighbour's entry is not stored yet
+    finally:
+        journal.release.set()
+        done.join(10)
+    item, _ = q1.get(timeout=1)
+    assert item[1] == "retry"
+
+
 # -- kill -9 under load ---------------------------------------------------------------------------------------------
 
 @dataclass
