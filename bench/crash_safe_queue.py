@@ -26,6 +26,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -234,6 +235,15 @@ def crash_to_ready(comfy_dir: Path) -> dict[str, float]:
         s.stop()
 
 
+def _version_of(comfy_dir: Path) -> str:
+    try:
+        text = (comfy_dir / "comfyui_version.py").read_text()
+    except OSError:
+        return "?"
+    found = re.search(r"__version__\s*=\s*[\"']([^\"']+)", text)
+    return found.group(1) if found else "?"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=12, help="rounds of 1,000 prompts per configuration")
@@ -242,18 +252,22 @@ def main() -> int:
     parser.add_argument("--wait-quiet", type=float, default=120, metavar="S",
                         help="how long to wait for other processes to quieten before each round")
     parser.add_argument("--comfyui-version", default=provision.DEFAULT_VERSION, choices=sorted(provision.RELEASES))
+    parser.add_argument("--comfyui", type=Path, metavar="DIR",
+                        help="this ComfyUI folder instead of the provisioned --comfyui-version (the device machine)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", metavar="DIR")
+    parser.add_argument("--label", default="cpu", help="results go to DIR/crash_safe_queue_LABEL.{md,json}")
     args = parser.parse_args()
-    comfy_dir = provision.ensure_comfyui(args.comfyui_version, quiet=True)
+    comfy_dir = args.comfyui or provision.ensure_comfyui(args.comfyui_version, quiet=True)
+    version = _version_of(comfy_dir) if args.comfyui else args.comfyui_version
     rates, repeated = throughput(comfy_dir, args.rounds, OtherLoad(args.other_load), args.wait_quiet)
     costs = store_cost()
     crash = crash_to_ready(comfy_dir)
     base_name = "no store (--no-persist)"
-    command = (f".venv/bin/python bench/crash_safe_queue.py --rounds {args.rounds} --other-load {args.other_load} "
-               f"--comfyui-version {args.comfyui_version}")
+    command = " ".join(["python" if args.comfyui else ".venv/bin/python", *sys.argv])
     base = statistics.median(rates[base_name])
     lines = [
         f"# Write-ahead queue: cost and recovery ({time.strftime('%Y-%m-%d', time.gmtime())})", "",
-        f"Command: `{command}` (ComfyUI {args.comfyui_version}, 3 CPU workers; {platform.node() or 'host'}, "
+        f"Command: `{command}` (ComfyUI {version}, 3 CPU workers; {platform.node() or 'host'}, "
         f"{platform.machine()}, {os.cpu_count()} cores).", "",
         f"Accepted prompts per second at the load test's rate ({N_PROMPTS:,} CPSleep 0 s prompts over every route, "
         f"{CONCURRENCY} requests in flight), {args.rounds} rounds after one unmeasured round per server; in each "
@@ -273,7 +287,8 @@ def main() -> int:
     lines += ["", f"Crash to `/ready` with {N_PROMPTS:,} queued prompts (`kill -9` of the server under `serve "
               f"--supervise`): **{crash['crash_to_ready_s']:.1f} s**, {crash['queued_after_restart']:.0f} prompts "
               "queued again after the restart (the time is mostly the new process importing ComfyUI and torch)."]
-    out = REPO / "bench" / "results" / "crash_safe_queue_cpu.md"
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"crash_safe_queue_{args.label}.md"
     out.write_text("\n".join(lines) + "\n")
     normal = statistics.median(rates[NORMAL])
     full = statistics.median(rates[FULL])
