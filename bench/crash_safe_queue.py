@@ -130,9 +130,12 @@ class OtherLoad:
                 return load
 
 
-def throughput(comfy_dir: Path, rounds: int, other: OtherLoad, wait_s: float) -> tuple[dict[str, list[float]], int]:
+def throughput(comfy_dir: Path, rounds: int, other: OtherLoad, wait_s: float,
+               budget_s: float | None = None) -> tuple[dict[str, list[float]], int]:
     """Accepted prompts per second of each configuration, one figure per round (rounds in the same order), and how
-    many rounds were run again because other processes took more than ``other.limit`` cores during them."""
+    many rounds were run again because other processes took more than ``other.limit`` cores during them. With
+    ``budget_s``, no round starts after that many seconds (a device call has a time limit)."""
+    deadline = time.monotonic() + budget_s if budget_s else float("inf")
     out: dict[str, list[float]] = {name: [] for name in CONFIGS}
     servers = {}
     repeated = 0
@@ -150,6 +153,9 @@ def throughput(comfy_dir: Path, rounds: int, other: OtherLoad, wait_s: float) ->
         names = list(servers)
         r = 0
         while r < rounds:
+            if time.monotonic() > deadline:
+                print(f"budget spent: {r} of {rounds} rounds run", flush=True)
+                break
             other.wait_quiet(wait_s)
             got: dict[str, float] = {}
             worst = 0.0
@@ -255,11 +261,15 @@ def main() -> int:
     parser.add_argument("--comfyui", type=Path, metavar="DIR",
                         help="this ComfyUI folder instead of the provisioned --comfyui-version (the device machine)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", metavar="DIR")
+    parser.add_argument("--budget-s", type=float, default=None, metavar="S",
+                        help="start no throughput round after S seconds (the table then says how many ran)")
     parser.add_argument("--label", default="cpu", help="results go to DIR/crash_safe_queue_LABEL.{md,json}")
     args = parser.parse_args()
     comfy_dir = args.comfyui or provision.ensure_comfyui(args.comfyui_version, quiet=True)
     version = _version_of(comfy_dir) if args.comfyui else args.comfyui_version
-    rates, repeated = throughput(comfy_dir, args.rounds, OtherLoad(args.other_load), args.wait_quiet)
+    rates, repeated = throughput(comfy_dir, args.rounds, OtherLoad(args.other_load), args.wait_quiet,
+                                 args.budget_s)
+    ran = len(rates[next(iter(rates))])
     costs = store_cost()
     crash = crash_to_ready(comfy_dir)
     base_name = "no store (--no-persist)"
@@ -270,7 +280,7 @@ def main() -> int:
         f"Command: `{command}` (ComfyUI {version}, 3 CPU workers; {platform.node() or 'host'}, "
         f"{platform.machine()}, {os.cpu_count()} cores).", "",
         f"Accepted prompts per second at the load test's rate ({N_PROMPTS:,} CPSleep 0 s prompts over every route, "
-        f"{CONCURRENCY} requests in flight), {args.rounds} rounds after one unmeasured round per server; in each "
+        f"{CONCURRENCY} requests in flight), {ran} rounds after one unmeasured round per server; in each "
         "round every configuration runs once, back to back, each first in turn. `vs no store`: the median over "
         "rounds of the rate divided by the no-store rate of the same round. A round counts only if the machine's "
         f"other processes used less than {args.other_load:.2f} cores all through it ({repeated} rounds were run "
