@@ -9,14 +9,14 @@ cheapest *for it*, in this order:
 
 1. model files: the fewest bytes of the prompt's model files that are not already in this worker's VRAM (the
    weight store knows which files each worker's loaded models came from, and how much of each is loaded; for
-   files it does not hold, the files of the worker's last prompt stand in);
-2. executor cache: the most nodes whose inputs (and their inputs, recursively) equal those of a node of the
-   worker's last prompt, which ComfyUI's executor then answers from its cache (a client's next seed reuses its
-   text encodes); then whether the same client sent the worker's last prompt;
+   files it does not hold, the files of the worker's last prompt stand in). Bytes of a file that another worker
+   holds or is loading count twice (a second copy): the worker holding that model serves its prompts without a
+   load, so an idle worker takes a model no other worker has;
+2. executor cache: the most nodes that read another node's output and whose inputs (and their inputs,
+   recursively) equal those of a node of the worker's last prompt, which ComfyUI's executor then answers from its
+   cache (a client's next seed reuses its text encodes); then whether the same client sent the worker's last
+   prompt;
 3. age: the queue number (ComfyUI's order, ``front`` included).
-
-Between prompts that need the same load, one whose model no other worker holds (or is loading) goes first: the
-worker holding the other model serves its prompts without a load.
 
 Starvation bound: each pooled prompt counts the younger pooled prompts that were taken before it; once the oldest
 has been passed ``slack`` times, the next worker to take from the pool takes it. So no prompt waits behind more
@@ -320,14 +320,27 @@ class Pool:
 
     def cost(self, traits: Traits, resident: Mapping[str, float], view: WorkerView,
              elsewhere: frozenset[str] = frozenset()) -> tuple[int, int, int, int]:
-        """(bytes to load, bytes another worker holds, -nodes the executor cache answers, 0 if the same client sent
-        the last prompt else 1). Between prompts that cost the same load, the one whose model no other worker has
-        goes first: another worker serves the others without a load (two workers never load one model for a queue
-        that a single worker holding it drains)."""
-        cached = len(traits.signatures & view.signatures)
+        """(bytes to load, bytes another worker holds, -derived nodes the executor cache answers, 0 if the same client
+        sent the last prompt else 1), the smaller the better.
+
+        A file another worker holds or is loading counts twice in the bytes to load: loading it here makes a second
+        copy, while a model no other worker has would be loaded once. Without this, a few hundred MB a worker kept
+        from an earlier model (a VAE) made it load the model the other worker had just taken, and both then
+        switched again (six switches for three checkpoints on the H200 benchmark). Only nodes that read another
+        node's output count for the cache: a leaf node (an empty latent of some size) costs nothing to run, and
+        counting it let short prompts pass older long ones.
+        """
+        load = 0.0
+        held_elsewhere = 0
+        for f in traits.files:
+            missing = f.size * (1.0 - min(1.0, resident.get(f.path, 0.0)))
+            if f.path in elsewhere:
+                held_elsewhere += f.size
+                missing *= 2
+            load += missing
+        cached = len(traits.derived & view.signatures)
         same_client = traits.client_id is not None and traits.client_id == view.client_id
-        held_elsewhere = sum(f.size for f in traits.files if f.path in elsewhere)
-        return self.missing_bytes(traits, resident), held_elsewhere, -cached, 0 if same_client else 1
+        return int(load), held_elsewhere, -cached, 0 if same_client else 1
 
     def take(self, index: int, before: Any = None) -> Pick | None:
         """The pooled prompt worker ``index`` should run next, removed from the pool; ``None`` if none may run.

@@ -98,6 +98,40 @@ def test_affinity_order_model_then_cache_then_age() -> None:
     assert Pool.missing_bytes(Traits(files("b")), loaded[0]) == 800  # what a load of b onto worker 0 would move
 
 
+def test_an_idle_worker_takes_the_model_no_other_worker_holds() -> None:
+    """The H200 benchmark's stream a: worker 0 kept a VAE's worth of checkpoint a from earlier (a small share), and
+    worker 1 has just taken an a prompt. Loading a again on worker 0 would make a second copy; c is held nowhere."""
+    loaded = {0: {"/m/a": 0.03}, 1: {"/m/a": 0.03}}
+    pool = Pool(2, slack=8, residency=lambda i: Residency(loaded[i], frozenset({"/m/a", "/m/c"})))
+    pool.add((1, "a-1"), Traits(files("a")))
+    pool.add((2, "a-2"), Traits(files("a")))
+    pool.add((3, "c-1"), Traits(files("c")))
+    pick = pool.take(1)
+    assert pick is not None and pick.pooled.prompt_id == "a-1"
+    pool.start(1, "a-1")
+    pick = pool.take(0)
+    assert pick is not None and pick.pooled.prompt_id == "c-1" and pick.reason == "affinity"
+    # a model both workers hold (a fifth of it missing on each) still beats a model held nowhere
+    loaded.update({0: {"/m/a": 0.8}, 1: {"/m/a": 0.8}})
+    pool.add((4, "c-2"), Traits(files("c")))
+    pick = pool.take(0)
+    assert pick is not None and pick.pooled.prompt_id == "a-2"
+
+
+def test_leaf_nodes_the_cache_would_answer_do_not_let_a_younger_prompt_pass() -> None:
+    """Stream c: one model, long and short jobs. A short job's empty latent matches the worker's last prompt, a
+    long one's does not, but an empty latent costs nothing to run: the older (long) prompt goes first. A text
+    encode (a node reading another node's output) does count."""
+    pool = Pool(1, slack=8)
+    latent_short, latent_long, encode, encode_other = 11, 12, 21, 22
+    pool.started(0, Traits(files("a"), frozenset({latent_short, encode}), frozenset({encode}), None))
+    pool.add((1, "long"), Traits(files("a"), frozenset({latent_long, encode}), frozenset({encode}), None))
+    pool.add((2, "short"), Traits(files("a"), frozenset({latent_short, encode}), frozenset({encode}), None))
+    pool.add((3, "short-new-text"), Traits(files("a"), frozenset({latent_short, encode_other}),
+                                           frozenset({encode_other}), None))
+    assert [pool.take(0).pooled.prompt_id for _ in range(3)] == ["long", "short", "short-new-text"]
+
+
 @settings(max_examples=300, deadline=None, database=None)
 @given(slack=st.integers(0, 6), n_workers=st.integers(1, 4),
        stream=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.booleans()), min_size=1, max_size=60))
