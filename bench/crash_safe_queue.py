@@ -57,6 +57,9 @@ CONFIGS = {
 }
 
 
+COMFY_ARGS: list[str] = []  # --comfy-arg: more ComfyUI arguments for every server (the device's --front-end-root)
+
+
 def _url(s: Server, i: int) -> tuple[str, dict[str, str]]:
     route, device = ROUTES[i % len(ROUTES)], i % s.n_devices
     if route == "header":
@@ -145,7 +148,7 @@ def throughput(comfy_dir: Path, rounds: int, other: OtherLoad, wait_s: float,
             shutil.rmtree(user, ignore_errors=True)
             user.mkdir(parents=True)
             servers[name] = Server(comfy_dir, serve_args=config["serve_args"], env=config["env"], user_dir=user,
-                                   name=f"bench-wal-{len(servers)}").start()
+                                   extra_args=COMFY_ARGS, name=f"bench-wal-{len(servers)}").start()
         for name, s in servers.items():
             rate = asyncio.run(submit_all(s, N_PROMPTS, 0.0, f"warm-{uuid.uuid4().hex[:6]}"))
             s.wait_idle(timeout=120)
@@ -218,7 +221,7 @@ def crash_to_ready(comfy_dir: Path) -> dict[str, float]:
     shutil.rmtree(user, ignore_errors=True)
     user.mkdir(parents=True)
     s = Server(comfy_dir, serve_args=["--supervise", "--drain-timeout", "0"], user_dir=user,
-               name="bench-wal-crash").start()
+               extra_args=COMFY_ARGS, name="bench-wal-crash").start()
     try:
         asyncio.run(submit_all(s, N_PROMPTS, 1.0, f"crash-{uuid.uuid4().hex[:6]}"))
         assert s.proc is not None
@@ -263,9 +266,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", metavar="DIR")
     parser.add_argument("--budget-s", type=float, default=None, metavar="S",
                         help="start no throughput round after S seconds (the table then says how many ran)")
+    parser.add_argument("--comfy-arg", dest="comfy_args", action="append", default=[], metavar="ARG",
+                        help="one more ComfyUI argument for every server, e.g. --comfy-arg=--front-end-root=DIR")
     parser.add_argument("--label", default="cpu", help="results go to DIR/crash_safe_queue_LABEL.{md,json}")
     args = parser.parse_args()
-    comfy_dir = args.comfyui or provision.ensure_comfyui(args.comfyui_version, quiet=True)
+    COMFY_ARGS[:] = args.comfy_args
+    comfy_dir = args.comfyui.resolve() if args.comfyui else provision.ensure_comfyui(args.comfyui_version, quiet=True)
     version = _version_of(comfy_dir) if args.comfyui else args.comfyui_version
     rates, repeated = throughput(comfy_dir, args.rounds, OtherLoad(args.other_load), args.wait_quiet,
                                  args.budget_s)

@@ -3,7 +3,8 @@
 # quiet machine a 2-core shared VM lacks (there single rounds scatter from 0.4 to 1.5 times the no-store rate).
 # Only CPU workers run (the GPU is not used). From the repo root, with the payload of
 # bench/prepare_device_payload_033.sh carried:
-#   carry: [".devtree", ".device/site-0.33.tar.xz", ".device/comfyui-0.33.0.tar.xz", ".device/tree_state.txt"]
+#   carry: [".devtree", ".device/site-0.33.tar.xz", ".device/comfyui-0.33.0.tar.xz", ".device/frontend",
+#           ".device/tree_state.txt"]
 #   command: cd .devtree && ln -sfn ../.device .device && ROUNDS=48 BUDGET_S=300 bash bench/crash_safe_queue_device.sh
 # $OUT gets crash_safe_queue_device.{md,json,log}.
 set -uo pipefail
@@ -19,6 +20,6 @@ source "$(dirname "$0")/device_unpack.sh"  # unpack_xz
   unpack_xz .device/comfyui-0.33.0.tar.xz /tmp || { echo "ComfyUI unpack failed"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD
   python3 bench/crash_safe_queue.py --comfyui /tmp/comfyui --rounds "${ROUNDS:-48}" \
-    --other-load "${OTHER_LOAD:-0.5}" --budget-s "${BUDGET_S:-300}" --out "$OUT" --label device
+    --comfy-arg="--front-end-root=$PWD/.device/frontend" --other-load "${OTHER_LOAD:-0.5}" --budget-s "${BUDGET_S:-300}" --out "$OUT" --label device
 } 2>&1 | tee "$OUT/crash_safe_queue_device.log"
 exit "${PIPESTATUS[0]}"
