@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
-from .device_status import model_loads
-from .pool import PICK_REASONS
-from .queues import is_oom, outcome_of
+from ..scheduling.pool import PICK_REASONS
+from ..scheduling.queues import is_oom, outcome_of
+from ..server.device_status import model_loads
 
 if TYPE_CHECKING:
-    from .queues import DeviceQueues
+    from ..scheduling.queues import DeviceQueues
 
 log = logging.getLogger("comfy_parallel.metrics")
 

@@ -28,12 +28,13 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from . import cuda_fatal, worker_context
+from ..durability import cuda_fatal
+from . import worker_context
 from .pool import DEFAULT_SLACK, NO_RESIDENCY, FileResolver, Pool, Residency, Traits, traits_of
 
 if TYPE_CHECKING:
-    from .journal import Journal
-    from .journal_writer import JournalWriter
+    from ..durability.journal import Journal
+    from ..durability.journal_writer import JournalWriter
 
 log = logging.getLogger("comfy_parallel.queues")
 POOL_ROUTE = "pool"  # the route string of a prompt accepted into the pool (stored as such)
