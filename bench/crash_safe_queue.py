@@ -43,7 +43,7 @@ import aiohttp  # noqa: E402
 import psutil  # noqa: E402
 from harness import ARTIFACTS, Server, prompt_id_for  # noqa: E402
 
-from comfy_parallel import provision  # noqa: E402
+from comfy_parallel.ops import provision  # noqa: E402
 
 N_PROMPTS = 1000
 CONCURRENCY = 8  # tests/test_load.py's SUBMIT_CONCURRENCY
@@ -190,7 +190,7 @@ def paired_change(rates: dict[str, list[float]], name: str, base: str) -> float:
 
 def store_cost(n: int = 2000) -> dict[str, dict[str, float]]:
     """Microseconds per write of the journal alone, per ``synchronous`` mode."""
-    from comfy_parallel.journal import Journal
+    from comfy_parallel.durability.journal import Journal
 
     entry = {"prompt": [0, "id", {"1": {"class_type": "CPSleep", "inputs": {}}}, {}, ["1"]],
              "outputs": {"1": {"record": [{"tag": "x" * 40, "start": 1.0, "end": 2.0}]}},

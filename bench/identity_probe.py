@@ -179,7 +179,7 @@ s1b = run_kinds(*stock, kinds, "stock-again")
 compare(s1, s1b, "stock vs stock-again")
 
 from comfy_parallel.comfy_adapter.shared_weights import shared_weight_patches  # noqa: E402
-from comfy_parallel.weights import WeightStore  # noqa: E402
+from comfy_parallel.weights.store import WeightStore  # noqa: E402
 
 comfy = Comfy.from_sys_modules(main)
 store = WeightStore(pin="auto")

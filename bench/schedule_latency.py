@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 import aiohttp  # noqa: E402
 from harness import Server  # noqa: E402
 
-from comfy_parallel import provision  # noqa: E402
+from comfy_parallel.ops import provision  # noqa: E402
 
 
 async def measure(server: Server, n: int) -> dict[str, list[float]]:

@@ -58,7 +58,7 @@ def partial_unload_check(mp, sync) -> dict:  # type: ignore[no-untyped-def]
     import torch
 
     import comfy.model_management as mm  # type: ignore[import-not-found]
-    from comfy_parallel import weights
+    from comfy_parallel.weights import store as weights
 
     mm.unload_all_models()
     mm.load_models_gpu([mp], force_full_load=True)
@@ -95,9 +95,9 @@ def page_cache_swap_in(comfy_bundle, path: str, nbytes: int, cycle) -> dict:  # 
     import comfy.model_management as mm  # type: ignore[import-not-found]
     import comfy.sd  # type: ignore[import-not-found]
 
-    from comfy_parallel import weights
     from comfy_parallel.comfy_adapter.shared_weights import shared_weight_patches
-    from comfy_parallel.weights import WeightStore
+    from comfy_parallel.weights import store as weights
+    from comfy_parallel.weights.store import WeightStore
 
     store = WeightStore(pin="auto", host_copy="page-cache")
     patches = shared_weight_patches(store)
@@ -148,7 +148,7 @@ def main() -> int:
 
     from comfy_parallel.comfy_adapter import Comfy, load_comfyui
     from comfy_parallel.comfy_adapter.shared_weights import shared_weight_patches
-    from comfy_parallel.weights import WeightStore
+    from comfy_parallel.weights.store import WeightStore
 
     main_module = load_comfyui(Path(args.comfyui), ["--disable-all-custom-nodes", "--dont-print-server"])
     import torch

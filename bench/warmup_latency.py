@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 from harness import Server  # noqa: E402
 from test_diffusion import txt2img  # noqa: E402
 
-from comfy_parallel import provision  # noqa: E402
+from comfy_parallel.ops import provision  # noqa: E402
 
 
 def build_checkpoint() -> Path:

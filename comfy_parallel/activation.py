@@ -7,7 +7,7 @@ from types import ModuleType
 
 from .comfy_adapter import Adapter, AdapterError, Comfy, active
 from .comfy_adapter.model_management import dynamic_vram_problem
-from .multigpu import MultiDeviceServer
+from .server.multigpu import MultiDeviceServer
 from .settings import Settings
 
 log = logging.getLogger("comfy_parallel")

@@ -14,8 +14,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import deploy, provision, scan, supervisor
-from .pool import DEFAULT_SLACK
+from .ops import deploy, provision, scan, supervisor
+from .scheduling.pool import DEFAULT_SLACK
 from .settings import (DEFAULT_ROUTE, Settings, SettingsError, default_devices, env_enabled, parse_affinity_slack,
                        parse_cuda_graphs, parse_default_route, parse_devices, parse_entry_ports, parse_graphs_max,
                        parse_vram_limit,
@@ -391,7 +391,7 @@ class _NoHooks:
 
     def __init__(self) -> None:
         from .settings import parse_devices
-        from .weights import WeightStore
+        from .weights.store import WeightStore
 
         self.weight_store = WeightStore(pin="off")
         self.settings = Settings(devices=parse_devices("cpu,cpu"), cuda_graphs="on", worker_vram_limit=1 << 30)

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping, Union
 
-from .pool import DEFAULT_SLACK
+from .scheduling.pool import DEFAULT_SLACK
 
 DefaultRoute = Union[str, int]  # "auto", "pool" or a device index
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
@@ -46,10 +46,10 @@ class Settings:
     worker_vram_limit: int | None = None  # bytes of VRAM each CUDA worker's model loading may plan with
     enabled: bool = True
     warmup_checkpoint: str | None = None
-    shared_weights: bool = True  # one host copy per model file for all workers (weights.py)
+    shared_weights: bool = True  # one host copy per model file for all workers (weights/store.py)
     pin_weights: str = "auto"  # auto | on | off: page-locked host copies (auto: when they fit in half the RAM)
     weights_ram_limit: int | None = None  # bytes of host copies kept for reuse; LRU beyond it
-    host_copy: str = "ram"  # ram | page-cache: where the one host copy of a model file lives (weights.py)
+    host_copy: str = "ram"  # ram | page-cache: where the one host copy of a model file lives (weights/store.py)
     cuda_graphs: str = "auto"  # auto | on | off: replay captured CUDA graphs of the UNet (comfy_adapter/cuda_graphs.py)
     cuda_graphs_max: int = 24  # graphs kept per UNet per worker, least recently used out
 

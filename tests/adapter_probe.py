@@ -11,7 +11,7 @@ import sys
 
 class Hooks:
     def __init__(self) -> None:
-        from comfy_parallel.weights import WeightStore
+        from comfy_parallel.weights.store import WeightStore
 
         from comfy_parallel.settings import Settings, parse_devices
 
@@ -72,7 +72,7 @@ def noise_check(comfy) -> bool:
     import comfy.sample
     import torch
 
-    from comfy_parallel import worker_context
+    from comfy_parallel.scheduling import worker_context
     from comfy_parallel.settings import DeviceSpec
 
     latent = torch.zeros(1, 4, 8, 8)
@@ -97,7 +97,7 @@ def copy_on_write_check() -> bool:
     import torch
 
     import comfy.utils
-    from comfy_parallel import weights
+    from comfy_parallel.weights import store as weights
 
     host = torch.nn.Linear(4, 4)
     weights.seal_host_modules([host])
@@ -117,7 +117,7 @@ def ram_release_check() -> bool | str:
     mem = sys.modules.get("comfy.memory_management")
     if mem is None or not hasattr(mem, "set_ram_cache_release_state"):
         return "n/a"
-    from comfy_parallel import worker_context
+    from comfy_parallel.scheduling import worker_context
     from comfy_parallel.settings import DeviceSpec
 
     calls: list[tuple[int, int]] = []

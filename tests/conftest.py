@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import ARTIFACTS, REPO, TEST_NODES, Server  # noqa: E402
 
-from comfy_parallel import provision  # noqa: E402
+from comfy_parallel.ops import provision  # noqa: E402
 
 
 

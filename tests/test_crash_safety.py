@@ -28,8 +28,8 @@ import pytest
 import reliability_results
 from harness import ARTIFACTS, Server, prompt_id_for, sleep_prompt, tag_of
 
-from comfy_parallel import cuda_fatal
-from comfy_parallel.recovery import CRASHED_TWICE_MESSAGE, RETRY_EVENT
+from comfy_parallel.durability import cuda_fatal
+from comfy_parallel.durability.recovery import CRASHED_TWICE_MESSAGE, RETRY_EVENT
 
 N_PROMPTS = 1000
 KILLS = 3
@@ -135,8 +135,8 @@ def test_cuda_errors_that_poison_a_context_are_told_apart() -> None:
 
 def test_store_is_one_process_own(tmp_path: Path) -> None:
     """Two servers on one file would run every prompt twice: the second one must not start on it."""
-    from comfy_parallel.journal import Journal
-    from comfy_parallel.recovery import JournalInUse, open_journal
+    from comfy_parallel.durability.journal import Journal
+    from comfy_parallel.durability.recovery import JournalInUse, open_journal
 
     first = Journal(tmp_path / "queue.sqlite3")
     first.accepted("0", (1, "p", {}, {}, [], {}))
@@ -151,8 +151,9 @@ def test_history_of_earlier_runs_answers_by_id_while_the_listing_starts_empty(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The one rule for every start (crash or clean stop): /history/{id} finds what finished before it; the
     /history listing, its offset and max_items start empty, as stock's; the store keeps the last N in all."""
-    from comfy_parallel import queues, recovery
-    from comfy_parallel.journal import Journal
+    from comfy_parallel.durability import recovery
+    from comfy_parallel.durability.journal import Journal
+    from comfy_parallel.scheduling import queues
 
     monkeypatch.setattr(queues, "MAXIMUM_HISTORY_SIZE", 3)
     monkeypatch.setattr(recovery, "MAXIMUM_HISTORY_SIZE", 3)
@@ -194,7 +195,7 @@ def test_threads_write_the_store_at_once(tmp_path: Path) -> None:
     starts and history entries and clients' deletes, from threads at once, all land."""
     import threading
 
-    from comfy_parallel.journal import MAX_ROWS_PER_STATEMENT, Journal
+    from comfy_parallel.durability.journal import MAX_ROWS_PER_STATEMENT, Journal
 
     journal = Journal(tmp_path / "queue.sqlite3")
     errors: list[BaseException] = []
@@ -225,7 +226,7 @@ def test_threads_write_the_store_at_once(tmp_path: Path) -> None:
 def test_evicted_history_leaves_the_store_in_batches(tmp_path: Path) -> None:
     """Beyond the history limit every prompt evicts one entry: they are deleted in one statement per batch, an
     entry written again meanwhile stays, and the next start trims what is left over."""
-    from comfy_parallel.journal import MAX_ROWS_PER_STATEMENT, Journal
+    from comfy_parallel.durability.journal import MAX_ROWS_PER_STATEMENT, Journal
 
     journal = Journal(tmp_path / "queue.sqlite3")
     n = MAX_ROWS_PER_STATEMENT
@@ -242,7 +243,7 @@ def test_evicted_history_leaves_the_store_in_batches(tmp_path: Path) -> None:
 
 
 def test_supervisor_restart_policy() -> None:
-    from comfy_parallel import supervisor
+    from comfy_parallel.ops import supervisor
 
     assert [supervisor.restart_delay(n) for n in (1, 2, 3, 4, 20)] == [0.0, 1.0, 2.0, 4.0, supervisor.MAX_DELAY_S]
     assert supervisor.describe(-9) == "killed by SIGKILL" and "CUDA" in supervisor.describe(cuda_fatal.EXIT_CODE)
@@ -250,7 +251,7 @@ def test_supervisor_restart_policy() -> None:
 
 def test_prompts_retried_after_a_crash_run_alone() -> None:
     """So that only the prompt that crashes the server again is blamed, never one that ran beside it."""
-    from comfy_parallel.queues import DeviceQueues
+    from comfy_parallel.scheduling.queues import DeviceQueues
 
     queues = DeviceQueues(2, lambda: None)
     q0, q1 = queues.devices
@@ -276,8 +277,8 @@ def test_a_crash_retry_waits_for_the_history_write_of_a_prompt_beside_it(tmp_pat
     two crashes and recorded as crashed twice (seen in test_native_crash before this rule)."""
     import threading
 
-    from comfy_parallel.journal import Journal
-    from comfy_parallel.queues import DeviceQueues
+    from comfy_parallel.durability.journal import Journal
+    from comfy_parallel.scheduling.queues import DeviceQueues
 
     class SlowJournal(Journal):
         def __init__(self, path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from comfy_parallel.comfy_adapter.cuda_graphs import allocator_problem, gate_of
-from comfy_parallel.device_gate import DeviceGate
+from comfy_parallel.scheduling.device_gate import DeviceGate
 
 
 def test_capture_waits_for_running_unets_and_holds_new_ones_back() -> None:

@@ -26,7 +26,7 @@ import aiohttp
 import pytest
 from harness import ARTIFACTS, Server, free_ports, request, sleep_prompt
 
-from comfy_parallel import deploy
+from comfy_parallel.ops import deploy
 from comfy_parallel.settings import Settings, parse_devices
 
 # -- helpers ------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from harness import REPO, Server
 
-from comfy_parallel import provision
+from comfy_parallel.ops import provision
 
 
 @pytest.fixture(scope="session")

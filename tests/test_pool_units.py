@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from comfy_parallel.pool import (FileResolver, ModelFile, Pool, Residency, Traits, model_names, node_signatures,
-                                 traits_of)
-from comfy_parallel.queues import DeviceQueues
-from comfy_parallel.routing import RequestRoute
+from comfy_parallel.scheduling.pool import (FileResolver, ModelFile, Pool, Residency, Traits, model_names,
+                                            node_signatures, traits_of)
+from comfy_parallel.scheduling.queues import DeviceQueues
+from comfy_parallel.server.routing import RequestRoute
 from comfy_parallel.settings import (SettingsError, from_env, parse_affinity_slack, parse_default_route,
                                      parse_vram_limit)
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from harness import Server, record_of, sleep_prompt
 
-from comfy_parallel.routing import COOKIE, is_ui_entry, resolve, to_root
+from comfy_parallel.server.routing import COOKIE, is_ui_entry, resolve, to_root
 
 
 def _history_ids(server: Server) -> set[str]:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from comfy_parallel import scan
-from comfy_parallel.scan import RULES, Finding, format_findings, scan_source, scan_tree, startup_report
+from comfy_parallel.ops import scan
+from comfy_parallel.ops.scan import RULES, Finding, format_findings, scan_source, scan_tree, startup_report
 
 FIXTURES = Path(__file__).resolve().parent / "scan_fixtures"
 MARKER = re.compile(r"#\s*expect:\s*([a-z0-9-]+(?:\s*,\s*[a-z0-9-]+)*)")
@@ -157,7 +157,7 @@ def test_walk_skips_caches_hidden_venvs_disabled_and_ourselves(tmp_path: Path) -
         (tmp_path / rel).write_text(BAD)
     (tmp_path / "pack/myenv/pyvenv.cfg").write_text("home = /usr\n")
     (tmp_path / "pack/m.pyc").write_text(BAD)
-    own = Path(scan.__file__).resolve().parent
+    own = Path(scan.__file__).resolve().parents[1]  # the comfy_parallel package (scan.py is in ops/)
     (tmp_path / "comfy_parallel").symlink_to(own, target_is_directory=True)
     shutil.copytree(own, tmp_path / "copy" / "comfy_parallel", ignore=shutil.ignore_patterns("__pycache__"))
     found = {Path(f.path).relative_to(tmp_path).as_posix() for f in scan_tree(tmp_path)}

@@ -20,7 +20,7 @@ import pytest
 import reliability_results
 from harness import ARTIFACTS, Server, prompt_id_for, record_of, sleep_prompt, tag_of
 
-from comfy_parallel.journal import QUEUED, Journal, as_queue_item
+from comfy_parallel.durability.journal import QUEUED, Journal, as_queue_item
 
 STORE = Path("__comfy_parallel") / "queue.sqlite3"
 FINISHED_RE = re.compile(r"\[GPU (\d+)\] prompt (\S+) finished: (\w+)")

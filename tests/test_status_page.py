@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 from harness import ARTIFACTS, Server, sleep_prompt
 
-from comfy_parallel.device_status import DeviceStatus, error_message
+from comfy_parallel.server.device_status import DeviceStatus, error_message
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -375,7 +375,7 @@ async def test_status_page_gpu_cards_with_canned_status() -> None:
     """GPU cards (VRAM bars, models, a dead worker) rendered from canned JSON: no GPU needed."""
     from aiohttp import web
 
-    from comfy_parallel.http_api import STATUS_PAGE
+    from comfy_parallel.server.http_api import STATUS_PAGE
 
     async def page(request: web.Request) -> web.Response:
         return web.Response(body=STATUS_PAGE.read_bytes(), content_type="text/html")

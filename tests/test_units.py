@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from comfy_parallel.queues import DeviceQueues
-from comfy_parallel.routing import RequestRoute, RoutingError, resolve
+from comfy_parallel.scheduling.queues import DeviceQueues
+from comfy_parallel.server.routing import RequestRoute, RoutingError, resolve
 from comfy_parallel.settings import (SettingsError, from_env, parse_default_route, parse_devices,
                                      parse_entry_ports)
 

@@ -33,7 +33,7 @@ import pytest
 import reliability_results
 from harness import ARTIFACTS, REPO, free_ports
 
-from comfy_parallel import provision
+from comfy_parallel.ops import provision
 
 VERSION = "0.33.0"
 WORKERS = 2

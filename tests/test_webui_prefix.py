@@ -20,7 +20,7 @@ from harness import ARTIFACTS, Server, record_of, sleep_prompt
 from test_status_page import (DESKTOP, DevTools, assert_real_screenshot, chromium_page,
                               needs_chromium)
 
-from comfy_parallel.routing import COOKIE
+from comfy_parallel.server.routing import COOKIE
 
 # The graph editor is up: the app and its graph exist, the canvas is laid out, the test node pack's node types
 # are registered (object_info loaded) and the websocket is open (so queued prompts carry its client id).

@@ -12,9 +12,9 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from comfy_parallel import weights
 from comfy_parallel.settings import parse_bytes
-from comfy_parallel.weights import FileKey, WeightStore, make_view
+from comfy_parallel.weights import store as weights
+from comfy_parallel.weights.store import FileKey, WeightStore, make_view
 
 
 def _host() -> torch.nn.Module:

@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from .. import device_gate, worker_context
-from ..device_gate import DeviceGate
+from ..scheduling import device_gate, worker_context
+from ..scheduling.device_gate import DeviceGate
 from .base import CHECKED, Comfy, Patch, first_problem, require_callables, require_modules, require_parameters
 
 log = logging.getLogger("comfy_parallel.cuda_graphs")

@@ -8,7 +8,7 @@ import threading
 from collections.abc import MutableSequence
 from typing import Any
 
-from .. import device_gate, worker_context
+from ..scheduling import device_gate, worker_context
 from .base import CHECKED, Comfy, Patch, first_problem, require_callables, require_signature, uses
 
 

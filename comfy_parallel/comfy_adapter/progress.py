@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import worker_context
+from ..scheduling import worker_context
 from .base import CHECKED, Comfy, Patch, first_problem, require_callables, require_signature, uses
 
 

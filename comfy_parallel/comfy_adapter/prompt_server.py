@@ -12,7 +12,7 @@ import weakref
 from collections import deque
 from typing import Any, Callable, Iterable, Protocol
 
-from .. import worker_context
+from ..scheduling import worker_context
 from .base import (CHECKED, Comfy, Patch, does_not_use, first_problem, require_callables, require_parameters,
                    require_signature, uses)
 
@@ -48,7 +48,7 @@ def queue_contract_gaps(comfy: Comfy) -> str | None:
     ComfyUI's routes call these on ``PromptServer.prompt_queue``; one missing (0.33 added ``interrupt_if_running``
     for the Jobs API) would answer a 500, or act on every device, at the first such request.
     """
-    from ..queues import DeviceQueue, DeviceQueues
+    from ..scheduling.queues import DeviceQueue, DeviceQueues
 
     stock = getattr(comfy.execution, "PromptQueue", None)
     if stock is None:

@@ -6,7 +6,7 @@ import sys
 import threading
 from typing import Any, Callable
 
-from .. import worker_context
+from ..scheduling import worker_context
 from .base import Comfy, Patch, first_problem, require_parameters, require_signature, uses
 
 

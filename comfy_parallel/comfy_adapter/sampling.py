@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from .. import worker_context
+from ..scheduling import worker_context
 from .base import CHECKED, Comfy, Patch, require_modules, uses
 
 

@@ -4,7 +4,7 @@ Without them every worker's executor loads its own copy of each checkpoint (N di
 them a loader call is answered from ``weights.WeightStore``: the first call reads the file into host memory (on
 the CPU, whatever the calling worker's device), every device gets a view of that host copy with its own
 ``load_device``, and in-place weight updates never reach the host copy (they copy on write instead).
-See ``comfy_parallel.weights`` for views; DESIGN.md section 4 for why one module cannot serve two GPUs.
+See ``comfy_parallel.weights.store`` for views; DESIGN.md section 4 for why one module cannot serve two GPUs.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from typing import Any, Callable
 
 import torch
 
-from .. import weights, worker_context
-from ..weights import FileKey, WeightStore
+from ..scheduling import worker_context
+from ..weights import store as weights
+from ..weights.store import FileKey, WeightStore
 from .base import (CHECKED, Comfy, Patch, accepts_keywords, first_problem, require_callables, require_modules,
                    require_parameters, require_signature)
 

@@ -270,8 +270,8 @@ def _count_file_loads() -> None:
 
     @server.PromptServer.instance.routes.get("/cp_test/host_digest")
     async def host_digest(request):
-        from comfy_parallel import weights
         from comfy_parallel.comfy_adapter import active
+        from comfy_parallel.weights import store as weights
 
         adapter = active()
         stores = [p.store for p in (adapter.patches if adapter else []) if hasattr(p, "store")]
@@ -287,7 +287,7 @@ def _count_file_loads() -> None:
 
 def _host_modules(entry):
     from comfy_parallel.comfy_adapter.shared_weights import host_modules
-    from comfy_parallel.weights import tensor_bag
+    from comfy_parallel.weights.store import tensor_bag
 
     return host_modules(entry.host) if not isinstance(entry.host, dict) else [tensor_bag(entry.host)]
 

@@ -28,12 +28,12 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from . import cuda_fatal, worker_context
+from . import worker_context
 from .pool import DEFAULT_SLACK, NO_RESIDENCY, FileResolver, Pool, Residency, Traits, traits_of
 
 if TYPE_CHECKING:
-    from .journal import Journal
-    from .journal_writer import JournalWriter
+    from ..durability.journal import Journal
+    from ..durability.journal_writer import JournalWriter
 
 log = logging.getLogger("comfy_parallel.queues")
 POOL_ROUTE = "pool"  # the route string of a prompt accepted into the pool (stored as such)
@@ -334,6 +334,8 @@ class DeviceQueue(_SharedHistoryAccess):
 
     def task_done(self, item_id: int, history_result: dict, status: Any = None,
                   process_item: Callable[[tuple], tuple] | None = None) -> None:
+        from ..durability.cuda_fatal import poisoning_error  # lazy: durability/ imports scheduling/ at load
+
         with self.mutex:
             if self.closed:
                 self.currently_running.pop(item_id, None)
@@ -343,7 +345,7 @@ class DeviceQueue(_SharedHistoryAccess):
             item = self.currently_running.pop(item_id)
             started = self.started_at.pop(item_id, time.monotonic())
             status_dict = copy.deepcopy(status._asdict()) if status is not None else None
-            reason = cuda_fatal.poisoning_error(status_dict)
+            reason = poisoning_error(status_dict)
             if reason is not None and self.on_fatal is not None:
                 self.on_fatal(self.index, item[1], reason)
             if self._retry_after_oom(item, status_dict):

@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from . import worker_context
+from ..scheduling import worker_context
 from .journal import Journal
 from .journal_writer import JournalWriter
 
 if TYPE_CHECKING:
-    from .multigpu import MultiDeviceServer
+    from ..server.multigpu import MultiDeviceServer
 
 log = logging.getLogger("comfy_parallel")
 

@@ -17,9 +17,9 @@ import time
 import traceback
 from typing import Any, Callable, NamedTuple
 
+from ..settings import DeviceSpec
 from . import worker_context
 from .queues import CONSECUTIVE_FAILURES_BEFORE_REBUILD, DeviceQueue, RebuildExecutor
-from .settings import DeviceSpec
 from .worker_context import WorkerContext
 
 log = logging.getLogger("comfy_parallel.workers")

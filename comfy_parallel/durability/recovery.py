@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..scheduling.queues import MAXIMUM_HISTORY_SIZE
 from .journal import RUNNING, Journal, StoredPrompt, as_queue_item
-from .queues import MAXIMUM_HISTORY_SIZE
 
 if TYPE_CHECKING:
-    from .queues import DeviceQueues
+    from ..scheduling.queues import DeviceQueues
 
 log = logging.getLogger("comfy_parallel")
 

@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from .settings import DeviceSpec
+from ..settings import DeviceSpec
 
 
 @dataclass

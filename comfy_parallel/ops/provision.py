@@ -106,7 +106,7 @@ def archive_dirs() -> list[Path]:
     ``archives/`` folder, and ``shared/comfyui/`` beside a development checkout."""
     dirs = [Path(d).expanduser() for d in os.environ.get(ARCHIVES_ENV, "").split(os.pathsep) if d.strip()]
     dirs.append(home() / "archives")
-    dirs.append(Path(__file__).resolve().parents[2] / "shared" / "comfyui")
+    dirs.append(Path(__file__).resolve().parents[3] / "shared" / "comfyui")
     return dirs
 
 

@@ -19,22 +19,25 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from aiohttp import web
 
-from . import access, cuda_fatal, http_api, recovery, routing, scan, shutdown, validation, worker_context
-from .comfy_adapter import custom_node_dirs
-from .comfy_adapter.model_files import find_model_file
+from ..comfy_adapter import custom_node_dirs
+from ..comfy_adapter.model_files import find_model_file
+from ..durability import cuda_fatal, recovery, shutdown
+from ..durability.journal import Journal
+from ..durability.journal_writer import JournalWriter
+from ..ops import scan
+from ..ops.metrics import DeviceMetrics
+from ..scheduling import worker_context
+from ..scheduling.pool import Residency
+from ..scheduling.queues import DeviceQueues
+from ..scheduling.warmup import Warmup
+from ..scheduling.workers import DeviceWorker, start_workers
+from ..settings import Settings
+from . import access, http_api, routing, validation
 from .device_status import DeviceStatus
-from .journal import Journal
-from .journal_writer import JournalWriter
-from .metrics import DeviceMetrics
-from .pool import Residency
-from .queues import DeviceQueues
-from .warmup import Warmup
 from .routing import RequestRoute
-from .settings import Settings
-from .workers import DeviceWorker, start_workers
 
 if TYPE_CHECKING:
-    from .weights import WeightStore
+    from ..weights.store import WeightStore
 
 log = logging.getLogger("comfy_parallel")
 
@@ -55,7 +58,7 @@ class MultiDeviceServer:
         self.queues.add_listener(self.device_status)
         self.queues.add_listener(PromptLog())
         # torch is imported here, after ComfyUI set up its CUDA allocator options, never at our module import
-        from .weights import HeapTrimmer, WeightStore
+        from ..weights.store import HeapTrimmer, WeightStore
 
         self.weight_store = (WeightStore(settings.weights_ram_limit, settings.pin_weights, settings.host_copy)
                              if settings.shared_weights else None)
@@ -83,7 +86,7 @@ class MultiDeviceServer:
         self.prompt_server = prompt_server
         self.metrics.websocket_clients = lambda: len(prompt_server.sockets)
         if self.settings.graphs_enabled:
-            from .comfy_adapter.cuda_graphs import STATS  # ComfyUI (and torch) are imported by now
+            from ..comfy_adapter.cuda_graphs import STATS  # ComfyUI (and torch) are imported by now
 
             self.metrics.graph_stats = STATS.as_dict
         prompt_server.prompt_queue = self.queues
@@ -222,7 +225,7 @@ class MultiDeviceServer:
         """Which model files the weight store's views have loaded on worker ``index`` (for the pool)."""
         if self.weight_store is None:
             return Residency({}, frozenset())
-        from .weights import residency
+        from ..weights.store import residency
 
         return Residency(*residency(self.weight_store, index, worker_context.loaded_models(index)))
 

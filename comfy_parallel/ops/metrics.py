@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
-from .device_status import model_loads
-from .pool import PICK_REASONS
-from .queues import is_oom, outcome_of
+from ..scheduling.pool import PICK_REASONS
+from ..scheduling.queues import is_oom, outcome_of
 
 if TYPE_CHECKING:
-    from .queues import DeviceQueues
+    from ..scheduling.queues import DeviceQueues
 
 log = logging.getLogger("comfy_parallel.metrics")
 
@@ -161,6 +160,8 @@ class _LiveCollector:
             yield from _graph_families(m.graph_stats())
 
     def _loads(self):  # type: ignore[no-untyped-def]
+        from ..server.device_status import model_loads  # lazy: server/ imports ops/ at load
+
         loads = CounterMetricFamily("comfy_parallel_model_loads", "Models (or parts of them) ComfyUI loaded onto "
                                     "the device", labels=["device"])
         load_bytes = CounterMetricFamily("comfy_parallel_model_load_bytes", "Bytes of model weights ComfyUI loaded "

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import device_status, routing, validation, worker_context
+from ..scheduling import worker_context
+from . import device_status, routing, validation
 from .routing import UNBIND_PATH, current_route, unbind_response
 
 if TYPE_CHECKING:
@@ -74,13 +75,13 @@ def status(server: "MultiDeviceServer") -> dict:
 def _graph_status(server: "MultiDeviceServer") -> dict:
     if not server.settings.graphs_enabled:
         return {"enabled": False}
-    from .comfy_adapter.cuda_graphs import STATS
+    from ..comfy_adapter.cuda_graphs import STATS
 
     return {"enabled": STATS.off_reason is None, **STATS.as_dict()}
 
 
 def _weights_status(server: "MultiDeviceServer") -> dict:
-    from . import weights  # imports torch: only once ComfyUI has
+    from ..weights import store as weights  # imports torch: only once ComfyUI has
 
     return weights.status(getattr(server, "weight_store", None), worker_context.loaded_models)
 

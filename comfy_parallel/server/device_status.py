@@ -16,9 +16,9 @@ import time
 from collections import deque
 from typing import Any
 
-from . import worker_context
-from .queues import outcome_of
-from .settings import DeviceSpec
+from ..scheduling import worker_context
+from ..scheduling.queues import outcome_of
+from ..settings import DeviceSpec
 
 MAX_ERRORS = 5
 CPU_NAME = "CPU worker"

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from ..scheduling.pool import DEFAULT_SLACK
+from ..settings import DEFAULT_ROUTE, Settings, SettingsError, parse_entry_ports
 from . import provision
-from .pool import DEFAULT_SLACK
-from .settings import DEFAULT_ROUTE, Settings, SettingsError, parse_entry_ports
 
 KINDS = ("nginx", "systemd", "script")
 PUBLIC_PORT_OFFSET = 1000  # nginx's per-device port = entry port + this, so both fit on one host
@@ -123,7 +123,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
 
 def run(args: argparse.Namespace, comfy_args: Sequence[str] = ()) -> int:
     """Print the requested file on stdout; 2 with a message on stderr when a setting is unusable."""
-    from .cli import serve_settings  # lazy: cli imports this module
+    from ..cli import serve_settings  # lazy: cli imports this module
 
     try:
         settings = serve_settings(args)

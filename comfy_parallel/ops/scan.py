@@ -60,7 +60,7 @@ _GET_DEVICE_NAMES = frozenset({"comfy.model_management.get_torch_device", "model
                                "torch.cuda.current_device"})
 _CVD_FIRST_ARG_CALLS = frozenset({"os.environ.setdefault", "os.environ.pop", "os.putenv", "os.unsetenv"})
 _SKIP_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages", "node_modules", "venv", "env"})
-_OWN_PACKAGE = Path(__file__).resolve().parent
+_OWN_PACKAGE = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -324,7 +324,8 @@ def _is_own_package(path: Path) -> bool:
             return True
     except OSError:
         return False
-    return path.name == "comfy_parallel" and (path / "scan.py").is_file() and (path / "worker_context.py").is_file()
+    return (path.name == "comfy_parallel" and (path / "ops" / "scan.py").is_file()
+            and (path / "scheduling" / "worker_context.py").is_file())
 
 
 def _skip_dir(path: Path) -> bool:
