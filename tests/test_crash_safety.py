@@ -28,7 +28,7 @@ import pytest
 import reliability_results
 from harness import ARTIFACTS, Server, prompt_id_for, sleep_prompt, tag_of
 
-from comfy_parallel.durability import cuda_fatal
+from comfy_parallel.scheduling import cuda_fatal
 from comfy_parallel.durability.recovery import CRASHED_TWICE_MESSAGE, RETRY_EVENT
 
 N_PROMPTS = 1000

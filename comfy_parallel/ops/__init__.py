@@ -1,4 +1,3 @@
-"""Operating the server, beside a prompt's path rather than on it: ``metrics`` (Prometheus /metrics),
-``deploy`` (nginx/systemd/script front ends), ``provision`` (ComfyUI checkouts), ``scan`` (custom nodes that pin
+"""Operating the server, beside a prompt's path rather than on it: ``deploy`` (nginx/systemd/script front ends), ``provision`` (ComfyUI checkouts), ``scan`` (custom nodes that pin
 a device) and ``supervisor`` (``serve --supervise`` starts the server again after a crash).
 """

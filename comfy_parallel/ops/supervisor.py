@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from ..durability import cuda_fatal
+from ..scheduling import cuda_fatal
 
 NO_RESTART_CODES = {2: "bad settings", 3: "ComfyUI failed the version gate"}
 QUICK_CRASH_S = 30.0  # a child that crashed sooner than this after its start counts towards the back-off

@@ -29,6 +29,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import worker_context
+from .cuda_fatal import poisoning_error
 from .pool import DEFAULT_SLACK, NO_RESIDENCY, FileResolver, Pool, Residency, Traits, traits_of
 
 if TYPE_CHECKING:
@@ -334,8 +335,6 @@ class DeviceQueue(_SharedHistoryAccess):
 
     def task_done(self, item_id: int, history_result: dict, status: Any = None,
                   process_item: Callable[[tuple], tuple] | None = None) -> None:
-        from ..durability.cuda_fatal import poisoning_error  # lazy: durability/ imports scheduling/ at load
-
         with self.mutex:
             if self.closed:
                 self.currently_running.pop(item_id, None)

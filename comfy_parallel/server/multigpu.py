@@ -21,12 +21,11 @@ from aiohttp import web
 
 from ..comfy_adapter import custom_node_dirs
 from ..comfy_adapter.model_files import find_model_file
-from ..durability import cuda_fatal, recovery, shutdown
+from ..durability import recovery, shutdown
 from ..durability.journal import Journal
 from ..durability.journal_writer import JournalWriter
 from ..ops import scan
-from ..ops.metrics import DeviceMetrics
-from ..scheduling import worker_context
+from ..scheduling import cuda_fatal, worker_context
 from ..scheduling.pool import Residency
 from ..scheduling.queues import DeviceQueues
 from ..scheduling.warmup import Warmup
@@ -34,6 +33,7 @@ from ..scheduling.workers import DeviceWorker, start_workers
 from ..settings import Settings
 from . import access, http_api, routing, validation
 from .device_status import DeviceStatus
+from .metrics import DeviceMetrics
 from .routing import RequestRoute
 
 if TYPE_CHECKING:

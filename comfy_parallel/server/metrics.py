@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 
 from ..scheduling.pool import PICK_REASONS
 from ..scheduling.queues import is_oom, outcome_of
+from .device_status import model_loads
 
 if TYPE_CHECKING:
     from ..scheduling.queues import DeviceQueues
@@ -160,8 +161,6 @@ class _LiveCollector:
             yield from _graph_families(m.graph_stats())
 
     def _loads(self):  # type: ignore[no-untyped-def]
-        from ..server.device_status import model_loads  # lazy: server/ imports ops/ at load
-
         loads = CounterMetricFamily("comfy_parallel_model_loads", "Models (or parts of them) ComfyUI loaded onto "
                                     "the device", labels=["device"])
         load_bytes = CounterMetricFamily("comfy_parallel_model_load_bytes", "Bytes of model weights ComfyUI loaded "
