@@ -57,6 +57,22 @@ CONFIGS = {
 }
 
 
+VARIANTS = REPO / "bench" / "store_variants"  # --variant NAME: a sitecustomize.py run in the server (README there)
+
+
+def add_variant(name: str) -> None:
+    """Servers that run ``store_variants/NAME/sitecustomize.py``: with the store, and for a switch-interval change
+    also without it (that changes every thread, not only the store's)."""
+    folder = VARIANTS / name
+    if not (folder / "sitecustomize.py").is_file():
+        raise SystemExit(f"--variant {name}: no {folder / 'sitecustomize.py'}; variants: "
+                         f"{', '.join(sorted(p.name for p in VARIANTS.iterdir() if p.is_dir()))}")
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)}
+    if name.startswith("switch"):
+        CONFIGS[f"no store + {name}"] = {"serve_args": ["--no-persist"], "env": env}
+    CONFIGS[f"store + {name}"] = {"serve_args": [], "env": env}
+
+
 COMFY_ARGS: list[str] = []  # --comfy-arg: more ComfyUI arguments for every server (the device's --front-end-root)
 
 
@@ -268,9 +284,16 @@ def main() -> int:
                         help="start no throughput round after S seconds (the table then says how many ran)")
     parser.add_argument("--comfy-arg", dest="comfy_args", action="append", default=[], metavar="ARG",
                         help="one more ComfyUI argument for every server, e.g. --comfy-arg=--front-end-root=DIR")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME",
+                        help="also servers changed by bench/store_variants/NAME (repeatable)")
+    parser.add_argument("--skip-full", action="store_true", help="leave out the synchronous=FULL server")
     parser.add_argument("--label", default="cpu", help="results go to DIR/crash_safe_queue_LABEL.{md,json}")
     args = parser.parse_args()
     COMFY_ARGS[:] = args.comfy_args
+    if args.skip_full:
+        del CONFIGS[FULL]
+    for name in args.variant:
+        add_variant(name)
     comfy_dir = args.comfyui.resolve() if args.comfyui else provision.ensure_comfyui(args.comfyui_version, quiet=True)
     version = _version_of(comfy_dir) if args.comfyui else args.comfyui_version
     rates, repeated = throughput(comfy_dir, args.rounds, OtherLoad(args.other_load), args.wait_quiet,
@@ -307,18 +330,21 @@ def main() -> int:
     out = args.out / f"crash_safe_queue_{args.label}.md"
     out.write_text("\n".join(lines) + "\n")
     normal = statistics.median(rates[NORMAL])
-    full = statistics.median(rates[FULL])
     figures = {  # tests/reliability_results.py shows these in tests/results/reliability.md
         "command": command, "date": time.strftime("%Y-%m-%d", time.gmtime()), "rounds_run_again": repeated,
         "accepted_per_s_no_store": round(base), "accepted_per_s_store_normal": round(normal),
-        "accepted_per_s_store_full": round(full),
         "store_normal_vs_no_store_pct": round(paired_change(rates, NORMAL, base_name), 1),
-        "store_full_vs_no_store_pct": round(paired_change(rates, FULL, base_name), 1),
         "worker_writes_us_per_prompt_normal": round(costs["NORMAL"]["started"] + costs["NORMAL"]["finished"]),
         "worker_writes_us_per_prompt_full": round(costs["FULL"]["started"] + costs["FULL"]["finished"]),
         "crash_to_ready_s_1000_queued": round(crash["crash_to_ready_s"], 1),
         "queued_again_after_crash": int(crash["queued_after_restart"]),
     }
+    if FULL in rates:
+        figures["accepted_per_s_store_full"] = round(statistics.median(rates[FULL]))
+        figures["store_full_vs_no_store_pct"] = round(paired_change(rates, FULL, base_name), 1)
+    for name in rates:
+        if " + " in name:  # a --variant server
+            figures[f"{name} vs no store pct"] = round(paired_change(rates, name, base_name), 1)
     out.with_suffix(".json").write_text(json.dumps(figures, indent=2) + "\n")
     print("\n".join(lines))
     return 0
