@@ -81,9 +81,19 @@ def start(spec, args: argparse.Namespace, out: Path, log_name: str):  # type: ig
             time.sleep(0.5)
 
 
+def reference_name(comfyui: str) -> str:
+    """Stock without DynamicVRAM where ComfyUI has it (0.33; comfy-parallel's loading mode), plain stock before
+    (0.3.75 has no such flag and would refuse to start)."""
+    try:
+        has_dynamic_vram = "disable-dynamic-vram" in (Path(comfyui) / "comfy" / "cli_args.py").read_text()
+    except OSError:
+        has_dynamic_vram = False
+    return "stock-nodvram" if has_dynamic_vram else "stock"
+
+
 def reference(args: argparse.Namespace, archs: dict, all_cases: list, out: Path) -> dict[str, list]:
     """Stock's warm-round images of every case (round 1 warms up, round 2 is kept)."""
-    spec = server_specs(["stock-nodvram"], args, 1)[0]
+    spec = server_specs([reference_name(args.comfyui)], args, 1)[0]
     spec.cmd += args.comfy_args
     args.port += 1  # the next server gets a fresh port
     proc = start(spec, args, out, "stock.log")
@@ -252,8 +262,8 @@ def goals(res: dict) -> dict[str, bool | None]:
 def markdown(results: list[dict], meta: dict) -> str:
     lines = [f"Soak: ComfyUI {meta['comfyui']}, {meta['cases']} prompts in the set "
              f"({', '.join(meta['archs'])}; {meta['steps']} steps), {meta['clients']} clients, "
-             f"{meta['minutes']} min per configuration; images compared with stock (--disable-dynamic-vram, "
-             "warm round)", ""]
+             f"{meta['minutes']} min per configuration; images compared with "
+             f"{meta.get('reference', 'stock-nodvram')} (warm round)", ""]
     for res in results:
         lines += [f"### `--devices {res['devices']}`" + ("" if res["alive_at_end"] else " (SERVER DIED)"), "",
                   "| minute | prompts | img/s | errors | identical to stock | RSS GiB | GPU MiB | captures | "
@@ -309,7 +319,8 @@ def main() -> int:
     meta = {"comfyui": (Path(args.comfyui) / "comfyui_version.py").read_text().split('"')[1]
             if (Path(args.comfyui) / "comfyui_version.py").exists() else "?",
             "archs": arch_names, "steps": args.steps, "clients": args.clients, "minutes": args.minutes,
-            "cases": len(all_cases), "host": platform.node(), "command": " ".join(sys.argv)}
+            "cases": len(all_cases), "host": platform.node(), "command": " ".join(sys.argv),
+            "reference": reference_name(args.comfyui)}
     print(f"reference: stock, {len(all_cases)} prompts x 2 rounds", flush=True)
     ref = reference(args, archs, all_cases, out)
     print(f"reference: {len(ref)} images sets", flush=True)
