@@ -744,7 +744,7 @@ def main() -> int:
         if args.devices == ap.get_default("devices"):
             args.devices = "cpu,cpu"
     sys.path.insert(0, str(REPO))
-    from comfy_parallel.scheduling.pool import DEFAULT_SLACK
+    from comfy_parallel.settings import DEFAULT_SLACK
     from comfy_parallel.settings import parse_devices
 
     args.n_workers = len(parse_devices(args.devices))

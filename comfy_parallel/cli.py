@@ -15,11 +15,9 @@ import sys
 from pathlib import Path
 
 from .ops import deploy, provision, scan, supervisor
-from .scheduling.pool import DEFAULT_SLACK
-from .settings import (DEFAULT_ROUTE, Settings, SettingsError, default_devices, env_enabled, parse_affinity_slack,
-                       parse_cuda_graphs, parse_default_route, parse_devices, parse_entry_ports, parse_graphs_max,
-                       parse_vram_limit,
-                       weight_settings)
+from .settings import (DEFAULT_ROUTE, DEFAULT_SLACK, Settings, SettingsError, default_devices, env_enabled,
+                       parse_affinity_slack, parse_cuda_graphs, parse_default_route, parse_devices, parse_entry_ports,
+                       parse_graphs_max, parse_vram_limit, weight_settings)
 from .settings import (ALLOW_UNCHECKED_ENV, DEFAULT_DRAIN_TIMEOUT_S, env_flag, journal_synchronous, lifecycle_env,
                        lifecycle_settings)
 
@@ -275,9 +273,9 @@ def classic_vram(settings: Settings, comfy_dir: Path, comfy_args: list[str]) -> 
         raise SettingsError("--enable-dynamic-vram: ComfyUI's DynamicVRAM keeps process-wide state that several "
                             "workers corrupt (measured: a CUDA illegal memory access aborted the process); leave it "
                             "out, and comfy-parallel starts ComfyUI with --disable-dynamic-vram")
-    cli_args = comfy_dir / "comfy" / "cli_args.py"
-    has_flag = cli_args.exists() and "--disable-dynamic-vram" in cli_args.read_text(errors="replace")
-    if not has_flag or "--disable-dynamic-vram" in comfy_args:
+    from .comfy_adapter.loader import has_cli_flag
+
+    if not has_cli_flag(comfy_dir, "--disable-dynamic-vram") or "--disable-dynamic-vram" in comfy_args:
         return comfy_args, None
     return ([*comfy_args, "--disable-dynamic-vram"],
             "ComfyUI runs with --disable-dynamic-vram: its DynamicVRAM state is process-wide, and several workers "

@@ -10,7 +10,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping, Union
 
-from .scheduling.pool import DEFAULT_SLACK
 
 DefaultRoute = Union[str, int]  # "auto", "pool" or a device index
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
@@ -18,6 +17,9 @@ DEFAULT_DRAIN_TIMEOUT_S = 30.0
 # queue when it arrives; "pool" lets idle workers take them (pool.py). One line to switch.
 DEFAULT_ROUTE = "auto"
 ROUTES = ("auto", "pool")
+# The pool's starvation bound: no pooled prompt waits behind more younger ones (pool.py; the H200 benchmark's
+# longest wait with 8 stayed below FIFO's own, bench/results/affinity_nvidia-h200.md).
+DEFAULT_SLACK = 8
 
 
 class SettingsError(ValueError):

@@ -19,6 +19,19 @@ def read_version(comfy_dir: str | Path) -> str:
     return m.group(1) if m else "unknown"
 
 
+def has_cli_flag(comfy_dir: str | Path, flag: str) -> bool:
+    """Whether ComfyUI's command line knows ``flag`` (e.g. ``--disable-dynamic-vram``, 0.33+), without importing it.
+
+    Read from ``comfy/cli_args.py``'s text: importing that module parses ``sys.argv`` at once, and the launcher
+    must decide the flags it adds before ComfyUI (and torch) are imported.
+    """
+    path = Path(comfy_dir) / "comfy" / "cli_args.py"
+    try:
+        return re.search(rf"[\"']{re.escape(flag)}[\"']", path.read_text(errors="replace")) is not None
+    except OSError:
+        return False
+
+
 def check_comfyui_dir(comfy_dir: str | Path) -> Path:
     path = Path(comfy_dir).expanduser().resolve()
     missing = [f for f in ("main.py", "server.py", "execution.py", "nodes.py") if not (path / f).exists()]

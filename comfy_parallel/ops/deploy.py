@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from ..scheduling.pool import DEFAULT_SLACK
-from ..settings import DEFAULT_ROUTE, Settings, SettingsError, parse_entry_ports
+from ..settings import DEFAULT_ROUTE, DEFAULT_SLACK, Settings, SettingsError, parse_entry_ports
 from . import provision
 
 KINDS = ("nginx", "systemd", "script")

@@ -35,8 +35,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
+from ..settings import DEFAULT_SLACK
+
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft", ".pt2", ".onnx")
-DEFAULT_SLACK = 8
 PICK_REASONS = ("oldest", "affinity", "slack")
 
 
