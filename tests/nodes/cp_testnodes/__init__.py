@@ -55,6 +55,25 @@ class CPSleep(_OutputNode):
         return {"ui": {"record": [_record(tag, started)]}}
 
 
+class CPSpin(_OutputNode):
+    """Run Python for ``seconds`` without giving up the GIL, as a sampling loop's launch code does between kernels
+    (bench/http_under_gil_load.py: how long the HTTP side then waits for the GIL)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "seconds": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 60.0, "step": 0.01}),
+            "tag": ("STRING", {"default": ""}),
+        }}
+
+    def run(self, seconds: float, tag: str):
+        started = time.time()
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            sum(range(1000))
+        return {"ui": {"record": [_record(tag, started)]}}
+
+
 class CPFail(_OutputNode):
     @classmethod
     def INPUT_TYPES(cls):
@@ -232,7 +251,7 @@ class CPEncode:
 NODE_CLASS_MAPPINGS = {"CPSleep": CPSleep, "CPFail": CPFail, "CPOOM": CPOOM, "CPCrash": CPCrash}
 NODE_CLASS_MAPPINGS["CPBigOutput"] = CPBigOutput
 NODE_CLASS_MAPPINGS["CPAbort"] = CPAbort
-NODE_CLASS_MAPPINGS.update(CPGate=CPGate, CPModel=CPModel, CPText=CPText, CPEncode=CPEncode)
+NODE_CLASS_MAPPINGS.update(CPGate=CPGate, CPModel=CPModel, CPText=CPText, CPEncode=CPEncode, CPSpin=CPSpin)
 NODE_DISPLAY_NAME_MAPPINGS = {name: f"{name} (comfy-parallel tests)" for name in NODE_CLASS_MAPPINGS}
 
 
