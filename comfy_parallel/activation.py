@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from types import ModuleType
 
 from .comfy_adapter import Adapter, AdapterError, Comfy, active
@@ -35,6 +36,9 @@ def activate(settings: Settings, main_module: ModuleType | None = None) -> Adapt
         raise AdapterError(problem)
     adapter = Adapter(comfy, MultiDeviceServer(settings), allow_unchecked=settings.allow_unchecked_comfyui).apply()
     log.info("comfy-parallel: ComfyUI %s patched (%s)", comfy.version, ", ".join(adapter.applied))
+    if settings.switch_interval_ms is not None:  # process-wide, like the workers that share the GIL
+        sys.setswitchinterval(settings.switch_interval_ms / 1000)
+        log.info("comfy-parallel: GIL switch interval %g ms (--switch-interval-ms)", settings.switch_interval_ms)
     return adapter
 
 

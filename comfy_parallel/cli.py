@@ -18,8 +18,8 @@ from .ops import deploy, provision, scan, supervisor
 from .settings import (DEFAULT_ROUTE, DEFAULT_SLACK, Settings, SettingsError, default_devices, env_enabled,
                        parse_affinity_slack, parse_cuda_graphs, parse_default_route, parse_devices, parse_entry_ports,
                        parse_graphs_max, parse_vram_limit, weight_settings)
-from .settings import (ALLOW_UNCHECKED_ENV, DEFAULT_DRAIN_TIMEOUT_S, env_flag, journal_synchronous, lifecycle_env,
-                       lifecycle_settings)
+from .settings import (ALLOW_UNCHECKED_ENV, DEFAULT_DRAIN_TIMEOUT_S, SWITCH_INTERVAL_ENV, env_flag,
+                       journal_synchronous, lifecycle_env, lifecycle_settings, parse_switch_interval)
 
 log = logging.getLogger("comfy_parallel")
 
@@ -125,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "%(default)s; env COMFY_PARALLEL_CUDA_GRAPHS_MAX). A graph is kept per input shape and "
                             "weight placement, so plain and LoRA prompts keep theirs; each holds activation memory "
                             "in its worker's graph pool")
+    serve.add_argument("--switch-interval-ms", metavar="MS", default=os.environ.get(SWITCH_INTERVAL_ENV),
+                       help="Python's GIL switch interval in milliseconds (default: Python's own, 5 ms; env "
+                            f"{SWITCH_INTERVAL_ENV}). The HTTP side shares the GIL with every worker: while workers "
+                            "run Python (sampling loops, custom nodes), each HTTP request waits for it. Measured on "
+                            "CPU workers: POST /prompt 60 ms at 5 ms, 15 ms at 0.5 ms "
+                            "(bench/results/http_under_gil_load_cpu.md); its effect on GPU throughput is not "
+                            "measured yet, hence not the default")
     weights = serve.add_argument_group("shared weights (one host copy of each model file for all devices)")
     weights.add_argument("--shared-weights", choices=("on", "off"), default="on",
                          help="read each checkpoint/UNET/CLIP/VAE/ControlNet/LoRA file once and give every device "
@@ -229,6 +236,7 @@ def serve_settings(args: argparse.Namespace, env: dict[str, str] | None = None) 
                     warmup_checkpoint=getattr(args, "warmup_checkpoint", None),
                     cuda_graphs=parse_cuda_graphs(getattr(args, "cuda_graphs", "auto")),
                     cuda_graphs_max=parse_graphs_max(getattr(args, "cuda_graphs_max", 24)),
+                    switch_interval_ms=parse_switch_interval(getattr(args, "switch_interval_ms", None)),
                     **weight_settings(getattr(args, "shared_weights", "on"), getattr(args, "pin_weights", "auto"),
                                        getattr(args, "weights_ram_limit", None), getattr(args, "host_copy", "ram")),
                     allow_unchecked_comfyui=bool(getattr(args, "allow_unchecked_comfyui", False))

@@ -54,6 +54,9 @@ class Settings:
     host_copy: str = "ram"  # ram | page-cache: where the one host copy of a model file lives (weights/store.py)
     cuda_graphs: str = "auto"  # auto | on | off: replay captured CUDA graphs of the UNet (comfy_adapter/cuda_graphs.py)
     cuda_graphs_max: int = 24  # graphs kept per UNet per worker, least recently used out
+    # Python's GIL switch interval in ms (None: Python's own, 5 ms): how long a busy worker may keep the GIL from
+    # the HTTP loop (bench/results/http_under_gil_load_cpu.md)
+    switch_interval_ms: float | None = None
 
     @property
     def graphs_enabled(self) -> bool:
@@ -216,6 +219,7 @@ def from_env(env: Mapping[str, str] | None = None, cpu_mode: bool = False) -> Se
                     warmup_checkpoint=env.get("COMFY_PARALLEL_WARMUP_CHECKPOINT") or None,
                     cuda_graphs=parse_cuda_graphs(env.get("COMFY_PARALLEL_CUDA_GRAPHS", "auto")),
                     cuda_graphs_max=parse_graphs_max(env.get("COMFY_PARALLEL_CUDA_GRAPHS_MAX", "24")),
+                    switch_interval_ms=parse_switch_interval(env.get(SWITCH_INTERVAL_ENV)),
                     **weight_settings(env.get("COMFY_PARALLEL_SHARED_WEIGHTS", "on"),
                                       env.get("COMFY_PARALLEL_PIN_WEIGHTS", "auto"),
                                       env.get("COMFY_PARALLEL_WEIGHTS_RAM_LIMIT"),
@@ -289,6 +293,26 @@ def parse_cuda_graphs(text: str) -> str:
     if value not in ("auto", "on", "off"):
         raise SettingsError(f"cuda graphs: {text!r} is not valid; use auto, on or off")
     return value
+
+
+SWITCH_INTERVAL_ENV = "COMFY_PARALLEL_SWITCH_INTERVAL_MS"
+SWITCH_INTERVAL_RANGE_MS = (0.05, 100.0)
+
+
+def parse_switch_interval(text: str | float | None) -> float | None:
+    """Milliseconds, or ``None`` (empty or ``default``) for Python's own switch interval."""
+    value = "" if text is None else str(text).strip().lower()
+    if value in ("", "default"):
+        return None
+    low, high = SWITCH_INTERVAL_RANGE_MS
+    try:
+        ms = float(value)
+    except ValueError:
+        ms = float("nan")
+    if not low <= ms <= high:  # also false for nan
+        raise SettingsError(f"switch interval: {text!r} is not valid; use milliseconds from {low} to {high:g}, "
+                            "or 'default' for Python's own (5 ms)")
+    return ms
 
 
 def parse_graphs_max(text: str | int) -> int:

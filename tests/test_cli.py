@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from harness import REPO
 
 
@@ -30,6 +31,20 @@ def test_bad_settings_exit_with_a_clear_message(comfy_dir: Path) -> None:
     assert out.returncode == 2 and "--default-route" in out.stderr
     out = cli("serve", "--comfyui", "/nonexistent", "--devices", "cpu,cpu")
     assert out.returncode == 2 and "not a ComfyUI folder" in out.stderr
+    out = cli("serve", "--comfyui", str(comfy_dir), "--devices", "cpu,cpu", "--switch-interval-ms", "0")
+    assert out.returncode == 2 and "switch interval" in out.stderr and "0.05 to 100" in out.stderr
+
+
+def test_switch_interval_setting() -> None:
+    from comfy_parallel.settings import SettingsError, from_env, parse_switch_interval
+
+    assert parse_switch_interval(None) is None and parse_switch_interval(" default ") is None
+    assert parse_switch_interval("0.5") == 0.5 and parse_switch_interval(2) == 2.0
+    for bad in ("0", "-1", "1000", "fast", "nan"):
+        with pytest.raises(SettingsError, match="switch interval"):
+            parse_switch_interval(bad)
+    assert from_env({"COMFY_PARALLEL_SWITCH_INTERVAL_MS": "1"}, cpu_mode=True).switch_interval_ms == 1.0
+    assert from_env({}, cpu_mode=True).switch_interval_ms is None
 
 
 def test_doctor_reports_version_devices_and_patches(comfy_dir: Path) -> None:

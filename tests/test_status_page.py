@@ -81,6 +81,18 @@ def test_error_message_and_last_errors() -> None:
 
 
 # -- the JSON --------------------------------------------------------------------------------------------------------
+def test_switch_interval_reaches_the_process(comfy_dir: Path, idle_multi: Server) -> None:
+    """--switch-interval-ms sets the serving process's GIL switch interval; without it Python's own (5 ms) stays."""
+    assert idle_multi.get("/multigpu/status").json()["switch_interval_ms"] == 5.0
+    s = Server(comfy_dir, devices="cpu,cpu", serve_args=["--switch-interval-ms", "0.5", "--no-persist"],
+               name=f"switch-{comfy_dir.name}").start()
+    try:
+        assert s.get("/multigpu/status").json()["switch_interval_ms"] == 0.5
+        assert "GIL switch interval 0.5 ms" in s.log()
+    finally:
+        s.stop()
+
+
 def test_status_json_progress_and_errors(idle_multi: Server) -> None:
     s = idle_multi
     idle = s.get("/multigpu/status").json()["devices"]

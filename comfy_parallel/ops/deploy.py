@@ -92,6 +92,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
                    help=f"as for serve (default: {DEFAULT_SLACK})")
     p.add_argument("--worker-vram-limit", metavar="SIZE", help="as for serve")
     p.add_argument("--warmup-checkpoint", metavar="NAME", help="as for serve")
+    p.add_argument("--switch-interval-ms", metavar="MS", help="as for serve")
     p.add_argument("--upstream-host", default=None,
                    help="address nginx reaches ComfyUI on, also ComfyUI's --listen in the generated command "
                         "(default: ComfyUI's --listen after --, else 127.0.0.1)")
@@ -275,6 +276,8 @@ def serve_command(settings: Settings, opts: DeployOptions) -> list[str]:
         cmd += ["--worker-vram-limit", str(settings.worker_vram_limit)]
     if opts.warmup_checkpoint:
         cmd += ["--warmup-checkpoint", opts.warmup_checkpoint]
+    if settings.switch_interval_ms is not None:
+        cmd += ["--switch-interval-ms", f"{settings.switch_interval_ms:g}"]
     return [*cmd, "--", *opts.comfy_args]
 
 

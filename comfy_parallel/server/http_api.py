@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,6 +70,7 @@ def status(server: "MultiDeviceServer") -> dict:
         "devices": devices,
         "weights": _weights_status(server),
         "cuda_graphs": _graph_status(server),
+        "switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),
     }
 
 
