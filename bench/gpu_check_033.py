@@ -14,6 +14,7 @@ Servers (--servers, comma list): ``stock`` or ``parallel`` followed by modifiers
   pagecache comfy-parallel --host-copy page-cache
   noshared  comfy-parallel --shared-weights off
   nographs  comfy-parallel --cuda-graphs off
+  si05      comfy-parallel --switch-interval-ms 0.5 (GPU throughput with a short GIL switch interval)
   cm        ComfyUI's --cuda-malloc (cudaMallocAsync; comfy-parallel with graphs on several CUDA workers otherwise
             adds --disable-cuda-malloc)
   nocm      ComfyUI's --disable-cuda-malloc (torch's native allocator), stock or comfy-parallel
@@ -53,7 +54,7 @@ import workflows as wfs  # noqa: E402
 from gpu_check import exec_seconds, http, log_tail, stop_all, sum_status_gib  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-MODIFIERS = {"nodvram", "dvram", "pagecache", "noshared", "nographs", "identonly", "noident", "cm", "nocm"}
+MODIFIERS = {"nodvram", "dvram", "pagecache", "noshared", "nographs", "identonly", "noident", "cm", "nocm", "si05"}
 
 
 # ---------------------------------------------------------------- servers
@@ -86,8 +87,8 @@ def server_specs(names: list[str], args: argparse.Namespace, workers: int) -> li
             raise SystemExit(f"{name}: cm or nocm, not both")
         comfy_extra += ["--cuda-malloc"] if "cm" in mods else ["--disable-cuda-malloc"] if "nocm" in mods else []
         if base == "stock":
-            if {"pagecache", "noshared", "nographs", "dvram"} & set(mods):
-                raise SystemExit(f"{name}: pagecache/noshared/nographs/dvram apply to comfy-parallel only")
+            if {"pagecache", "noshared", "nographs", "dvram", "si05"} & set(mods):
+                raise SystemExit(f"{name}: pagecache/noshared/nographs/dvram/si05 apply to comfy-parallel only")
             cmd = [sys.executable, str(Path(args.comfyui) / "main.py"), *common, *comfy_extra, "--port", str(port)]
             n = 1
         else:
@@ -96,6 +97,8 @@ def server_specs(names: list[str], args: argparse.Namespace, workers: int) -> li
                 cp_extra += ["--host-copy", "page-cache"]
             if "noshared" in mods:
                 cp_extra += ["--shared-weights", "off"]
+            if "si05" in mods:
+                cp_extra += ["--switch-interval-ms", "0.5"]
             if "nographs" in mods:
                 cp_extra += ["--cuda-graphs", "off"]
             if "dvram" in mods and "nodvram" in mods:
