@@ -1,5 +1,6 @@
 """Small ComfyUI nodes the tests install: they sleep, report progress, record where they ran, or fail; they hold
-a worker until a test opens a gate, and stand for models (load costs) and text encodes (the executor cache)."""
+a worker until a test opens a gate, keep the GIL (CPSpin), and stand for models (load costs) and text encodes (the
+executor cache)."""
 
 from __future__ import annotations
 
