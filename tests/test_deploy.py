@@ -207,6 +207,14 @@ def test_systemd_unit_runs_serve_with_the_live_options(fake_venv: Path, tmp_path
     assert result.returncode == 0, result.stderr
 
 
+def test_systemd_unit_keeps_a_switch_interval(fake_venv: Path) -> None:
+    rc, unit, err = cli("systemd", "--devices", "0,1", "--venv", str(fake_venv), "--switch-interval-ms", "0.5")
+    assert rc == 0, err
+    assert "--default-route auto --switch-interval-ms 0.5 --" in unit
+    rc, _, err = cli("systemd", "--devices", "0,1", "--venv", str(fake_venv), "--switch-interval-ms", "fast")
+    assert rc == 2 and "switch interval" in err
+
+
 def test_systemd_escapes_specifiers_and_dollars(fake_venv: Path) -> None:
     rc, unit, err = cli("systemd", "--devices", "0", "--venv", str(fake_venv), "--",
                         "--output-directory", "/srv/out%d$HOME")
