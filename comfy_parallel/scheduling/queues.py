@@ -677,29 +677,24 @@ class DeviceQueues(_SharedHistoryAccess):
             q.not_empty.notify()
 
     def get_current_queue(self) -> tuple[list, list]:
-        running: list = []
-        queued: list = []
-        with self.mutex:
-            for q in self._scope():
-                r, p = q.get_current_queue()
-                running += r
-                queued += p
-            pool = self._pool_in_scope()
-            if pool is not None:
-                queued += copy.deepcopy(pool.items())
-        return running, queued
+        return self._merged_queue(volatile=False)
 
     def get_current_queue_volatile(self) -> tuple[list, list]:
+        return self._merged_queue(volatile=True)
+
+    def _merged_queue(self, volatile: bool) -> tuple[list, list]:
+        """(running, queued) of the devices in scope, then the pool's prompts; copies unless ``volatile``
+        (ComfyUI's two methods differ only in that)."""
         running: list = []
         queued: list = []
         with self.mutex:
             for q in self._scope():
-                r, p = q.get_current_queue_volatile()
+                r, p = q.get_current_queue_volatile() if volatile else q.get_current_queue()
                 running += r
                 queued += p
             pool = self._pool_in_scope()
             if pool is not None:
-                queued += pool.items()
+                queued += pool.items() if volatile else copy.deepcopy(pool.items())
         return running, queued
 
     def get_tasks_remaining(self) -> int:
