@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import statistics
@@ -43,6 +42,7 @@ import aiohttp  # noqa: E402
 import psutil  # noqa: E402
 from harness import ARTIFACTS, Server, prompt_id_for  # noqa: E402
 
+from comfy_parallel.comfy_adapter.loader import read_version  # noqa: E402
 from comfy_parallel.ops import provision  # noqa: E402
 
 N_PROMPTS = 1000
@@ -260,15 +260,6 @@ def crash_to_ready(comfy_dir: Path) -> dict[str, float]:
         s.stop()
 
 
-def _version_of(comfy_dir: Path) -> str:
-    try:
-        text = (comfy_dir / "comfyui_version.py").read_text()
-    except OSError:
-        return "?"
-    found = re.search(r"__version__\s*=\s*[\"']([^\"']+)", text)
-    return found.group(1) if found else "?"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=12, help="rounds of 1,000 prompts per configuration")
@@ -295,7 +286,7 @@ def main() -> int:
     for name in args.variant:
         add_variant(name)
     comfy_dir = args.comfyui.resolve() if args.comfyui else provision.ensure_comfyui(args.comfyui_version, quiet=True)
-    version = _version_of(comfy_dir) if args.comfyui else args.comfyui_version
+    version = read_version(comfy_dir) if args.comfyui else args.comfyui_version
     rates, repeated = throughput(comfy_dir, args.rounds, OtherLoad(args.other_load), args.wait_quiet,
                                  args.budget_s)
     ran = len(rates[next(iter(rates))])

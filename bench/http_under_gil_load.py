@@ -6,7 +6,7 @@ forces a switch, and every call that gives the GIL up (a socket read, an SQLite 
 queue) then waits for it again behind the busy workers. This benchmark keeps three CPU workers busy with the test
 pack's CPSpin node (Python that never gives the GIL up) and sends POST /prompt one at a time, measuring each
 answer's latency at the client, with and without the write-ahead store and with Python's default switch interval
-and 0.5 ms (bench/store_variants/switch_0_5ms). Issue 15's store cost on a fast host is the same wait.
+and 0.5 ms (``serve --switch-interval-ms 0.5``). Issue 15's store cost on a fast host is the same wait.
 
 Writes bench/results/http_under_gil_load_cpu.md.
 
@@ -31,17 +31,12 @@ from harness import Server  # noqa: E402
 
 from comfy_parallel.ops import provision  # noqa: E402
 
-SWITCH = REPO / "bench" / "store_variants" / "switch_0_5ms"
-
-
-def configs() -> dict[str, dict]:
-    fast = {"PYTHONPATH": os.pathsep.join(p for p in (str(SWITCH), os.environ.get("PYTHONPATH", "")) if p)}
-    return {
-        "no store, switch 5 ms (Python's default)": {"serve_args": ["--no-persist"], "env": {}},
-        "store, switch 5 ms (Python's default)": {"serve_args": [], "env": {}},
-        "no store, switch 0.5 ms": {"serve_args": ["--no-persist"], "env": fast},
-        "store, switch 0.5 ms": {"serve_args": [], "env": fast},
-    }
+CONFIGS = {  # server -> serve arguments
+    "no store, switch 5 ms (Python's default)": ["--no-persist"],
+    "store, switch 5 ms (Python's default)": [],
+    "no store, switch 0.5 ms": ["--no-persist", "--switch-interval-ms", "0.5"],
+    "store, switch 0.5 ms": ["--switch-interval-ms", "0.5"],
+}
 
 
 def measure(s: Server, requests: int, busy_s: float, idle: bool) -> list[float]:
@@ -76,8 +71,8 @@ def main() -> int:
     args = ap.parse_args()
     comfy = provision.ensure_comfyui(args.comfyui_version, quiet=True)
     rows = []
-    for name, config in configs().items():
-        s = Server(comfy, serve_args=config["serve_args"], env=config["env"], name="gil-load").start()
+    for name, serve_args in CONFIGS.items():
+        s = Server(comfy, serve_args=serve_args, name="gil-load").start()
         try:
             for idle in (True, False):
                 lat = measure(s, args.requests, args.busy_s, idle)

@@ -31,10 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import workflows as wfs  # noqa: E402
 from gpu_check import http, stop_all, sum_status_gib  # noqa: E402
 from gpu_check_033 import (ServerDied, compare, execution_error, fetch_images, gpu_memory_used,  # noqa: E402
                            run_batch, server_specs)
+
+from comfy_parallel.comfy_adapter.loader import has_cli_flag  # noqa: E402
 
 SEEDS = (101, 201)
 SAMPLE_S = 5.0
@@ -84,11 +87,7 @@ def start(spec, args: argparse.Namespace, out: Path, log_name: str):  # type: ig
 def reference_name(comfyui: str) -> str:
     """Stock without DynamicVRAM where ComfyUI has it (0.33; comfy-parallel's loading mode), plain stock before
     (0.3.75 has no such flag and would refuse to start)."""
-    try:
-        has_dynamic_vram = "disable-dynamic-vram" in (Path(comfyui) / "comfy" / "cli_args.py").read_text()
-    except OSError:
-        has_dynamic_vram = False
-    return "stock-nodvram" if has_dynamic_vram else "stock"
+    return "stock-nodvram" if has_cli_flag(comfyui, "--disable-dynamic-vram") else "stock"
 
 
 def reference(args: argparse.Namespace, archs: dict, all_cases: list, out: Path) -> dict[str, list]:
