@@ -10,8 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 COMFY_SRC=${COMFY_SRC:-$ROOT/.cache/comfyui/0.3.75}
-D=.device
-grep -qxF '/.device/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.device/' >> .git/info/exclude; }
+D=${DEVICE_DIR:-.device}  # DEVICE_DIR=.device075 keeps it beside the 0.33 payload; link it as .device there
+grep -qxF "/$D/" .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo "/$D/" >> .git/info/exclude; }
 mkdir -p "$D/frontend"
 
 WHEELS=(
