@@ -28,10 +28,11 @@ routing (one process, one queue and one worker per device):
   X-TARGET-GPU: N header      send this request to device N
   entry ports (8181, 8182..)  every request on port 8181+N goes to device N
   /gpuN/ path prefix          every ComfyUI route (web UI, /ws, /api/...) under /gpuN/ goes to device N
-  no target                   --default-route: auto = shortest queue when the prompt arrives (ties to the
-                              lowest index); pool = the prompt waits unbound and the next idle worker takes the
-                              pooled prompt cheapest for it (its models already loaded, then its executor cache,
-                              then age; /prompt answers "gpu_id": null, "route": "pool"); N = always device N
+  no target                   --default-route: pool (default) = the prompt waits unbound and the next idle
+                              worker takes the pooled prompt cheapest for it (its models already loaded, then its
+                              executor cache, then age; /prompt answers "gpu_id": null, "route": "pool");
+                              auto = shortest queue when the prompt arrives (ties to the lowest index);
+                              N = always device N
 A bad target is answered with HTTP 400 and a JSON body listing the valid targets.
 
 crash safety (the write-ahead queue, on unless --no-persist):
@@ -92,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one listener per device: 'auto' (8181, 8182, ..), a first port, a list, or 'none' "
                             "(default: auto when there is more than one device)")
     serve.add_argument("--default-route", default=DEFAULT_ROUTE,
-                       help="where untargeted prompts go: 'auto' (bound to the shortest queue when they arrive), "
-                            "'pool' (they wait unbound; an idle worker takes the one cheapest for it: model files "
-                            "already in its VRAM, then its executor cache, then age) or a device index "
+                       help="where untargeted prompts go: 'pool' (they wait unbound; an idle worker takes the one "
+                            "cheapest for it: model files already in its VRAM, then its executor cache, then age), "
+                            "'auto' (bound to the shortest queue when they arrive) or a device index "
                             "(default %(default)s)")
     serve.add_argument("--affinity-slack", default=str(DEFAULT_SLACK), metavar="N",
                        help="with --default-route pool, no prompt waits behind more than N younger prompts that "

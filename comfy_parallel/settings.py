@@ -13,9 +13,11 @@ from typing import Mapping, Union
 
 DefaultRoute = Union[str, int]  # "auto", "pool" or a device index
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
-# Where untargeted prompts go when nothing says otherwise (launcher and drop-in): "auto" binds each to the shortest
-# queue when it arrives; "pool" lets idle workers take them (pool.py). One line to switch.
-DEFAULT_ROUTE = "auto"
+# Where untargeted prompts go when nothing says otherwise (launcher and drop-in): "pool" lets idle workers take them
+# (pool.py); "auto" binds each to the shortest queue when it arrives. Pool is the default because it met every goal
+# of the H200 scheduling benchmark against auto in two runs (1.48-1.55x img/s and 1/3 of the model loads with three
+# checkpoints, a lower p95 with long and short jobs mixed: bench/results/affinity_nvidia-h200.md, runs 3 and 4).
+DEFAULT_ROUTE = "pool"
 ROUTES = ("auto", "pool")
 # The pool's starvation bound: no pooled prompt waits behind more younger ones (pool.py; the H200 benchmark's
 # longest wait with 8 stayed below FIFO's own, bench/results/affinity_nvidia-h200.md).
