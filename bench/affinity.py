@@ -10,7 +10,7 @@ Streams, the same seeded sequence on every server:
      first server's warm-up and kept for every server
 Servers (--servers, comma list; NAME:STREAMS runs only those streams, e.g. fifo:a):
   pool   comfy-parallel --default-route pool (the affinity scheduler)
-  auto   comfy-parallel --default-route auto (shortest queue when the prompt arrives: today's default)
+  auto   comfy-parallel --default-route auto (shortest queue when the prompt arrives: the default before runs 3-4)
   fifo   comfy-parallel --default-route pool --affinity-slack 0 (late binding, first in first out: the reference of
          the starvation goal)
   stock  one stock ComfyUI process per worker (two on one GPU for --devices 0*2) behind nginx least_conn; without an
