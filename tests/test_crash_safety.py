@@ -33,7 +33,7 @@ from comfy_parallel.durability.recovery import CRASHED_TWICE_MESSAGE, RETRY_EVEN
 
 N_PROMPTS = 1000
 KILLS = 3
-ROUTES = ("header", "port", "prefix", "auto")
+ROUTES = ("header", "port", "prefix", "default")  # default: no target, so the pool (the default route)
 STARTED_RE = re.compile(r"\[GPU (\d+)\] prompt (\S+) started")
 FINISHED_RE = re.compile(r"\[GPU \d+\] prompt (\S+) finished: ")
 STORE = Path("__comfy_parallel") / "queue.sqlite3"
@@ -322,7 +322,7 @@ class Planned:
     device: int | None
     client: str
     prompt_id: str = ""
-    assigned: int | None = None
+    assigned: int | None = None  # the device the /prompt answer named (None: pooled, bound only when it runs)
     accepted: bool = False
 
     def __post_init__(self) -> None:
@@ -389,8 +389,12 @@ async def entries_by_id(session: aiohttp.ClientSession, s: Server, prompt_ids: l
     return found
 
 
+IN_POOL = -1  # known_to_server: accepted, and waiting unbound in the pool
+
+
 async def known_to_server(session: aiohttp.ClientSession, s: Server, prompt_id: str) -> int | None:
-    """After a restart: the device a prompt whose POST got no answer is queued, running or recorded on, if any."""
+    """After a restart: the device a prompt whose POST got no answer is queued, running or recorded on, ``IN_POOL``
+    when it waits in the pool, or None when the server does not have it."""
     async with session.get(f"{s.url}/history/{prompt_id}") as resp:
         entry = (await resp.json()).get(prompt_id)
     if entry is not None:
@@ -400,6 +404,10 @@ async def known_to_server(session: aiohttp.ClientSession, s: Server, prompt_id: 
             queue = await resp.json()
         if any(item[1] == prompt_id for item in queue["queue_running"] + queue["queue_pending"]):
             return gpu
+    async with session.get(s.url + "/queue") as resp:  # the merged view also lists the pool
+        queue = await resp.json()
+    if any(item[1] == prompt_id for item in queue["queue_pending"]):
+        return IN_POOL
     return None
 
 
@@ -417,7 +425,7 @@ async def test_kill_9_three_times_under_load(comfy_dir: Path) -> None:
     plan = []
     for i in range(N_PROMPTS):
         route = ROUTES[i % len(ROUTES)]
-        plan.append(Planned(f"crash-{run}-{i:04d}", route, None if route == "auto" else rng.randrange(s.n_devices),
+        plan.append(Planned(f"crash-{run}-{i:04d}", route, None if route == "default" else rng.randrange(s.n_devices),
                             clients[rng.randrange(len(clients))].client_id))
     kill_at = sorted(rng.sample(range(100, 900, 150), KILLS))  # accepted-prompt counts; >= 150 apart
     kills: list[dict] = []
@@ -453,10 +461,11 @@ async def test_kill_9_three_times_under_load(comfy_dir: Path) -> None:
                             gpu = await known_to_server(session, s, p.prompt_id)
                             if gpu is not None:
                                 ambiguous += 1
-                                p.accepted, p.assigned = True, gpu
+                                p.accepted, p.assigned = True, None if gpu == IN_POOL else gpu
                                 accepted += 1
                             continue
                         assert answer is not None, (p.tag, resp.status)
+                        assert (answer["gpu_id"] is None) == (p.route == "default"), (p.tag, answer)
                         p.accepted, p.assigned = True, answer["gpu_id"]
                         accepted += 1
 
@@ -489,10 +498,15 @@ async def test_kill_9_three_times_under_load(comfy_dir: Path) -> None:
     log = s.log()
     starts = starts_in_log(log)
     lost = [p.tag for p in plan if p.prompt_id not in history]
+    # A targeted prompt runs on its device; a pooled one on the device that took it first (a retry after a crash
+    # goes back to the device it ran on), so every execution of a prompt is on one device, the one history names.
+    ran_on = {p.prompt_id: p.assigned if p.assigned is not None else history[p.prompt_id]["gpu_id"]
+              for p in plan if p.prompt_id in history}
     wrong = [p.tag for p in plan if p.prompt_id in history and (
-        (p.device is not None and p.assigned != p.device) or history[p.prompt_id]["gpu_id"] != p.assigned
-        or history[p.prompt_id]["outputs"]["1"]["record"][0]["thread"] != f"comfy-parallel-worker-{p.assigned}"
-        or any(gpu != p.assigned for gpu in starts.get(p.prompt_id, [])))]
+        (p.device is not None and p.assigned != p.device) or history[p.prompt_id]["gpu_id"] != ran_on[p.prompt_id]
+        or history[p.prompt_id]["outputs"]["1"]["record"][0]["thread"]
+        != f"comfy-parallel-worker-{ran_on[p.prompt_id]}"
+        or any(gpu != ran_on[p.prompt_id] for gpu in starts.get(p.prompt_id, [])))]
     flagged = [p for p in plan if p.prompt_id in history and retry_flags(history[p.prompt_id])]
     ran_twice = [p for p in plan if len(starts.get(p.prompt_id, [])) == 2]
     too_many = [p.tag for p in plan if len(starts.get(p.prompt_id, [])) > 2]

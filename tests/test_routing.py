@@ -61,19 +61,39 @@ def test_prefix_serves_every_route(idle_multi: Server) -> None:
     assert idle_multi.get("/gpu1/no/such/route").status == 404
 
 
-def test_auto_routes_to_shortest_queue_ties_to_lowest(idle_multi: Server) -> None:
-    first = idle_multi.submit(sleep_prompt(0.05, 1))
+@pytest.fixture(scope="module")
+def auto_multi(comfy_dir):
+    """Three CPU workers with ``--default-route auto`` (the session's ``multi`` runs the default, the pool)."""
+    server = Server(comfy_dir, mode="multi", devices="cpu,cpu,cpu", serve_args=["--default-route", "auto"],
+                    name=f"auto-multi-{comfy_dir.name}").start()
+    yield server
+    server.stop()
+
+
+def test_auto_routes_to_shortest_queue_ties_to_lowest(auto_multi: Server) -> None:
+    auto_multi.wait_idle()
+    assert auto_multi.get("/multigpu/status").json()["default_route"] == "auto"
+    first = auto_multi.submit(sleep_prompt(0.05, 1))
     assert first["gpu_id"] == 0  # all idle: lowest index
-    idle_multi.wait_history(first["prompt_id"])
-    busy0 = idle_multi.submit(sleep_prompt(3, 30), headers={"X-TARGET-GPU": "0"})
-    busy2 = idle_multi.submit(sleep_prompt(3, 30), headers={"X-TARGET-GPU": "2"})
-    auto = idle_multi.submit(sleep_prompt(3, 30))
+    auto_multi.wait_history(first["prompt_id"])
+    busy0 = auto_multi.submit(sleep_prompt(3, 30), headers={"X-TARGET-GPU": "0"})
+    busy2 = auto_multi.submit(sleep_prompt(3, 30), headers={"X-TARGET-GPU": "2"})
+    auto = auto_multi.submit(sleep_prompt(3, 30))
     assert auto["gpu_id"] == 1
-    auto2 = idle_multi.submit(sleep_prompt(0.05, 1))
+    auto2 = auto_multi.submit(sleep_prompt(0.05, 1))
     assert auto2["gpu_id"] == 0  # 0, 1 and 2 each hold one now: tie, lowest index
-    assert idle_multi.post("/interrupt").status == 200
+    assert auto_multi.post("/interrupt").status == 200
     for p in (busy0, busy2, auto, auto2):
-        idle_multi.wait_history(p["prompt_id"])
+        auto_multi.wait_history(p["prompt_id"])
+
+
+def test_untargeted_prompts_go_to_the_pool_by_default(idle_multi: Server) -> None:
+    """The default route is the pool: the answer names no device, the history entry names the one that ran it."""
+    assert idle_multi.get("/multigpu/status").json()["default_route"] == "pool"
+    reply = idle_multi.submit(sleep_prompt(0.05, 1))
+    assert reply["gpu_id"] is None and reply["route"] == "pool"
+    entry = idle_multi.wait_history(reply["prompt_id"])
+    assert entry["gpu_id"] in (0, 1, 2)
 
 
 BAD_HEADERS = ["x", "-1", "3", "1.5", "", " ", "0x1", "99999999999999999999"]

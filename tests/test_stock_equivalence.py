@@ -2,7 +2,7 @@
 
 With one device the launcher patches nothing, so every answer must match stock exactly. With three devices the
 answers must match stock but for the documented additions (``gpu_id`` on /prompt, in history entries and in
-execution_start messages, ``gpu_ids`` on /queue).
+execution_start messages, ``gpu_ids`` on /queue, ``route: "pool"`` on the /prompt answer of a pooled prompt).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def normalise(value: Any) -> Any:
     return value
 
 
-ADDED = ("gpu_id", "gpu_ids")
+ADDED = ("gpu_id", "gpu_ids", "route")  # route: "pool" in the /prompt answer of a pooled prompt
 
 
 def without_gpu_id(value: Any) -> Any:
