@@ -210,7 +210,7 @@ def test_systemd_unit_runs_serve_with_the_live_options(fake_venv: Path, tmp_path
 def test_systemd_unit_keeps_a_switch_interval(fake_venv: Path) -> None:
     rc, unit, err = cli("systemd", "--devices", "0,1", "--venv", str(fake_venv), "--switch-interval-ms", "0.5")
     assert rc == 0, err
-    assert "--default-route auto --switch-interval-ms 0.5 --" in unit
+    assert "--default-route pool --affinity-slack 8 --switch-interval-ms 0.5 --" in unit
     rc, _, err = cli("systemd", "--devices", "0,1", "--venv", str(fake_venv), "--switch-interval-ms", "fast")
     assert rc == 2 and "switch interval" in err
 
@@ -239,7 +239,8 @@ def test_start_script_execs_the_same_command(fake_venv: Path, tmp_path: Path) ->
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout)
     assert seen["argv"] == ["serve", "--comfyui", str(comfy), "--devices", "cpu,cpu", "--entry-ports", "8500,8501",
-                            "--default-route", "auto", "--", "--listen", "127.0.0.1", "--port", "8600",
+                            "--default-route", "pool", "--affinity-slack", "8", "--", "--listen", "127.0.0.1",
+                            "--port", "8600",
                             "--extra-model-paths-config", "/a b/x.yaml", "--highvram"]
     assert seen["cwd"] == str(comfy)
     assert seen["env"]["COMFYUI_DIR"] == str(comfy) and seen["env"]["PYTHONUNBUFFERED"] == "1"

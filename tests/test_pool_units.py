@@ -228,7 +228,9 @@ def test_pool_settings() -> None:
            "COMFY_PARALLEL_AFFINITY_SLACK": "3", "COMFY_PARALLEL_WORKER_VRAM_LIMIT": "10G"}
     dropin = from_env(env, cpu_mode=True)
     assert (dropin.default_route, dropin.affinity_slack, dropin.worker_vram_limit) == ("pool", 3, 10 << 30)
-    assert from_env({"COMFY_PARALLEL_DEVICES": "cpu,cpu"}, cpu_mode=True).default_route == "auto"
+    assert from_env({"COMFY_PARALLEL_DEVICES": "cpu,cpu"}, cpu_mode=True).default_route == "pool"  # the default
+    auto = from_env({"COMFY_PARALLEL_DEVICES": "cpu,cpu", "COMFY_PARALLEL_DEFAULT_ROUTE": "auto"}, cpu_mode=True)
+    assert auto.default_route == "auto"
 
 
 def test_vram_limit_answer() -> None:
