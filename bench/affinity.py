@@ -744,8 +744,7 @@ def main() -> int:
         if args.devices == ap.get_default("devices"):
             args.devices = "cpu,cpu"
     sys.path.insert(0, str(REPO))
-    from comfy_parallel.settings import DEFAULT_SLACK
-    from comfy_parallel.settings import parse_devices
+    from comfy_parallel.settings import DEFAULT_SLACK, parse_devices
 
     args.n_workers = len(parse_devices(args.devices))
     out = Path(args.out)

@@ -37,7 +37,7 @@ from gpu_check import http, stop_all, sum_status_gib  # noqa: E402
 from gpu_check_033 import (ServerDied, compare, execution_error, fetch_images, gpu_memory_used,  # noqa: E402
                            run_batch, server_specs)
 
-from comfy_parallel.comfy_adapter.loader import has_cli_flag  # noqa: E402
+from comfy_parallel.comfy_adapter.loader import has_cli_flag, read_version  # noqa: E402
 
 SEEDS = (101, 201)
 SAMPLE_S = 5.0
@@ -315,8 +315,7 @@ def main() -> int:
     archs = {a: table[a] for a in arch_names}
     wfs.write_input_images(Path(args.comfyui) / "input", {a.base for a in archs.values()})
     all_cases = cases(arch_names, args.seeds)
-    meta = {"comfyui": (Path(args.comfyui) / "comfyui_version.py").read_text().split('"')[1]
-            if (Path(args.comfyui) / "comfyui_version.py").exists() else "?",
+    meta = {"comfyui": read_version(args.comfyui),
             "archs": arch_names, "steps": args.steps, "clients": args.clients, "minutes": args.minutes,
             "cases": len(all_cases), "host": platform.node(), "command": " ".join(sys.argv),
             "reference": reference_name(args.comfyui)}
