@@ -131,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{SWITCH_INTERVAL_ENV}). The HTTP side shares the GIL with every worker: while workers "
                             "run Python (sampling loops, custom nodes), each HTTP request waits for it. Measured on "
                             "CPU workers: POST /prompt 60 ms at 5 ms, 15 ms at 0.5 ms "
-                            "(bench/results/http_under_gil_load_cpu.md); its effect on GPU throughput is not "
-                            "measured yet, hence not the default")
+                            "(bench/results/http_under_gil_load_cpu.md), but 0.5 ms also cut the accepted prompts "
+                            "per second by 21%% on a 16-core host (bench/results/crash_safe_queue_device.md), "
+                            "hence not the default")
     weights = serve.add_argument_group("shared weights (one host copy of each model file for all devices)")
     weights.add_argument("--shared-weights", choices=("on", "off"), default="on",
                          help="read each checkpoint/UNET/CLIP/VAE/ControlNet/LoRA file once and give every device "
