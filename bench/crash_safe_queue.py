@@ -278,6 +278,7 @@ def main() -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME",
                         help="also servers changed by bench/store_variants/NAME (repeatable)")
     parser.add_argument("--skip-full", action="store_true", help="leave out the synchronous=FULL server")
+    parser.add_argument("--skip-crash", action="store_true", help="leave out the crash-to-/ready measurement")
     parser.add_argument("--label", default="cpu", help="results go to DIR/crash_safe_queue_LABEL.{md,json}")
     args = parser.parse_args()
     COMFY_ARGS[:] = args.comfy_args
@@ -291,7 +292,7 @@ def main() -> int:
                                  args.budget_s)
     ran = len(rates[next(iter(rates))])
     costs = store_cost()
-    crash = crash_to_ready(comfy_dir)
+    crash = None if args.skip_crash else crash_to_ready(comfy_dir)
     base_name = "no store (--no-persist)"
     command = " ".join(["python" if args.comfyui else ".venv/bin/python", *sys.argv])
     base = statistics.median(rates[base_name])
@@ -314,9 +315,11 @@ def main() -> int:
               "between prompts):", "", "| synchronous | accepted | started | finished |", "|---|---|---|---|"]
     lines += [f"| {mode} | {c['accepted']:.0f} | {c['started']:.0f} | {c['finished']:.0f} |"
               for mode, c in costs.items()]
-    lines += ["", f"Crash to `/ready` with {N_PROMPTS:,} queued prompts (`kill -9` of the server under `serve "
-              f"--supervise`): **{crash['crash_to_ready_s']:.1f} s**, {crash['queued_after_restart']:.0f} prompts "
-              "queued again after the restart (the time is mostly the new process importing ComfyUI and torch)."]
+    if crash is not None:
+        lines += ["", f"Crash to `/ready` with {N_PROMPTS:,} queued prompts (`kill -9` of the server under `serve "
+                  f"--supervise`): **{crash['crash_to_ready_s']:.1f} s**, {crash['queued_after_restart']:.0f} "
+                  "prompts queued again after the restart (the time is mostly the new process importing ComfyUI "
+                  "and torch)."]
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"crash_safe_queue_{args.label}.md"
     out.write_text("\n".join(lines) + "\n")
@@ -327,9 +330,10 @@ def main() -> int:
         "store_normal_vs_no_store_pct": round(paired_change(rates, NORMAL, base_name), 1),
         "worker_writes_us_per_prompt_normal": round(costs["NORMAL"]["started"] + costs["NORMAL"]["finished"]),
         "worker_writes_us_per_prompt_full": round(costs["FULL"]["started"] + costs["FULL"]["finished"]),
-        "crash_to_ready_s_1000_queued": round(crash["crash_to_ready_s"], 1),
-        "queued_again_after_crash": int(crash["queued_after_restart"]),
     }
+    if crash is not None:
+        figures["crash_to_ready_s_1000_queued"] = round(crash["crash_to_ready_s"], 1)
+        figures["queued_again_after_crash"] = int(crash["queued_after_restart"])
     if FULL in rates:
         figures["accepted_per_s_store_full"] = round(statistics.median(rates[FULL]))
         figures["store_full_vs_no_store_pct"] = round(paired_change(rates, FULL, base_name), 1)

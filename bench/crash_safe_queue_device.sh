@@ -7,8 +7,9 @@
 #           ".device/tree_state.txt"]
 #   command: cd .devtree && ln -sfn ../.device .device && ROUNDS=48 BUDGET_S=300 bash bench/crash_safe_queue_device.sh
 # Knobs: ROUNDS, BUDGET_S (seconds of throughput rounds), VARIANTS (comma list of bench/store_variants/ folders,
-# e.g. writer_thread,switch_0_5ms), SKIP_FULL=1 (no synchronous=FULL server), OTHER_LOAD.
-# $OUT gets crash_safe_queue_device.{md,json,log}.
+# e.g. writer_thread,switch_0_5ms), SKIP_FULL=1 (no synchronous=FULL server), SKIP_CRASH=1 (no crash-to-/ready),
+# OTHER_LOAD. bench/gil_handover.py runs first (seconds).
+# $OUT gets crash_safe_queue_device.{md,json,log} and gil_handover_device.md.
 set -uo pipefail
 OUT=${OUT:-/tmp/crash_safe_queue_out}
 mkdir -p "$OUT"
@@ -21,8 +22,9 @@ source "$(dirname "$0")/device_unpack.sh"  # unpack_xz
   unpack_xz .device/site-0.33.tar.xz /tmp/site || { echo "package unpack failed"; exit 1; }
   unpack_xz .device/comfyui-0.33.0.tar.xz /tmp || { echo "ComfyUI unpack failed"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD
+  python3 bench/gil_handover.py --out "$OUT/gil_handover_device.md"
   python3 bench/crash_safe_queue.py --comfyui /tmp/comfyui --rounds "${ROUNDS:-48}" \
     --comfy-arg="--front-end-root=$PWD/.device/frontend" ${VARIANTS:+$(printf -- "--variant %s " ${VARIANTS//,/ })} \
-    ${SKIP_FULL:+--skip-full} --other-load "${OTHER_LOAD:-0.5}" --budget-s "${BUDGET_S:-300}" --out "$OUT" --label device
+    ${SKIP_FULL:+--skip-full} ${SKIP_CRASH:+--skip-crash} --other-load "${OTHER_LOAD:-0.5}" --budget-s "${BUDGET_S:-300}" --out "$OUT" --label device
 } 2>&1 | tee "$OUT/crash_safe_queue_device.log"
 exit "${PIPESTATUS[0]}"
