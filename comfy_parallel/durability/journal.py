@@ -1,10 +1,11 @@
 """The write-ahead queue store: every accepted prompt until its history entry is written, and the last history entries.
 
 One ComfyUI process serves every GPU, so a crash of that process (``kill -9``, a native crash in a custom node, the
-OOM killer, a CUDA fatal error) would lose every device's queue and history at once. Here a prompt is written to
-SQLite before ``POST /prompt`` answers and leaves the store in the same statement that writes its history entry;
-the next start queues what is left again (``recovery.py``). A graceful drain uses the same rows: the prompts it
-leaves behind are already here.
+OOM killer, a CUDA fatal error) would lose every device's queue and history at once. Here a prompt is durable
+before ``POST /prompt`` answers (in the memory-mapped staging log, ``staging.py``, which the journal writer's
+thread empties into this file; or in this file itself with ``synchronous=FULL``) and leaves the store in the same
+statement that writes its history entry; the next start queues what is left again (``recovery.py``). A graceful
+drain uses the same rows: the prompts it leaves behind are already here.
 
 A prompt is stored with its *route*: the string the queues' routing entry point (``DeviceQueues.route_put``) took
 it on: a device index (``"1"``: targeted, or untargeted and bound on arrival by ``--default-route auto``) or
@@ -44,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from .staging import ACCEPT
 
 # WARNING: mirrors ComfyUI's execution.SENSITIVE_EXTRA_DATA_KEYS (0.3.52-0.33.0); a key added upstream and not
 # here would be written to disk in clear by items that carry secrets in extra_data.
@@ -104,6 +107,32 @@ def as_queue_item(prompt: StoredPrompt, item_length: int) -> tuple:
     return base + ({},) if item_length >= 6 else base
 
 
+def prompt_row(route: str, item: tuple, now: float) -> tuple:
+    """The ``prompts`` row of a newly accepted ``item`` (its secrets dropped); raises ``TypeError`` or
+    ``ValueError`` naming the prompt if it cannot be stored as JSON."""
+    fields, dropped = public_fields(item)
+    try:
+        encoded = json.dumps(fields)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"prompt {item[1]} cannot be stored as JSON: {err}") from err
+    return (str(item[1]), route, _number_key(item[0]), QUEUED, 0, encoded, json.dumps(dropped) if dropped else "[]",
+            now)
+
+
+def row_bytes(row: tuple) -> bytes:
+    """A ``prompt_row`` as the staging log keeps it: the small fields as JSON, a newline, the item's JSON as is
+    (JSON text has no raw newline, so the item is not encoded twice)."""
+    prompt_id, route, number, _, _, item, dropped, accepted_at = row
+    return json.dumps([prompt_id, route, number, dropped, accepted_at]).encode() + b"\n" + item.encode()
+
+
+def row_from_bytes(data: bytes) -> tuple:
+    head, _, item = data.partition(b"\n")
+    prompt_id, route, number, dropped, accepted_at = json.loads(head)
+    json.loads(item)  # a record the kernel did not keep whole (a power loss) is refused, not stored
+    return (prompt_id, route, number, QUEUED, 0, item.decode(), dropped, accepted_at)
+
+
 def _number_key(number: Any) -> float:
     try:
         value = float(number)
@@ -134,7 +163,7 @@ class Journal:
         self.conn.execute("PRAGMA locking_mode=EXCLUSIVE")
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        self._insert_sql: dict[int, str] = {}
+        self._insert_sql: dict[tuple[int, str], str] = {}
         self._evicting = threading.Lock()  # guards _evicted alone, never held during I/O
         self._evicted: set[str] = set()  # evicted history entries not deleted yet (see ``finished``)
         self._create()
@@ -189,26 +218,23 @@ class Journal:
     def accepted_many(self, prompts: list[tuple[str, tuple]]) -> None:
         """Write up to ``MAX_ROWS_PER_STATEMENT`` prompts as queued in one statement, all or none
         (``journal_writer.py``'s batches)."""
-        if len(prompts) > MAX_ROWS_PER_STATEMENT:
-            raise ValueError(f"{len(prompts)} prompts in one statement; at most {MAX_ROWS_PER_STATEMENT}")
-        params: list[Any] = []
         now = time.time()
-        for route, item in prompts:
-            fields, dropped = public_fields(item)
-            try:
-                encoded = json.dumps(fields)
-            except (TypeError, ValueError) as err:
-                raise type(err)(f"prompt {item[1]} cannot be stored as JSON: {err}") from err
-            params += (str(item[1]), route, _number_key(item[0]), QUEUED, 0, encoded,
-                       json.dumps(dropped) if dropped else "[]", now)
-        if params:
-            self._write(self._insert(len(prompts)), params)
+        self.accepted_rows([prompt_row(route, item, now) for route, item in prompts])
 
-    def _insert(self, rows: int) -> str:
-        sql = self._insert_sql.get(rows)
+    def accepted_rows(self, rows: Sequence[tuple], keep_existing: bool = False) -> None:
+        """Write up to ``MAX_ROWS_PER_STATEMENT`` rows of ``prompt_row`` in one statement; ``keep_existing``: a
+        prompt already stored keeps its row (the staging log's records applied again at a start)."""
+        if len(rows) > MAX_ROWS_PER_STATEMENT:
+            raise ValueError(f"{len(rows)} prompts in one statement; at most {MAX_ROWS_PER_STATEMENT}")
+        if rows:
+            self._write(self._insert(len(rows), "IGNORE" if keep_existing else "REPLACE"),
+                        [value for row in rows for value in row])
+
+    def _insert(self, rows: int, conflict: str) -> str:
+        sql = self._insert_sql.get((rows, conflict))
         if sql is None:
-            sql = f"INSERT OR REPLACE INTO prompts {_PROMPT_COLUMNS} VALUES " + ", ".join([_PROMPT_ROW] * rows)
-            self._insert_sql[rows] = sql
+            sql = f"INSERT OR {conflict} INTO prompts {_PROMPT_COLUMNS} VALUES " + ", ".join([_PROMPT_ROW] * rows)
+            self._insert_sql[(rows, conflict)] = sql
         return sql
 
     def started(self, prompt_id: str, device: int) -> None:
@@ -251,6 +277,19 @@ class Journal:
             self._write(f"DELETE FROM history WHERE prompt_id IN ({', '.join('?' * len(chunk))})", chunk)
 
     # -- at start ----------------------------------------------------------------------------------------------------
+    def apply_staged(self, operations: Sequence[tuple[int, Any]]) -> None:
+        """The staging log's records of the last run (``recovery.apply_staged``), in order, in one transaction:
+        ``(ACCEPT, row)`` an accepted prompt (a prompt already stored keeps its row), ``(FORGET, ids)`` deleted
+        prompts."""
+        with self.lock, self._transaction():
+            for kind, value in operations:
+                if kind == ACCEPT:
+                    self.conn.execute(self._insert(1, "IGNORE"), value)
+                else:
+                    for chunk in _chunks(value):
+                        self.conn.execute(f"DELETE FROM prompts WHERE prompt_id IN ({', '.join('?' * len(chunk))})",
+                                          chunk)
+
     def unfinished(self) -> list[StoredPrompt]:
         """Every prompt in the store, in queue order: number, then prompt id (the order of ComfyUI's heap)."""
         with self.lock:

@@ -1,55 +1,116 @@
-"""Accepted prompts reach the write-ahead queue in batches: one INSERT per pass of the event loop.
+"""Accepted prompts reach the write-ahead queue: into the staging log at once, into SQLite on this module's thread.
 
-Each SQLite statement gives up the GIL; a busy worker thread then keeps it for up to a switch interval (5 ms). One
-write per prompt from ComfyUI's ``POST /prompt`` handler cost 15-25% of the accepted prompts per second. A writer
-thread that the handler waits for keeps the loop from waiting for the GIL, but waking the thread and then the loop
-for every batch costs CPU: measured against this module on the shared 2-core VM (20 rounds while no other process
-ran, both without a lock around statements), it accepted about as many prompts (-7% against -9% of the no-store
-rate of the same round) for 40% more server CPU per prompt (2.7 against 1.9 ms), and fell further behind whenever
-other processes wanted the CPU. So accepted prompts are written on the event loop, one statement per loop pass:
-the handler adds the prompt to the batch and the HTTP answer awaits the batch's commit
-(``MultiDeviceServer._handle``), which runs once the handlers of that pass have all added theirs. Only then is the
-prompt queued for its worker, so no worker ever starts a prompt the store does not have. A ``put`` from another
-thread (a custom node) is written by this module's thread instead.
+Every SQLite statement gives up the GIL, and the thread that gave it up then waits for it behind busy worker threads:
+10-25 ms a statement beside one to three spinning threads on a 16-core host (``bench/gil_handover.py``). Measured
+there (``bench/results/crash_safe_queue_device.md``, run 3), against the accepted prompts per second without a
+store: one INSERT per request in its handler -38%; one INSERT per event-loop pass, the answer waiting for it
+(this module until then) -17% (-59% in run 2); the same without the wait -15%; a copy into the memory-mapped
+staging log and the INSERT on a thread -6%.
 
-History entries are not written here: a worker writes its prompt's entry itself, right after the prompt ends (and
-its start before it runs), so only prompts that were really running at a crash run again after it.
+So with ``synchronous=NORMAL`` (``staging.py`` says why that is as safe) the handler copies the prompt into the
+staging log, queues it, and answers; no system call on the event loop. This thread then writes the staged prompts
+to SQLite, many per statement, and marks them moved in the log. A worker that takes a prompt whose row is not in
+SQLite yet waits for it (``wait_stored``) before it writes the prompt's start, so every start, end and deletion
+finds the row, and only prompts really running at a crash run again after it. Deletions from the queue
+(``forget``) take the same path, in order, so a prompt deleted right after it was accepted does not come back.
+
+Without the staging log (``synchronous=FULL``, whose fsync the answer must wait for, or a record that does not
+fit) the answer waits for SQLite: on the event loop, one statement per loop pass (the handlers of a pass all add
+their prompts, and the HTTP answers await the commit, ``MultiDeviceServer._handle``), and only then is the prompt
+queued, so no worker starts a prompt the store does not have; from another thread (a custom node) this module's
+thread writes it.
+
+History entries are not written here: a worker writes its prompt's entry itself, right after the prompt ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
+import time
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass
+from queue import Empty, SimpleQueue
+from typing import TYPE_CHECKING, Any, Callable, Union
 
-from .journal import MAX_ROWS_PER_STATEMENT
+from .journal import MAX_ROWS_PER_STATEMENT, prompt_row, row_bytes
+from .staging import ACCEPT, FORGET
 
 if TYPE_CHECKING:
     from .journal import Journal
+    from .staging import StagingLog
 
 log = logging.getLogger("comfy_parallel")
 
 Place = Callable[[bool], None]  # queues a stored prompt (True), or lets go of one that could not be stored (False)
+STORED_WAIT_S = 30.0  # how long a worker waits for its prompt's row before it runs the prompt anyway (logged)
+RETRY_DELAYS_S = (0.1, 0.5, 2.0)  # a failed write of staged prompts is tried again after these
+
+
+@dataclass(frozen=True)
+class _Staged:  # in the staging log and queued already; its row goes to SQLite
+    seq: int
+    row: tuple
+
+
+@dataclass(frozen=True)
+class _Accept:  # not staged: stored, then placed, then its future is done
+    route: str
+    item: tuple
+    place: Place
+    future: Any
+
+
+@dataclass(frozen=True)
+class _Forget:
+    seq: int | None  # None: not in the staging log
+    prompt_ids: list[str]
+
+
+@dataclass(frozen=True)
+class _Flush:
+    done: threading.Event
+
+
+_Entry = Union[_Staged, _Accept, _Forget, _Flush]
 
 
 class JournalWriter:
-    """The loop's batch, and the thread for prompts put from other threads."""
+    """The staging log's writer side, the loop's batch, and the thread that writes SQLite."""
 
-    def __init__(self, journal: "Journal", loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, journal: "Journal", loop: asyncio.AbstractEventLoop | None = None,
+                 staging: "StagingLog | None" = None) -> None:
         self.journal = journal
         self.loop = loop
+        self.staging = staging
         self.loop_batch: list[tuple[str, tuple, Place, asyncio.Future]] = []
-        self.cond = threading.Condition()
-        self.pending: list[tuple[str, tuple, Place, Future]] = []  # from other threads than the loop's
-        self.busy = False
+        self.inbox: SimpleQueue[_Entry] = SimpleQueue()  # put never blocks nor gives the GIL up
+        self.stored = threading.Condition()  # workers wait on it for their prompt's row; the loop never takes it
+        self.unstored: set[str] = set()  # staged and queued, not in SQLite yet
+        self.staging_full_logged = False
         self.thread = threading.Thread(target=self._run, name="comfy-parallel-journal", daemon=True)
         self.thread.start()
 
-    def accept(self, route: str, item: tuple, place: Place) -> "Future | asyncio.Future":
-        """Store ``item`` with ``route``, then ``place`` it (queue or pool it); the future is done once both
-        happened (or failed: then ``place(False)``)."""
+    # -- producers: the event loop, and any other thread --------------------------------------------------------
+    def accept(self, route: str, item: tuple, place: Place) -> "Future | asyncio.Future | None":
+        """Store ``item`` with ``route`` and ``place`` it (queue or pool it). None: both happened, the prompt is
+        in the staging log. Otherwise a future, done once it is in SQLite and placed (or failed: then
+        ``place(False)``)."""
+        if self.staging is not None:
+            try:
+                row = prompt_row(route, item, time.time())
+            except (TypeError, ValueError) as err:
+                place(False)
+                return self._failed(err)
+            prompt_id = row[0]
+            self.unstored.add(prompt_id)  # before the thread can see it, which takes it out again
+            if self.staging.append(ACCEPT, row_bytes(row), lambda seq: self.inbox.put(_Staged(seq, row))):
+                place(True)
+                return None
+            self.unstored.discard(prompt_id)
+            self._log_staging_full()
         if self.loop is not None and _running_loop() is self.loop:
             loop_future: asyncio.Future = self.loop.create_future()
             if not self.loop_batch:
@@ -57,52 +118,131 @@ class JournalWriter:
             self.loop_batch.append((route, item, place, loop_future))
             return loop_future
         future: Future = Future()
-        with self.cond:
-            self.pending.append((route, item, place, future))
-            self.cond.notify_all()
+        self.inbox.put(_Accept(route, item, place, future))
         return future
+
+    def forget(self, prompt_ids: list[str]) -> None:
+        """Queued prompts a client deleted leave the store, after everything accepted before them."""
+        if self.staging is None:  # every queued prompt is in SQLite already
+            self.journal.forget_prompts(prompt_ids)
+            return
+        ids = [str(p) for p in prompt_ids]
+        if not self.staging.append(FORGET, json.dumps(ids).encode(), lambda seq: self.inbox.put(_Forget(seq, ids))):
+            self.inbox.put(_Forget(None, ids))
+
+    def _failed(self, err: Exception) -> "Future | asyncio.Future":
+        if self.loop is not None and _running_loop() is self.loop:
+            failed: asyncio.Future = self.loop.create_future()
+            failed.set_exception(err)
+            return failed
+        future: Future = Future()
+        future.set_exception(err)
+        return future
+
+    def _log_staging_full(self) -> None:
+        if not self.staging_full_logged:
+            assert self.staging is not None
+            self.staging_full_logged = True
+            log.warning("comfy-parallel: the staging log %s is full (the journal thread is behind, or a prompt is "
+                        "larger than the log); until it has room, POST /prompt answers wait for SQLite (logged "
+                        "once)", self.staging.path)
 
     def _commit_loop_batch(self) -> None:
         batch, self.loop_batch = self.loop_batch, []
-        self._accept(batch)
+        for start in range(0, len(batch), MAX_ROWS_PER_STATEMENT):
+            self._accept_statement([_Accept(*entry) for entry in batch[start:start + MAX_ROWS_PER_STATEMENT]])
+
+    # -- consumers: workers and a clean exit ------------------------------------------------------------------
+    def wait_stored(self, prompt_id: str, timeout: float = STORED_WAIT_S) -> bool:
+        """Until ``prompt_id``'s row is in SQLite (a worker, before it writes the prompt's start)."""
+        if prompt_id not in self.unstored:
+            return True
+        with self.stored:
+            ok = self.stored.wait_for(lambda: prompt_id not in self.unstored, timeout)
+        if not ok:
+            log.error("comfy-parallel: %s is still not written to %s after %.0f s; it runs anyway, and a crash while "
+                      "it runs will not run it again", prompt_id, self.journal.path, timeout)
+        return ok
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until the thread has written what it was handed (before a clean exit); False if that took too long."""
-        with self.cond:
-            return self.cond.wait_for(lambda: not self.pending and not self.busy, timeout)
+        done = threading.Event()
+        self.inbox.put(_Flush(done))
+        return done.wait(timeout)
 
+    # -- the thread -------------------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            with self.cond:
-                self.cond.wait_for(lambda: bool(self.pending))
-                batch, self.pending = self.pending, []
-                self.busy = True
+            entries = [self.inbox.get()]
+            while len(entries) < 10 * MAX_ROWS_PER_STATEMENT:
+                try:
+                    entries.append(self.inbox.get_nowait())
+                except Empty:
+                    break
+            self._write(entries)
+
+    def _write(self, entries: list[_Entry]) -> None:
+        """In order; runs of the same kind share statements."""
+        start = 0
+        while start < len(entries):
+            kind = type(entries[start])
+            end = start + 1
+            while (end < len(entries) and type(entries[end]) is kind and kind in (_Staged, _Accept)
+                   and end - start < MAX_ROWS_PER_STATEMENT):
+                end += 1
+            run = entries[start:end]
+            if kind is _Staged:
+                self._store_staged([e for e in run if isinstance(e, _Staged)])
+            elif kind is _Accept:
+                self._accept_statement([e for e in run if isinstance(e, _Accept)])
+            elif isinstance(entry := run[0], _Forget):
+                self._forget(entry)
+            elif isinstance(entry, _Flush):
+                entry.done.set()
+            start = end
+
+    def _store_staged(self, run: list[_Staged]) -> None:
+        for delay in (*RETRY_DELAYS_S, None):
             try:
-                self._accept(batch)
-            finally:
-                with self.cond:
-                    self.busy = False
-                    self.cond.notify_all()
+                self.journal.accepted_rows([e.row for e in run])
+                break
+            except Exception as err:
+                if delay is None:  # they stay in the staging log only until it is marked moved below
+                    log.error("comfy-parallel: %d accepted prompts could not be written to %s (%s: %s); they run, "
+                              "but a crash before they end loses them: %s", len(run), self.journal.path,
+                              type(err).__name__, err, ", ".join(e.row[0] for e in run))
+                else:
+                    time.sleep(delay)
+        assert self.staging is not None
+        self.staging.moved(run[-1].seq)
+        with self.stored:
+            self.unstored.difference_update(e.row[0] for e in run)
+            self.stored.notify_all()
 
-    def _accept(self, batch: list[tuple[str, tuple, Place, Any]]) -> None:
-        for start in range(0, len(batch), MAX_ROWS_PER_STATEMENT):
-            self._accept_statement(batch[start:start + MAX_ROWS_PER_STATEMENT])
-
-    def _accept_statement(self, run: list[tuple[str, tuple, Place, Any]]) -> None:
+    def _forget(self, entry: _Forget) -> None:
         try:
-            self.journal.accepted_many([(route, item) for route, item, _, _ in run])
+            self.journal.forget_prompts(entry.prompt_ids)
+        except Exception as err:  # they would run again after a restart
+            log.error("comfy-parallel: deleted prompts %s could not be taken out of %s (%s: %s)",
+                      ", ".join(entry.prompt_ids), self.journal.path, type(err).__name__, err)
+        if entry.seq is not None and self.staging is not None:
+            self.staging.moved(entry.seq)
+
+    def _accept_statement(self, run: list[_Accept]) -> None:
+        try:
+            self.journal.accepted_many([(e.route, e.item) for e in run])
         except Exception as err:  # not stored, so not queued: each client gets an error instead of an id
             log.error("comfy-parallel: %d prompts could not be written to %s (%s: %s); they are not queued",
                       len(run), self.journal.path, type(err).__name__, err)
-            for _, _, place, future in run:
-                place(False)
-                if not future.done():  # done: its request was cancelled
-                    future.set_exception(err)
+            for e in run:
+                e.place(False)
+                if not e.future.done():  # done: its request was cancelled
+                    e.future.set_exception(err)
             return
-        for _, _, place, future in run:
-            place(True)
-            if not future.done():
-                future.set_result(None)
+        for e in run:
+            e.place(True)
+            if not e.future.done():
+                e.future.set_result(None)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

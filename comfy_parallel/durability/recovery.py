@@ -1,6 +1,8 @@
 """At start: the history and the unfinished prompts of the write-ahead queue (``journal.py``) come back.
 
-History first, before the HTTP listener serves ``/history``: the ids of the stored entries, which
+The staging log first (``staging.py``): the prompts the last run accepted and had not written to SQLite yet go
+there, and prompts it deleted from the queue leave it, in the order they happened. Then history, before the HTTP
+listener serves ``/history``: the ids of the stored entries, which
 ``GET /history/{id}`` answers from the store (the ``/history`` listing starts empty, as stock's; see
 ``queues.History``). Then, before the workers start, every unfinished prompt is queued again through the queues'
 routing entry point (``DeviceQueues.route_put``) on the route it was accepted on (its device, or the pool), in its
@@ -12,6 +14,7 @@ crash-loop the server. ``/ready`` answers ``recovering`` until this is done.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sqlite3
@@ -21,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..scheduling.queues import MAXIMUM_HISTORY_SIZE
-from .journal import RUNNING, Journal, StoredPrompt, as_queue_item
+from .journal import RUNNING, Journal, StoredPrompt, as_queue_item, row_from_bytes
+from .staging import ACCEPT, FORGET, StagingLog
 
 if TYPE_CHECKING:
     from ..scheduling.queues import DeviceQueues
@@ -63,6 +67,54 @@ def _move_aside(path: Path, synchronous: str, err: Exception) -> Journal:
             if source.exists():
                 source.rename(Path(f"{aside}{suffix}"))
         return Journal(path, synchronous)
+
+
+STAGING_SUFFIX = ".staging"
+STAGING_MODES = ("OFF", "NORMAL")  # FULL: the answer waits for SQLite's fsync, which a page of the log lacks
+
+
+def open_staging(journal: Journal, synchronous: str) -> StagingLog | None:
+    """The staging log beside the store, after what it holds from the last run is in SQLite; None where the
+    answers wait for SQLite instead (``synchronous=FULL``, or a log that cannot be made)."""
+    path = journal.path.with_name(journal.path.name + STAGING_SUFFIX)
+    use = synchronous.upper() in STAGING_MODES
+    if not use and not path.exists():
+        return None
+    try:
+        staging = StagingLog(path)
+    except (OSError, ValueError) as err:
+        log.error("comfy-parallel: the staging log %s cannot be used (%s: %s); POST /prompt answers wait for "
+                  "SQLite%s", path, type(err).__name__, err, "" if use else "; prompts it held may be lost")
+        return None
+    apply_staged(journal, staging)
+    if use:
+        return staging
+    staging.close()
+    path.unlink()
+    return None
+
+
+def apply_staged(journal: Journal, staging: StagingLog) -> int:
+    """Write the last run's staged records to SQLite, in order; return how many prompts were accepted there."""
+    operations: list[tuple[int, Any]] = []
+    for record in staging.left:
+        try:
+            operations.append((ACCEPT, row_from_bytes(record.payload)) if record.kind == ACCEPT
+                              else (FORGET, [str(p) for p in json.loads(record.payload)]))
+        except (ValueError, TypeError) as err:  # only a power loss can leave one half there
+            log.error("comfy-parallel: staged record %d in %s cannot be read (%s: %s); it and the %d after it are "
+                      "left out", record.seq, staging.path, type(err).__name__, err,
+                      len(staging.left) - len(operations) - 1)
+            break
+    journal.apply_staged(operations)
+    if staging.left:
+        staging.moved(staging.left[-1].seq)
+    accepted = sum(kind == ACCEPT for kind, _ in operations)
+    if staging.left:
+        log.info("comfy-parallel: %d prompts accepted and %d deletions from the queue in the last run's staging "
+                 "log %s are now in %s", accepted, len(operations) - accepted, staging.path, journal.path)
+    staging.left = []
+    return accepted
 
 
 def load_history(queues: "DeviceQueues", journal: Journal, prompt_server: Any) -> int:

@@ -240,6 +240,7 @@ class DeviceQueue(_SharedHistoryAccess):
         # --default-route pool: the shared pool this worker also takes from, and whether a put woke it already
         self.pool: Pool | None = None
         self.wake_pending = False
+        self.writer: "JournalWriter | None" = None  # set by DeviceQueues.writer: starts wait for staged rows
 
     @property
     def journal(self) -> "Journal | None":
@@ -283,6 +284,8 @@ class DeviceQueue(_SharedHistoryAccess):
                 self.pool.start(self.index, item[1])
         # Outside the queue lock, which every device and the HTTP handlers share: the store write gives up the GIL.
         if self.journal is not None:  # before anything says it started: a crash from now on counts for it
+            if self.writer is not None:  # a prompt from the staging log may not have its row yet
+                self.writer.wait_stored(item[1])
             try:
                 self.journal.started(item[1], self.index)
             except Exception as err:  # it still runs; a crash now would run it as if it had not started
@@ -552,7 +555,7 @@ class DeviceQueues(_SharedHistoryAccess):
             q.finishing = self.finishing
         self.current_route = current_route
         self.default_route = default_route
-        self.writer: "JournalWriter | None" = None  # stores accepted prompts (journal_writer.py); None: no store
+        self._writer: "JournalWriter | None" = None
         self.pool: Pool | None = None
         self.resolver: FileResolver | None = None
         if default_route == POOL_ROUTE:
@@ -564,6 +567,17 @@ class DeviceQueues(_SharedHistoryAccess):
     @property
     def journal(self) -> "Journal | None":
         return self.history_store.journal
+
+    @property
+    def writer(self) -> "JournalWriter | None":
+        """Stores accepted prompts (journal_writer.py); None: no store."""
+        return self._writer
+
+    @writer.setter
+    def writer(self, writer: "JournalWriter | None") -> None:
+        self._writer = writer
+        for q in self.devices:
+            q.writer = writer
 
     def _target(self) -> int | None:
         route = self.current_route()
@@ -732,8 +746,8 @@ class DeviceQueues(_SharedHistoryAccess):
 
     def _forget(self, prompt_ids: list[str]) -> None:
         """Queued prompts a client deleted leave the write-ahead queue (outside the queue lock): they never run."""
-        if prompt_ids and self.journal is not None:
-            self.journal.forget_prompts(prompt_ids)
+        if prompt_ids and self.writer is not None:
+            self.writer.forget(prompt_ids)
 
     def set_flag(self, name: str, data: Any) -> None:
         for q in self._scope():

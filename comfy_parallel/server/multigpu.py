@@ -103,7 +103,8 @@ class MultiDeviceServer:
             return
         self.journal = recovery.open_journal(path, self.settings.journal_synchronous)
         self.queues.history_store.journal = self.journal
-        self.journal_writer = JournalWriter(self.journal, getattr(prompt_server, "loop", None))
+        staging = recovery.open_staging(self.journal, self.settings.journal_synchronous)
+        self.journal_writer = JournalWriter(self.journal, getattr(prompt_server, "loop", None), staging)
         self.graceful.writer = self.journal_writer
         self.queues.writer = self.journal_writer
         self.graceful.journal = self.journal

@@ -1,0 +1,137 @@
+"""The staging log: accepted prompts in a memory-mapped file until the journal's thread has them in SQLite.
+
+Why: every SQLite statement gives the GIL up, and the event loop then waits for it behind busy worker threads
+(10-25 ms a statement beside one to three spinning threads on a 16-core host; ``bench/gil_handover.py``). Writing
+each accepted prompt to SQLite before answering cost 17-59% of the accepted prompts per second there
+(``bench/results/crash_safe_queue_device.md``). A copy into a page of a shared memory-mapped file is no system call,
+so the loop keeps the GIL: the ``POST /prompt`` handler copies the prompt here and answers at once, and
+``journal_writer.py``'s thread moves it to SQLite. The kernel keeps a written page when the process dies (``kill -9``,
+a native crash, the OOM killer) exactly as it keeps a WAL write with ``synchronous=NORMAL``; only a power loss or
+kernel crash loses either. So the log is used with ``synchronous=NORMAL`` (and ``OFF``); with ``FULL`` the answer
+waits for SQLite's fsync as before.
+
+Layout: a 64-byte header (``MAGIC``, then at offset 8 the highest sequence number whose record is in SQLite), then
+records, each a 16-byte head (payload length, kind, sequence number) and the payload, padded to 8 bytes. Reading at
+a start follows the chain from the front: each record's number is its predecessor's plus one, and a 0 (a record
+being copied when the process died) ends it.
+
+When every record is in SQLite, the next one starts at the front again, so under a steady load the log stays in its
+first pages. The file is allocated on disk in full when it is created: writing a page of a sparse file on a full
+disk would kill the process with SIGBUS. A record that does not fit (the thread is far behind, or one prompt is
+larger than the log) is not staged; its answer then waits for SQLite (``journal_writer.py``).
+
+Plain Python (stdlib), no ComfyUI imports.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("comfy_parallel")
+
+MAGIC = b"CPSTAGE1"
+HEADER = 64
+RECORD_HEAD = struct.Struct("<IIQ")  # payload length, kind, sequence number (the last 8 bytes: written last)
+SEQ = struct.Struct("<Q")
+DEFAULT_SIZE = 32 << 20  # holds at least ~150 of the largest workflows people send (~200 KB of JSON)
+
+ACCEPT = 1  # payload: the journal row of one accepted prompt (``Journal.row``'s fields, the item JSON last)
+FORGET = 2  # payload: JSON list of prompt ids a client deleted from the queue
+
+
+@dataclass(frozen=True)
+class Record:
+    seq: int
+    kind: int
+    payload: bytes
+
+
+def _padded(n: int) -> int:
+    return (n + 7) & ~7
+
+
+class StagingLog:
+    """One memory-mapped file, appended to by any thread (under a lock the GIL is never given up in), emptied into
+    SQLite by the journal writer's thread."""
+
+    def __init__(self, path: Path | str, size: int = DEFAULT_SIZE) -> None:
+        self.path = Path(path)
+        self.lock = threading.Lock()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            existing = os.fstat(fd).st_size
+            size = max(size, existing)  # a larger log of an earlier run is read (and kept) at its own size
+            if existing < size:
+                _allocate(fd, existing, size)
+            self.map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.size = size
+        if self.map[:len(MAGIC)] != MAGIC:
+            self.map[:HEADER] = MAGIC + bytes(HEADER - len(MAGIC))
+        self.moved_seq = SEQ.unpack_from(self.map, 8)[0]
+        self.left = self._read_chain()  # what the last run accepted and SQLite does not have yet
+        self.last_seq = max([self.moved_seq] + [r.seq for r in self.left])
+        self.offset = HEADER
+
+    def _read_chain(self) -> list[Record]:
+        records: list[Record] = []
+        offset, previous = HEADER, None
+        while offset + RECORD_HEAD.size <= self.size:
+            length, kind, seq = RECORD_HEAD.unpack_from(self.map, offset)
+            end = offset + RECORD_HEAD.size + length
+            if seq == 0 or (previous is not None and seq != previous + 1) or end > self.size:
+                break
+            if seq > self.moved_seq:
+                records.append(Record(seq, kind, bytes(self.map[offset + RECORD_HEAD.size:end])))
+            previous, offset = seq, offset + RECORD_HEAD.size + _padded(length)
+        return records
+
+    def append(self, kind: int, payload: bytes, then: Callable[[int], None]) -> int | None:
+        """Copy one record in and call ``then(seq)`` before anyone can append the next (the writer's inbox must see
+        records in sequence order); None, and no call, when it does not fit.
+
+        The sequence number is zeroed first and written last, each an aligned 8-byte store: a process that dies
+        in between leaves a 0 there, which ends the chain, so the half-written record is never read (and nobody
+        was told it was accepted)."""
+        need = RECORD_HEAD.size + _padded(len(payload))
+        with self.lock:
+            offset = HEADER if self.last_seq == self.moved_seq else self.offset
+            if offset + need > self.size:
+                return None
+            seq = self.last_seq + 1
+            head = offset + RECORD_HEAD.size
+            self.map[head - SEQ.size:head] = bytes(SEQ.size)  # 0 ends the chain until the record is whole
+            self.map[offset:head] = RECORD_HEAD.pack(len(payload), kind, 0)
+            self.map[head:head + len(payload)] = payload
+            self.map[head - SEQ.size:head] = SEQ.pack(seq)
+            self.last_seq, self.offset = seq, offset + need
+            then(seq)
+        return seq
+
+    def moved(self, seq: int) -> None:
+        """Records up to ``seq`` are in SQLite: a restart must not apply them again (only the writer's thread)."""
+        if seq > self.moved_seq:
+            SEQ.pack_into(self.map, 8, seq)
+            self.moved_seq = seq
+
+    def close(self) -> None:
+        with self.lock:
+            self.map.close()
+
+
+def _allocate(fd: int, start: int, size: int) -> None:
+    """Real blocks from ``start`` to ``size``, so a write into the mapping can never hit a full disk."""
+    try:
+        os.posix_fallocate(fd, start, size - start)
+    except (AttributeError, OSError):  # no fallocate (macOS, some file systems): write the zeros instead
+        chunk = bytes(1 << 20)
+        for at in range(start, size, len(chunk)):
+            os.pwrite(fd, chunk[:min(len(chunk), size - at)], at)
