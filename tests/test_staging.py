@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from comfy_parallel.durability import recovery
-from comfy_parallel.durability.journal import Journal, prompt_row, row_bytes
+from comfy_parallel.durability.journal import RUNNING, Journal, prompt_row, row_bytes
 from comfy_parallel.durability.journal_writer import JournalWriter
 from comfy_parallel.durability.staging import ACCEPT, HEADER, RECORD_HEAD, StagingLog
 
@@ -44,20 +44,22 @@ def reopen(path: Path, synchronous: str = "NORMAL") -> tuple[Journal, StagingLog
 
 
 def test_staged_prompts_survive_kill_9_in_order_without_secrets(tmp_path: Path) -> None:
-    """A process stages prompts and a deletion, never writes SQLite, and is killed: the next start has exactly the
-    accepted prompts that were not deleted, in order, with their routes, and no secret."""
+    """A process stages prompts, a deletion and a start, never writes SQLite, and is killed: the next start has
+    exactly the accepted prompts that were not deleted, in order, with their routes and no secret, and the started
+    one counts a crash."""
     db = tmp_path / "queue.sqlite3"
     script = textwrap.dedent(f"""
         import json, sys, time
         sys.path.insert(0, {str(REPO)!r})
-        from comfy_parallel.durability.journal import Journal, prompt_row, row_bytes
-        from comfy_parallel.durability.staging import ACCEPT, FORGET, StagingLog
+        from comfy_parallel.durability.journal import RUNNING, Journal, prompt_row, row_bytes
+        from comfy_parallel.durability.staging import ACCEPT, FORGET, START, StagingLog
         Journal({str(db)!r})  # the store exists; nothing is ever written to it
         log = StagingLog({str(db)!r} + ".staging")
         for n in range(5):
             item = (n, f"p{{n}}", {{"1": {{}}}}, {{"client_id": "c"}}, ["1"], {{"api_key_comfy_org": "secret"}})
             log.append(ACCEPT, row_bytes(prompt_row(str(n % 2), item, time.time())), lambda seq: None)
         log.append(FORGET, json.dumps(["p3"]).encode(), lambda seq: None)
+        log.append(START, json.dumps(["p1", 1]).encode(), lambda seq: None)
         print("staged", flush=True)
         time.sleep(600)
     """)
@@ -72,7 +74,9 @@ def test_staged_prompts_survive_kill_9_in_order_without_secrets(tmp_path: Path) 
     stored = journal.unfinished()
     assert [(p.prompt_id, p.route) for p in stored] == [("p0", "0"), ("p1", "1"), ("p2", "0"), ("p4", "0")]
     assert all(p.dropped_keys == ("api_key_comfy_org",) and "secret" not in json.dumps(p.item) for p in stored)
-    assert staging is not None and staging.left == [] and staging.moved_seq == 6
+    assert [(p.prompt_id, p.state, p.device) for p in stored if p.device is not None] == [("p1", RUNNING, 1)]
+    assert staging is not None and staging.left == [] and staging.moved_seq == 7
+    assert journal.count_crash() == ["p1"]
     journal.close()
     again, _ = reopen(db)  # applied once: a second start finds them in SQLite only
     assert [p.prompt_id for p in again.unfinished()] == ["p0", "p1", "p2", "p4"]
@@ -138,26 +142,31 @@ class BlockingJournal(Journal):
         super().accepted_rows(rows, keep_existing)
 
 
-def test_a_staged_prompt_is_queued_at_once_and_starts_only_once_its_row_is_stored(tmp_path: Path) -> None:
+def test_a_staged_prompt_is_queued_at_once_and_its_history_entry_waits_for_its_row(tmp_path: Path) -> None:
+    """The answer and the worker's start need no SQLite; the history entry (which ends the prompt's row) waits
+    until the row is there, or the thread's late INSERT would bring a finished prompt back."""
     db = tmp_path / "queue.sqlite3"
     journal = BlockingJournal(db)
     staging = recovery.open_staging(journal, "NORMAL")
     writer = JournalWriter(journal, None, staging)
     placed: list[bool] = []
     assert writer.accept("1", item(1), placed.append) is None  # durable already: the answer need not wait
+    writer.started("p1", 1)  # staged too: the worker does not wait
     assert placed == [True] and journal.count() == 0
-    assert writer.wait_stored("p1", timeout=0.05) is False  # the worker waits: its start would find no row
+    assert writer.wait_stored("p1", timeout=0.05) is False  # its history entry would find no row
     waiter = threading.Thread(target=writer.wait_stored, args=("p1",))
     waiter.start()
     journal.release.set()
     waiter.join(30)
     assert not waiter.is_alive() and writer.wait_stored("p1", timeout=0) is True
-    assert [p.prompt_id for p in journal.unfinished()] == ["p1"]
+    assert writer.flush()
+    assert [(p.prompt_id, p.state, p.device) for p in journal.unfinished()] == [("p1", RUNNING, 1)]
+    writer.requeued(["p1"])  # out of memory: it runs again, so it is not running now
     writer.accept("0", item(2), placed.append)
     writer.forget(["p2"])  # deleted right after it was accepted: it must not come back from the thread's insert
     assert writer.flush()
-    assert [p.prompt_id for p in journal.unfinished()] == ["p1"] and staging is not None
-    assert staging.moved_seq == staging.last_seq == 3
+    assert [(p.prompt_id, p.state) for p in journal.unfinished()] == [("p1", "queued")] and staging is not None
+    assert staging.moved_seq == staging.last_seq == 4
 
 
 def test_a_prompt_that_cannot_be_stored_is_refused_and_not_queued(tmp_path: Path) -> None:

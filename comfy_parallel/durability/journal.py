@@ -46,7 +46,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .staging import ACCEPT
+from .staging import ACCEPT, START
 
 # WARNING: mirrors ComfyUI's execution.SENSITIVE_EXTRA_DATA_KEYS (0.3.52-0.33.0); a key added upstream and not
 # here would be written to disk in clear by items that carry secrets in extra_data.
@@ -238,7 +238,18 @@ class Journal:
         return sql
 
     def started(self, prompt_id: str, device: int) -> None:
-        self._write("UPDATE prompts SET state = ?, device = ? WHERE prompt_id = ?", (RUNNING, device, prompt_id))
+        self.started_many({prompt_id: device})
+
+    def started_many(self, devices: dict[str, int]) -> None:
+        """Running, each on its device: one statement per ``MAX_ROWS_PER_STATEMENT`` prompts (the journal writer's
+        batches of staged starts); a prompt no longer stored (it finished already) is left alone."""
+        ids = list(devices)
+        for start in range(0, len(ids), MAX_ROWS_PER_STATEMENT):
+            chunk = ids[start:start + MAX_ROWS_PER_STATEMENT]
+            cases = " ".join(["WHEN ? THEN ?"] * len(chunk))
+            self._write(f"UPDATE prompts SET state = ?, device = CASE prompt_id {cases} END"
+                        f" WHERE prompt_id IN ({', '.join('?' * len(chunk))})",
+                        [RUNNING, *(v for pid in chunk for v in (pid, devices[pid])), *chunk])
 
     def requeued(self, prompt_ids: Iterable[str]) -> None:
         """Back to queued without counting a crash: prompts a drain cut off, or a retry after out of memory."""
@@ -279,12 +290,16 @@ class Journal:
     # -- at start ----------------------------------------------------------------------------------------------------
     def apply_staged(self, operations: Sequence[tuple[int, Any]]) -> None:
         """The staging log's records of the last run (``recovery.apply_staged``), in order, in one transaction:
-        ``(ACCEPT, row)`` an accepted prompt (a prompt already stored keeps its row), ``(FORGET, ids)`` deleted
-        prompts."""
+        ``(ACCEPT, row)`` an accepted prompt (a prompt already stored keeps its row), ``(START, (id, device))`` a
+        worker took it, ``(FORGET, ids)`` deleted prompts."""
         with self.lock, self._transaction():
             for kind, value in operations:
                 if kind == ACCEPT:
                     self.conn.execute(self._insert(1, "IGNORE"), value)
+                elif kind == START:
+                    prompt_id, device = value
+                    self.conn.execute("UPDATE prompts SET state = ?, device = ? WHERE prompt_id = ?",
+                                      (RUNNING, device, prompt_id))
                 else:
                     for chunk in _chunks(value):
                         self.conn.execute(f"DELETE FROM prompts WHERE prompt_id IN ({', '.join('?' * len(chunk))})",

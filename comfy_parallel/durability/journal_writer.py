@@ -8,11 +8,14 @@ store: one INSERT per request in its handler -38%; one INSERT per event-loop pas
 staging log and the INSERT on a thread -6%.
 
 So with ``synchronous=NORMAL`` (``staging.py`` says why that is as safe) the handler copies the prompt into the
-staging log, queues it, and answers; no system call on the event loop. This thread then writes the staged prompts
-to SQLite, many per statement, and marks them moved in the log. A worker that takes a prompt whose row is not in
-SQLite yet waits for it (``wait_stored``) before it writes the prompt's start, so every start, end and deletion
-finds the row, and only prompts really running at a crash run again after it. Deletions from the queue
-(``forget``) take the same path, in order, so a prompt deleted right after it was accepted does not come back.
+staging log, queues it, and answers; no system call on the event loop. A worker records a prompt's start the same
+way (``started``): a crash from then on counts for the prompt, and the worker never waits for SQLite before it runs
+it. Deletions from the queue (``forget``) take the same path. This thread then writes what was staged to SQLite in
+order, a few statements per batch, and marks it moved in the log; under load it gathers for ``GATHER_S`` first, so
+it asks for the GIL (which every such request takes from a busy thread within a switch interval) a few hundred
+times a second at most, not once per prompt. A worker writes a prompt's history entry itself, which also takes the
+prompt out of SQLite, so it first waits until the prompt's row is there (``wait_stored``; by then it nearly always
+is): a finished prompt's row never comes back.
 
 Without the staging log (``synchronous=FULL``, whose fsync the answer must wait for, or a record that does not
 fit) the answer waits for SQLite: on the event loop, one statement per loop pass (the handlers of a pass all add
@@ -20,7 +23,6 @@ their prompts, and the HTTP answers await the commit, ``MultiDeviceServer._handl
 queued, so no worker starts a prompt the store does not have; from another thread (a custom node) this module's
 thread writes it.
 
-History entries are not written here: a worker writes its prompt's entry itself, right after the prompt ends.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, Callable, Union
 
 from .journal import MAX_ROWS_PER_STATEMENT, prompt_row, row_bytes
-from .staging import ACCEPT, FORGET
+from .staging import ACCEPT, FORGET, START
 
 if TYPE_CHECKING:
     from .journal import Journal
@@ -47,12 +49,26 @@ log = logging.getLogger("comfy_parallel")
 Place = Callable[[bool], None]  # queues a stored prompt (True), or lets go of one that could not be stored (False)
 STORED_WAIT_S = 30.0  # how long a worker waits for its prompt's row before it runs the prompt anyway (logged)
 RETRY_DELAYS_S = (0.1, 0.5, 2.0)  # a failed write of staged prompts is tried again after these
+GATHER_S = 0.005  # under load, the thread waits this long after a wake-up to write more per batch
+BUSY_S = 0.02  # "under load": the last batch was written less than this long before the next wake-up
 
 
 @dataclass(frozen=True)
 class _Staged:  # in the staging log and queued already; its row goes to SQLite
     seq: int
     row: tuple
+
+
+@dataclass(frozen=True)
+class _Started:  # a worker took it (staged, or None: the staging log was full)
+    seq: int | None
+    prompt_id: str
+    device: int
+
+
+@dataclass(frozen=True)
+class _Requeued:  # running prompts that will run again: queued, not running (after their start is written)
+    prompt_ids: list[str]
 
 
 @dataclass(frozen=True)
@@ -74,7 +90,7 @@ class _Flush:
     done: threading.Event
 
 
-_Entry = Union[_Staged, _Accept, _Forget, _Flush]
+_Entry = Union[_Staged, _Started, _Requeued, _Accept, _Forget, _Flush]
 
 
 class JournalWriter:
@@ -130,6 +146,26 @@ class JournalWriter:
         if not self.staging.append(FORGET, json.dumps(ids).encode(), lambda seq: self.inbox.put(_Forget(seq, ids))):
             self.inbox.put(_Forget(None, ids))
 
+    def started(self, prompt_id: str, device: int) -> None:
+        """A worker took ``prompt_id`` on ``device``: from now on a crash counts for it. Staged at once; without
+        the staging log, written to SQLite before the worker goes on."""
+        if self.staging is not None and self.staging.append(
+                START, json.dumps([prompt_id, device]).encode(),
+                lambda seq: self.inbox.put(_Started(seq, prompt_id, device))):
+            return
+        if self.staging is not None:  # full: in order behind the prompt's accept, but not crash-safe
+            self.inbox.put(_Started(None, prompt_id, device))
+            return
+        try:
+            self.journal.started(prompt_id, device)
+        except Exception as err:  # it still runs; a crash now would run it as if it had not started
+            log.error("comfy-parallel: start of %s not written to %s (%s: %s)", prompt_id, self.journal.path,
+                      type(err).__name__, err)
+
+    def requeued(self, prompt_ids: list[str]) -> None:
+        """Running prompts that will run again (after out of memory): queued, behind their start."""
+        self.inbox.put(_Requeued([str(p) for p in prompt_ids]))
+
     def _failed(self, err: Exception) -> "Future | asyncio.Future":
         if self.loop is not None and _running_loop() is self.loop:
             failed: asyncio.Future = self.loop.create_future()
@@ -172,52 +208,82 @@ class JournalWriter:
 
     # -- the thread -------------------------------------------------------------------------------------------
     def _run(self) -> None:
+        last_write = 0.0
         while True:
             entries = [self.inbox.get()]
+            if time.monotonic() - last_write < BUSY_S:
+                time.sleep(GATHER_S)
             while len(entries) < 10 * MAX_ROWS_PER_STATEMENT:
                 try:
                     entries.append(self.inbox.get_nowait())
                 except Empty:
                     break
             self._write(entries)
+            last_write = time.monotonic()
 
     def _write(self, entries: list[_Entry]) -> None:
-        """In order; runs of the same kind share statements."""
-        start = 0
-        while start < len(entries):
-            kind = type(entries[start])
-            end = start + 1
-            while (end < len(entries) and type(entries[end]) is kind and kind in (_Staged, _Accept)
-                   and end - start < MAX_ROWS_PER_STATEMENT):
-                end += 1
-            run = entries[start:end]
-            if kind is _Staged:
-                self._store_staged([e for e in run if isinstance(e, _Staged)])
-            elif kind is _Accept:
-                self._accept_statement([e for e in run if isinstance(e, _Accept)])
-            elif isinstance(entry := run[0], _Forget):
-                self._forget(entry)
-            elif isinstance(entry, _Flush):
-                entry.done.set()
-            start = end
+        """In order: staged accepts and starts gather into one INSERT and one UPDATE (a start after its accept),
+        everything else waits until those are written."""
+        rows: list[_Staged] = []
+        starts: dict[str, int] = {}
+        seq = 0
 
-    def _store_staged(self, run: list[_Staged]) -> None:
+        def written() -> None:
+            nonlocal rows, starts
+            if rows or starts:
+                self._store_staged(rows, starts, seq)
+            rows, starts = [], {}
+
+        for entry in entries:
+            if isinstance(entry, _Staged):
+                rows.append(entry)
+                seq = entry.seq
+                continue
+            if isinstance(entry, _Started):
+                starts[entry.prompt_id] = entry.device
+                seq = entry.seq or seq
+                continue
+            written()
+            if isinstance(entry, _Accept):
+                self._accept_statement([entry])
+            elif isinstance(entry, _Forget):
+                self._forget(entry)
+            elif isinstance(entry, _Requeued):
+                self._requeue(entry)
+            else:
+                entry.done.set()
+        written()
+
+    def _store_staged(self, rows: list[_Staged], starts: dict[str, int], seq: int) -> None:
+        """Rows, then starts; then the log is marked (a restart must not bring back a prompt that finished), and
+        only then may workers write the history entries that end those rows."""
         for delay in (*RETRY_DELAYS_S, None):
             try:
-                self.journal.accepted_rows([e.row for e in run])
+                for start in range(0, len(rows), MAX_ROWS_PER_STATEMENT):
+                    self.journal.accepted_rows([e.row for e in rows[start:start + MAX_ROWS_PER_STATEMENT]])
+                if starts:
+                    self.journal.started_many(starts)
                 break
             except Exception as err:
-                if delay is None:  # they stay in the staging log only until it is marked moved below
-                    log.error("comfy-parallel: %d accepted prompts could not be written to %s (%s: %s); they run, "
-                              "but a crash before they end loses them: %s", len(run), self.journal.path,
-                              type(err).__name__, err, ", ".join(e.row[0] for e in run))
+                if delay is None:
+                    log.error("comfy-parallel: %d accepted prompts and %d starts could not be written to %s (%s: %s); "
+                              "they run, but a crash before they end loses them: %s", len(rows), len(starts),
+                              self.journal.path, type(err).__name__, err, ", ".join(e.row[0] for e in rows))
                 else:
                     time.sleep(delay)
-        assert self.staging is not None
-        self.staging.moved(run[-1].seq)
-        with self.stored:
-            self.unstored.difference_update(e.row[0] for e in run)
-            self.stored.notify_all()
+        if seq and self.staging is not None:
+            self.staging.moved(seq)
+        if rows:
+            with self.stored:
+                self.unstored.difference_update(e.row[0] for e in rows)
+                self.stored.notify_all()
+
+    def _requeue(self, entry: _Requeued) -> None:
+        try:
+            self.journal.requeued(entry.prompt_ids)
+        except Exception as err:
+            log.error("comfy-parallel: retry of %s not written to %s (%s: %s)", ", ".join(entry.prompt_ids),
+                      self.journal.path, type(err).__name__, err)
 
     def _forget(self, entry: _Forget) -> None:
         try:

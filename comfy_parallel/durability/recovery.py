@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..scheduling.queues import MAXIMUM_HISTORY_SIZE
 from .journal import RUNNING, Journal, StoredPrompt, as_queue_item, row_from_bytes
-from .staging import ACCEPT, FORGET, StagingLog
+from .staging import ACCEPT, FORGET, START, StagingLog
 
 if TYPE_CHECKING:
     from ..scheduling.queues import DeviceQueues
@@ -99,8 +99,13 @@ def apply_staged(journal: Journal, staging: StagingLog) -> int:
     operations: list[tuple[int, Any]] = []
     for record in staging.left:
         try:
-            operations.append((ACCEPT, row_from_bytes(record.payload)) if record.kind == ACCEPT
-                              else (FORGET, [str(p) for p in json.loads(record.payload)]))
+            if record.kind == ACCEPT:
+                operations.append((ACCEPT, row_from_bytes(record.payload)))
+            elif record.kind == START:
+                prompt_id, device = json.loads(record.payload)
+                operations.append((START, (str(prompt_id), int(device))))
+            else:
+                operations.append((FORGET, [str(p) for p in json.loads(record.payload)]))
         except (ValueError, TypeError) as err:  # only a power loss can leave one half there
             log.error("comfy-parallel: staged record %d in %s cannot be read (%s: %s); it and the %d after it are "
                       "left out", record.seq, staging.path, type(err).__name__, err,
@@ -110,9 +115,11 @@ def apply_staged(journal: Journal, staging: StagingLog) -> int:
     if staging.left:
         staging.moved(staging.left[-1].seq)
     accepted = sum(kind == ACCEPT for kind, _ in operations)
+    starts = sum(kind == START for kind, _ in operations)
     if staging.left:
-        log.info("comfy-parallel: %d prompts accepted and %d deletions from the queue in the last run's staging "
-                 "log %s are now in %s", accepted, len(operations) - accepted, staging.path, journal.path)
+        log.info("comfy-parallel: %d prompts accepted, %d starts and %d deletions from the queue in the last run's "
+                 "staging log %s are now in %s", accepted, starts, len(operations) - accepted - starts, staging.path,
+                 journal.path)
     staging.left = []
     return accepted
 

@@ -44,6 +44,7 @@ DEFAULT_SIZE = 32 << 20  # holds at least ~150 of the largest workflows people s
 
 ACCEPT = 1  # payload: the journal row of one accepted prompt (``Journal.row``'s fields, the item JSON last)
 FORGET = 2  # payload: JSON list of prompt ids a client deleted from the queue
+START = 3  # payload: JSON [prompt id, device index]: a worker took it (a crash from now on counts for it)
 
 
 @dataclass(frozen=True)

@@ -282,10 +282,10 @@ class DeviceQueue(_SharedHistoryAccess):
             waited = now - self.enqueued_at.pop(item[1], now)
             if self.pool is not None:
                 self.pool.start(self.index, item[1])
-        # Outside the queue lock, which every device and the HTTP handlers share: the store write gives up the GIL.
-        if self.journal is not None:  # before anything says it started: a crash from now on counts for it
-            if self.writer is not None:  # a prompt from the staging log may not have its row yet
-                self.writer.wait_stored(item[1])
+        # Outside the queue lock, which every device and the HTTP handlers share: a store write gives up the GIL.
+        if self.writer is not None:  # before anything says it started: a crash from now on counts for it
+            self.writer.started(item[1], self.index)
+        elif self.journal is not None:
             try:
                 self.journal.started(item[1], self.index)
             except Exception as err:  # it still runs; a crash now would run it as if it had not started
@@ -372,14 +372,18 @@ class DeviceQueue(_SharedHistoryAccess):
                 self.on_change()
         # Outside the queue lock: the store writes give up the GIL.
         if retried is None:
+            if self.writer is not None:  # its entry ends its row, which must be stored first (journal_writer.py)
+                self.writer.wait_stored(prompt[1])
             self.history_store.write(prompt[1], entry, evicted)
             if self.journal is not None:
                 with self.mutex:
                     self.finishing.discard(prompt[1])
                     self._wake_peers()
+        elif self.writer is not None:
+            self.writer.requeued([retried])  # it runs again: not running, so not a crash if the server dies now
         elif self.journal is not None:
             try:
-                self.journal.requeued([retried])  # it runs again: not running, so not a crash if the server dies now
+                self.journal.requeued([retried])
             except Exception as err:
                 log.error("comfy-parallel: retry of %s not written to %s (%s: %s)", retried, self.journal.path,
                           type(err).__name__, err)
