@@ -8,14 +8,12 @@ process with its own exit code. The figures go to tests/results/reliability.md (
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import random
 import re
 import shutil
 import signal
-import sqlite3
 import time
 import uuid
 from collections import Counter
@@ -29,12 +27,14 @@ import reliability_results
 from harness import ARTIFACTS, Server, prompt_id_for, sleep_prompt, tag_of
 
 from comfy_parallel.scheduling import cuda_fatal
+from comfy_parallel.durability import recovery
+from comfy_parallel.durability.journal import Journal
 from comfy_parallel.durability.recovery import CRASHED_TWICE_MESSAGE, RETRY_EVENT
 
 N_PROMPTS = 1000
 KILLS = 3
 ROUTES = ("header", "port", "prefix", "default")  # default: no target, so the pool (the default route)
-STAGED_RE = re.compile(r"(\d+) prompts accepted, (\d+) starts and (\d+) deletions from the queue in the last run.s staging")
+STAGED_RE = re.compile(r"(\d+) prompts accepted, (\d+) starts and (\d+) deletions from the queue in the last run")
 STARTED_RE = re.compile(r"\[GPU (\d+)\] prompt (\S+) started")
 FINISHED_RE = re.compile(r"\[GPU \d+\] prompt (\S+) finished: ")
 STORE = Path("__comfy_parallel") / "queue.sqlite3"
@@ -665,6 +665,9 @@ def test_poisoned_cuda_context_ends_the_process_with_its_exit_code(comfy_dir: Pa
         s.stop()
     assert code == cuda_fatal.EXIT_CODE, s.log()[-3000:]
     assert f"prompt {pid} hit a CUDA error that poisons the device context" in s.log()
-    with contextlib.closing(sqlite3.connect(user_dir / STORE)) as conn:
-        rows = conn.execute("SELECT prompt_id, route, state, device FROM prompts").fetchall()
+    # Read as the next start reads it: the staging log (where the worker staged the start) applied to SQLite.
+    journal = Journal(user_dir / STORE)
+    recovery.open_staging(journal, "NORMAL")
+    rows = [(p.prompt_id, p.route, p.state, p.device) for p in journal.unfinished()]
+    journal.close()
     assert rows == [(pid, "1", "running", 1)]  # runs once more after the restart, flagged as a retry after a crash
