@@ -10,7 +10,8 @@ drain uses the same rows: the prompts it leaves behind are already here.
 A prompt is stored with its *route*: the string the queues' routing entry point (``DeviceQueues.route_put``) took
 it on: a device index (``"1"``: targeted, or untargeted and bound on arrival by ``--default-route auto``) or
 ``"pool"``. The store only keeps and returns it, so a new kind of route needs no change here. A worker's start also
-records its device, so that a prompt running at a crash runs again where it ran (``recovery.py``).
+records its device (staged like the accept, then written here by the journal writer's thread), so that a prompt
+running at a crash runs again where it ran (``recovery.py``).
 
 Plain Python (stdlib ``sqlite3`` and ``json``, no ComfyUI imports) so it can be tested alone. An item is a ComfyUI
 queue tuple ``(number, prompt_id, prompt, extra_data, outputs_to_execute[, sensitive])``; its first five fields are
@@ -26,8 +27,8 @@ Every write is one SQL statement in autocommit mode: the sqlite3 module gives up
 steps, and a thread that gave it up waits for it again behind busy worker threads, so a write costs one hand-over,
 not three (``BEGIN``, the statement, ``COMMIT``). Nor does a write hold a Python lock: SQLite serializes the
 statements of threads that share its connection (``sqlite3.threadsafety`` 3) and lets go as each one's step ends,
-while a Python lock around ``execute`` stays held until the writer has the GIL back, so the event loop's write of
-accepted prompts would wait for a worker that waits for the GIL. The queue table is keyed by prompt id alone
+while a Python lock around ``execute`` stays held until the writer has the GIL back, so the journal thread's write
+of accepted prompts would wait for a worker that waits for the GIL. The queue table is keyed by prompt id alone
 (``WITHOUT ROWID``), so a write changes one B-tree, not a table and its index (history rows are larger than its
 B-tree keeps in a page, so they stay in a rowid table).
 """

@@ -5,7 +5,8 @@ Every SQLite statement gives up the GIL, and the thread that gave it up then wai
 there (``bench/results/crash_safe_queue_device.md``, run 3), against the accepted prompts per second without a
 store: one INSERT per request in its handler -38%; one INSERT per event-loop pass, the answer waiting for it
 (this module until then) -17% (-59% in run 2); the same without the wait -15%; a copy into the memory-mapped
-staging log and the INSERT on a thread -6%.
+staging log and the INSERT on a thread -6%. The store as shipped (runs 5 and 6, 38 rounds): -2%, where the
+store as it was before cost 41-60% of the mean rate.
 
 So with ``synchronous=NORMAL`` (``staging.py`` says why that is as safe) the handler copies the prompt into the
 staging log, queues it, and answers; no system call on the event loop. A worker records a prompt's start the same
@@ -22,7 +23,6 @@ fit) the answer waits for SQLite: on the event loop, one statement per loop pass
 their prompts, and the HTTP answers await the commit, ``MultiDeviceServer._handle``), and only then is the prompt
 queued, so no worker starts a prompt the store does not have; from another thread (a custom node) this module's
 thread writes it.
-
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("comfy_parallel")
 
 Place = Callable[[bool], None]  # queues a stored prompt (True), or lets go of one that could not be stored (False)
-STORED_WAIT_S = 30.0  # how long a worker waits for its prompt's row before it runs the prompt anyway (logged)
+STORED_WAIT_S = 30.0  # how long a worker waits for its prompt's row before it writes the history entry anyway
 RETRY_DELAYS_S = (0.1, 0.5, 2.0)  # a failed write of staged prompts is tried again after these
 
 
@@ -188,14 +188,14 @@ class JournalWriter:
 
     # -- consumers: workers and a clean exit ------------------------------------------------------------------
     def wait_stored(self, prompt_id: str, timeout: float = STORED_WAIT_S) -> bool:
-        """Until ``prompt_id``'s row is in SQLite (a worker, before it writes the prompt's start)."""
+        """Until ``prompt_id``'s row is in SQLite (a worker, before it writes the prompt's history entry)."""
         if prompt_id not in self.unstored:
             return True
         with self.stored:
             ok = self.stored.wait_for(lambda: prompt_id not in self.unstored, timeout)
         if not ok:
-            log.error("comfy-parallel: %s is still not written to %s after %.0f s; it runs anyway, and a crash while "
-                      "it runs will not run it again", prompt_id, self.journal.path, timeout)
+            log.error("comfy-parallel: %s is still not written to %s after %.0f s; its history entry is written "
+                      "anyway, and a restart may run it again", prompt_id, self.journal.path, timeout)
         return ok
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -213,7 +213,10 @@ class JournalWriter:
                     entries.append(self.inbox.get_nowait())
                 except Empty:
                     break
-            self._write(entries)
+            try:
+                self._write(entries)
+            except Exception:  # a bug here must not stop the thread: every later prompt would wait for it
+                log.exception("comfy-parallel: the journal thread failed on %d entries", len(entries))
 
     def _write(self, entries: list[_Entry]) -> None:
         """In order: staged accepts and starts gather into one INSERT and one UPDATE (a start after its accept),
