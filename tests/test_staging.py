@@ -178,3 +178,16 @@ def test_a_prompt_that_cannot_be_stored_is_refused_and_not_queued(tmp_path: Path
     with pytest.raises(TypeError, match="prompt bad cannot be stored as JSON"):
         future.result(0)
     assert writer.flush() and journal.count() == 0
+
+
+def test_a_prompt_larger_than_the_log_is_written_through_before_it_is_queued(tmp_path: Path) -> None:
+    """No room in the staging log: the prompt is queued only once SQLite has it, and the caller gets a future."""
+    journal = BlockingJournal(tmp_path / "queue.sqlite3")
+    writer = JournalWriter(journal, None, StagingLog(tmp_path / "queue.sqlite3.staging", size=4096))
+    placed: list[bool] = []
+    big = (1, "big", {"1": {"class_type": "CPSleep", "inputs": {"tag": "x" * 8000}}}, {}, ["1"], {})
+    future = writer.accept("0", big, placed.append)
+    assert future is not None and placed == []  # waits for SQLite: not queued yet
+    journal.release.set()
+    future.result(30)
+    assert placed == [True] and [p.prompt_id for p in journal.unfinished()] == ["big"]
