@@ -37,11 +37,12 @@ A bad target is answered with HTTP 400 and a JSON body listing the valid targets
 
 crash safety (the write-ahead queue, on unless --no-persist):
   every accepted prompt is in <user-dir>/__comfy_parallel/queue.sqlite3 (--persist-path)
-  before POST /prompt answers, until its history entry is written; the last 10,000 history
-  entries are kept there too. After a crash (kill -9, OOM killer, native crash, CUDA error)
-  the next start queues the unfinished prompts again as routed (device or pool), in order;
-  a prompt running at the crash runs once more (flagged as a retry), at two crashes in a row
-  it is recorded as an error. --supervise restarts the server after a crash.
+  and its memory-mapped staging log (queue.sqlite3.staging) before POST /prompt answers,
+  until its history entry is written; the last 10,000 history entries are kept there too.
+  After a crash (kill -9, OOM killer, native crash, CUDA error) the next start queues the
+  unfinished prompts again as routed (device or pool), in order; a prompt running at the
+  crash runs once more (flagged as a retry), at two crashes in a row it is recorded as an
+  error. --supervise restarts the server after a crash.
 
 shutdown (SIGTERM or Ctrl-C; a second signal stops at once):
   POST /prompt answers 503 with Retry-After, reads keep working, /ready answers 503;
@@ -161,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="no write-ahead queue: a crash loses every queued and running prompt and the "
                                 "history, and at shutdown queued prompts are recorded as errors")
     lifecycle.add_argument("--persist-path", metavar="FILE",
-                           help="SQLite file of the write-ahead queue and the history "
-                                "(default <user-dir>/__comfy_parallel/queue.sqlite3)")
+                           help="SQLite file of the write-ahead queue and the history, with FILE.staging "
+                                "beside it (default <user-dir>/__comfy_parallel/queue.sqlite3)")
     lifecycle.add_argument("--supervise", action="store_true",
                            help="run the server as a child process and start it again whenever it crashes "
                                 f"(killed, aborted, or exit code {supervisor.cuda_fatal.EXIT_CODE} after a CUDA error "
