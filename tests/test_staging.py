@@ -191,3 +191,17 @@ def test_a_prompt_larger_than_the_log_is_written_through_before_it_is_queued(tmp
     journal.release.set()
     future.result(30)
     assert placed == [True] and [p.prompt_id for p in journal.unfinished()] == ["big"]
+
+
+def test_a_record_the_kernel_did_not_keep_whole_is_left_out(tmp_path: Path) -> None:
+    """A power loss can write back the page holding a record's number but not its payload: the start applies the
+    other records, logs, and leaves that one out instead of storing garbage."""
+    db = tmp_path / "queue.sqlite3"
+    log = StagingLog(Path(f"{db}.staging"))
+    stage(log, 1)
+    log.append(ACCEPT, b'["p2", "0", 2, "[]", 0.0]\n{"not json', lambda seq: None)
+    stage(log, 3)
+    log.close()
+    journal, staging = reopen(db)
+    assert [p.prompt_id for p in journal.unfinished()] == ["p1", "p3"]
+    assert staging is not None and staging.moved_seq == 3  # not applied again at the next start either

@@ -104,13 +104,13 @@ def apply_staged(journal: Journal, staging: StagingLog) -> int:
             elif record.kind == START:
                 prompt_id, device = json.loads(record.payload)
                 operations.append((START, (str(prompt_id), int(device))))
-            else:
+            elif record.kind == FORGET:
                 operations.append((FORGET, [str(p) for p in json.loads(record.payload)]))
-        except (ValueError, TypeError) as err:  # only a power loss can leave one half there
-            log.error("comfy-parallel: staged record %d in %s cannot be read (%s: %s); it and the %d after it are "
-                      "left out", record.seq, staging.path, type(err).__name__, err,
-                      len(staging.left) - len(operations) - 1)
-            break
+            else:
+                raise ValueError(f"unknown kind {record.kind} (written by a newer comfy-parallel?)")
+        except (ValueError, TypeError) as err:  # a power loss can leave a record half there
+            log.error("comfy-parallel: staged record %d in %s cannot be read (%s: %s); it is left out",
+                      record.seq, staging.path, type(err).__name__, err)
     journal.apply_staged(operations)
     if staging.left:
         staging.moved(staging.left[-1].seq)

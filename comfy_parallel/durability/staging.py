@@ -42,7 +42,7 @@ RECORD_HEAD = struct.Struct("<IIQ")  # payload length, kind, sequence number (th
 SEQ = struct.Struct("<Q")
 DEFAULT_SIZE = 32 << 20  # holds at least ~150 of the largest workflows people send (~200 KB of JSON)
 
-ACCEPT = 1  # payload: the journal row of one accepted prompt (``Journal.row``'s fields, the item JSON last)
+ACCEPT = 1  # payload: the ``prompts`` row of one accepted prompt (``journal.row_bytes``)
 FORGET = 2  # payload: JSON list of prompt ids a client deleted from the queue
 START = 3  # payload: JSON [prompt id, device index]: a worker took it (a crash from now on counts for it)
 
