@@ -136,7 +136,6 @@ def test_cuda_errors_that_poison_a_context_are_told_apart() -> None:
 
 def test_store_is_one_process_own(tmp_path: Path) -> None:
     """Two servers on one file would run every prompt twice: the second one must not start on it."""
-    from comfy_parallel.durability.journal import Journal
     from comfy_parallel.durability.recovery import JournalInUse, open_journal
 
     first = Journal(tmp_path / "queue.sqlite3")
@@ -153,7 +152,6 @@ def test_history_of_earlier_runs_answers_by_id_while_the_listing_starts_empty(
     """The one rule for every start (crash or clean stop): /history/{id} finds what finished before it; the
     /history listing, its offset and max_items start empty, as stock's; the store keeps the last N in all."""
     from comfy_parallel.durability import recovery
-    from comfy_parallel.durability.journal import Journal
     from comfy_parallel.scheduling import queues
 
     monkeypatch.setattr(queues, "MAXIMUM_HISTORY_SIZE", 3)
@@ -196,7 +194,7 @@ def test_threads_write_the_store_at_once(tmp_path: Path) -> None:
     starts and history entries and clients' deletes, from threads at once, all land."""
     import threading
 
-    from comfy_parallel.durability.journal import MAX_ROWS_PER_STATEMENT, Journal
+    from comfy_parallel.durability.journal import MAX_ROWS_PER_STATEMENT
 
     journal = Journal(tmp_path / "queue.sqlite3")
     errors: list[BaseException] = []
@@ -227,7 +225,7 @@ def test_threads_write_the_store_at_once(tmp_path: Path) -> None:
 def test_evicted_history_leaves_the_store_in_batches(tmp_path: Path) -> None:
     """Beyond the history limit every prompt evicts one entry: they are deleted in one statement per batch, an
     entry written again meanwhile stays, and the next start trims what is left over."""
-    from comfy_parallel.durability.journal import MAX_ROWS_PER_STATEMENT, Journal
+    from comfy_parallel.durability.journal import MAX_ROWS_PER_STATEMENT
 
     journal = Journal(tmp_path / "queue.sqlite3")
     n = MAX_ROWS_PER_STATEMENT
@@ -278,7 +276,6 @@ def test_a_crash_retry_waits_for_the_history_write_of_a_prompt_beside_it(tmp_pat
     two crashes and recorded as crashed twice (seen in test_native_crash before this rule)."""
     import threading
 
-    from comfy_parallel.durability.journal import Journal
     from comfy_parallel.scheduling.queues import DeviceQueues
 
     class SlowJournal(Journal):
