@@ -92,6 +92,41 @@ def noise_check(comfy) -> bool:
     return bool(torch.equal(out["noise"], reference) and torch.equal(out["prepared"], reference))
 
 
+def interrupt_check(comfy) -> dict:
+    """An interrupt sent after a worker took a prompt (a client saw it running) survives the executor's clear as it
+    starts the prompt (``execute``: ``nodes.interrupt_processing(False)``); one sent before the worker took it is
+    dropped, as stock drops it."""
+    import threading
+
+    from comfy_parallel.scheduling import worker_context
+    from comfy_parallel.settings import DeviceSpec
+
+    mm = comfy.model_management
+    taken, sent, out = threading.Event(), threading.Event(), {}
+
+    def worker() -> None:
+        ctx = worker_context.WorkerContext(DeviceSpec(0, "cpu"))
+        worker_context.bind(ctx)
+        comfy.nodes.interrupt_processing(True)  # stale: sent while no prompt ran
+        ctx.begin_prompt()
+        out["stale_dropped"] = not mm.processing_interrupted()
+        taken.set()
+        sent.wait(30)
+        comfy.nodes.interrupt_processing(False)  # the executor starting the prompt
+        out["kept_through_start"] = mm.processing_interrupted()
+        comfy.nodes.interrupt_processing(False)  # any later clear clears
+        out["later_clear_clears"] = not mm.processing_interrupted()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    taken.wait(30)
+    comfy.nodes.interrupt_processing(True)  # POST /interrupt on the event loop: every worker, as stock
+    sent.set()
+    t.join()
+    mm.interrupt_current_processing(False)
+    return out
+
+
 def copy_on_write_check() -> bool:
     """An in-place weight update (comfy.utils.copy_to_param) on a view leaves the shared host tensor as it was."""
     import torch
@@ -293,6 +328,7 @@ def main() -> None:
     result["execution_sees_patch"] = execution.get_progress_state is comfy.progress.get_progress_state
     result["noise_is_private_and_stock_equal"] = noise_check(comfy)
     result["host_copy_on_write"] = copy_on_write_check()
+    result["interrupt"] = interrupt_check(comfy)
     result["ram_release_per_worker"] = ram_release_check()
     result["attention"] = attention_check(comfy)
     adapter.undo()

@@ -48,6 +48,7 @@ def test_patches_apply_are_idempotent_and_undo(comfy_dir: Path) -> None:
     assert result["execution_sees_patch"] is True
     assert result["noise_is_private_and_stock_equal"] is True
     assert result["host_copy_on_write"] is True
+    assert result["interrupt"] == {"stale_dropped": True, "kept_through_start": True, "later_clear_clears": True}
     memory_management = comfy_dir / "comfy" / "memory_management.py"
     has_ram_hook = memory_management.exists() and "set_ram_cache_release_state" in memory_management.read_text()
     assert result["ram_release_per_worker"] == (True if has_ram_hook else "n/a")  # 0.33 has the hook, 0.3.75 not

@@ -17,7 +17,8 @@ class InterruptPerWorker(Patch):
     replaces = ("comfy.model_management.interrupt_current_processing / processing_interrupted / "
                 "throw_exception_if_processing_interrupted")
     why = ("one flag for the process: an interrupt stopped whichever worker checked first, and a prompt "
-           "starting on one GPU cleared another GPU's pending interrupt")
+           "starting on one GPU cleared another GPU's pending interrupt; the executor's clear as it starts a "
+           "prompt also dropped an interrupt sent after the prompt showed as running (WorkerContext.begin_prompt)")
     checked_on = CHECKED
     FUNCS = ("interrupt_current_processing", "processing_interrupted", "throw_exception_if_processing_interrupted")
 
@@ -40,6 +41,8 @@ class InterruptPerWorker(Patch):
         def interrupt_current_processing(value: bool = True) -> None:
             ctx = worker_context.current()
             if ctx is not None:
+                if not value and ctx.take_start_clear():  # see WorkerContext.begin_prompt
+                    return
                 ctx.set_interrupt(value)
                 return
             # Not a worker (an HTTP handler, a custom node's thread): stock semantics, every worker.

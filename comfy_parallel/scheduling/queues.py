@@ -274,6 +274,9 @@ class DeviceQueue(_SharedHistoryAccess):
                 item = self._next()
                 if item is None and timeout is not None:
                     return None
+            ctx = worker_context.get(self.index)
+            if ctx is not None:  # it shows as running from the next line on: an interrupt from now on is for it
+                ctx.begin_prompt()
             i = self.task_counter
             self.currently_running[i] = copy.deepcopy(item)
             self.task_counter += 1

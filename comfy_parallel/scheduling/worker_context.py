@@ -27,10 +27,23 @@ class WorkerContext:
     model_loads: int = 0  # models (or parts of them) ComfyUI moved onto this worker's device
     model_load_bytes: int = 0
     _interrupt: threading.Event = field(default_factory=threading.Event)
+    _start_clear_pending: bool = False
 
     @property
     def index(self) -> int:
         return self.spec.index
+
+    def begin_prompt(self) -> None:
+        """The worker took a prompt, which shows as running from now on: an interrupt sent before is dropped here,
+        and ComfyUI's own clear as its executor starts the prompt (``execute``: ``interrupt_processing(False)``)
+        is skipped once, so an interrupt sent in between (a client that saw the prompt running) is not lost."""
+        self._interrupt.clear()
+        self._start_clear_pending = True
+
+    def take_start_clear(self) -> bool:
+        """Whether this clear is the executor's start-of-prompt one that ``begin_prompt`` already did."""
+        pending, self._start_clear_pending = self._start_clear_pending, False
+        return pending
 
     def set_interrupt(self, value: bool) -> None:
         if value:
