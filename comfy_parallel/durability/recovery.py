@@ -112,11 +112,10 @@ def apply_staged(journal: Journal, staging: StagingLog) -> int:
             log.error("comfy-parallel: staged record %d in %s cannot be read (%s: %s); it is left out",
                       record.seq, staging.path, type(err).__name__, err)
     journal.apply_staged(operations)
-    if staging.left:
-        staging.moved(staging.left[-1].seq)
     accepted = sum(kind == ACCEPT for kind, _ in operations)
     starts = sum(kind == START for kind, _ in operations)
     if staging.left:
+        staging.moved(staging.left[-1].seq)
         log.info("comfy-parallel: %d prompts accepted, %d starts and %d deletions from the queue in the last run's "
                  "staging log %s are now in %s", accepted, starts, len(operations) - accepted - starts, staging.path,
                  journal.path)

@@ -25,7 +25,6 @@ Plain Python (stdlib), no ComfyUI imports.
 
 from __future__ import annotations
 
-import logging
 import mmap
 import os
 import struct
@@ -34,7 +33,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("comfy_parallel")
 
 MAGIC = b"CPSTAGE1"
 HEADER = 64
