@@ -240,7 +240,7 @@ class DeviceQueue(_SharedHistoryAccess):
         # --default-route pool: the shared pool this worker also takes from, and whether a put woke it already
         self.pool: Pool | None = None
         self.wake_pending = False
-        self.writer: "JournalWriter | None" = None  # set by DeviceQueues.writer: starts wait for staged rows
+        self.writer: "JournalWriter | None" = None  # set by DeviceQueues.writer: writes starts, orders history
 
     @property
     def journal(self) -> "Journal | None":
@@ -288,12 +288,6 @@ class DeviceQueue(_SharedHistoryAccess):
         # Outside the queue lock, which every device and the HTTP handlers share: a store write gives up the GIL.
         if self.writer is not None:  # before anything says it started: a crash from now on counts for it
             self.writer.started(item[1], self.index)
-        elif self.journal is not None:
-            try:
-                self.journal.started(item[1], self.index)
-            except Exception as err:  # it still runs; a crash now would run it as if it had not started
-                log.error("comfy-parallel: start of %s not written to %s (%s: %s)", item[1], self.journal.path,
-                          type(err).__name__, err)
         for listener in self.listeners:
             listener.on_start(self.index, item[1], waited)
         self.on_change()
@@ -384,12 +378,6 @@ class DeviceQueue(_SharedHistoryAccess):
                     self._wake_peers()
         elif self.writer is not None:
             self.writer.requeued([retried])  # it runs again: not running, so not a crash if the server dies now
-        elif self.journal is not None:
-            try:
-                self.journal.requeued([retried])
-            except Exception as err:
-                log.error("comfy-parallel: retry of %s not written to %s (%s: %s)", retried, self.journal.path,
-                          type(err).__name__, err)
 
     def _retry_after_oom(self, item: tuple, status: dict | None) -> bool:
         """Out of memory: free this device (models and executor cache) and run the prompt once more."""
