@@ -99,7 +99,7 @@ class JournalWriter:
         self.journal = journal
         self.loop = loop
         self.staging = staging
-        self.loop_batch: list[tuple[str, tuple, Place, asyncio.Future]] = []
+        self.loop_batch: list[_Accept] = []
         self.inbox: SimpleQueue[_Entry] = SimpleQueue()  # put never blocks nor gives the GIL up
         self.stored = threading.Condition()  # workers wait on it for their prompt's row; the loop never takes it
         self.unstored: set[str] = set()  # staged and queued, not in SQLite yet
@@ -129,7 +129,7 @@ class JournalWriter:
             loop_future: asyncio.Future = self.loop.create_future()
             if not self.loop_batch:
                 self.loop.call_soon(self._commit_loop_batch)
-            self.loop_batch.append((route, item, place, loop_future))
+            self.loop_batch.append(_Accept(route, item, place, loop_future))
             return loop_future
         future: Future = Future()
         self.inbox.put(_Accept(route, item, place, future))
@@ -147,12 +147,10 @@ class JournalWriter:
     def started(self, prompt_id: str, device: int) -> None:
         """A worker took ``prompt_id`` on ``device``: from now on a crash counts for it. Staged at once; without
         the staging log, written to SQLite before the worker goes on."""
-        if self.staging is not None and self.staging.append(
-                START, json.dumps([prompt_id, device]).encode(),
-                lambda seq: self.inbox.put(_Started(seq, prompt_id, device))):
-            return
-        if self.staging is not None:  # full: in order behind the prompt's accept, but not crash-safe
-            self.inbox.put(_Started(None, prompt_id, device))
+        if self.staging is not None:
+            if not self.staging.append(START, json.dumps([prompt_id, device]).encode(),
+                                       lambda seq: self.inbox.put(_Started(seq, prompt_id, device))):
+                self.inbox.put(_Started(None, prompt_id, device))  # full: behind its accept, but not crash-safe
             return
         try:
             self.journal.started(prompt_id, device)
@@ -184,7 +182,7 @@ class JournalWriter:
     def _commit_loop_batch(self) -> None:
         batch, self.loop_batch = self.loop_batch, []
         for start in range(0, len(batch), MAX_ROWS_PER_STATEMENT):
-            self._accept_statement([_Accept(*entry) for entry in batch[start:start + MAX_ROWS_PER_STATEMENT]])
+            self._accept_statement(batch[start:start + MAX_ROWS_PER_STATEMENT])
 
     # -- consumers: workers and a clean exit ------------------------------------------------------------------
     def wait_stored(self, prompt_id: str, timeout: float = STORED_WAIT_S) -> bool:
@@ -220,16 +218,20 @@ class JournalWriter:
 
     def _write(self, entries: list[_Entry]) -> None:
         """In order: staged accepts and starts gather into one INSERT and one UPDATE (a start after its accept),
-        everything else waits until those are written."""
+        prompts put from other threads without the staging log into INSERTs of their own; everything else waits
+        until those are written."""
         rows: list[_Staged] = []
         starts: dict[str, int] = {}
+        accepts: list[_Accept] = []
         seq = 0
 
         def written() -> None:
-            nonlocal rows, starts
+            nonlocal rows, starts, accepts
             if rows or starts:
                 self._store_staged(rows, starts, seq)
-            rows, starts = [], {}
+            for start in range(0, len(accepts), MAX_ROWS_PER_STATEMENT):
+                self._accept_statement(accepts[start:start + MAX_ROWS_PER_STATEMENT])
+            rows, starts, accepts = [], {}, []
 
         for entry in entries:
             if isinstance(entry, _Staged):
@@ -240,10 +242,11 @@ class JournalWriter:
                 starts[entry.prompt_id] = entry.device
                 seq = entry.seq or seq
                 continue
-            written()
             if isinstance(entry, _Accept):
-                self._accept_statement([entry])
-            elif isinstance(entry, _Forget):
+                accepts.append(entry)
+                continue
+            written()
+            if isinstance(entry, _Forget):
                 self._forget(entry)
             elif isinstance(entry, _Requeued):
                 self._requeue(entry)
