@@ -22,7 +22,7 @@ import pytest
 from comfy_parallel.durability import recovery
 from comfy_parallel.durability.journal import RUNNING, Journal, prompt_row, row_bytes
 from comfy_parallel.durability.journal_writer import JournalWriter
-from comfy_parallel.durability.staging import ACCEPT, HEADER, RECORD_HEAD, StagingLog
+from comfy_parallel.durability.staging import ACCEPT, HEADER, MAGIC, OLD_MAGIC, RECORD_HEAD, StagingLog
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,15 +44,16 @@ def reopen(path: Path, synchronous: str = "NORMAL") -> tuple[Journal, StagingLog
 
 
 def test_staged_prompts_survive_kill_9_in_order_without_secrets(tmp_path: Path) -> None:
-    """A process stages prompts, a deletion and a start, never writes SQLite, and is killed: the next start has
-    exactly the accepted prompts that were not deleted, in order, with their routes and no secret, and the started
-    one counts a crash."""
+    """A process stages prompts, a deletion, starts, history entries and a deletion of history, never writes
+    SQLite, and is killed: the next start has exactly the accepted prompts that were neither deleted nor finished,
+    in order, with their routes and no secret, the started one counts a crash, and the history entry that was not
+    deleted is there without its secret."""
     db = tmp_path / "queue.sqlite3"
     script = textwrap.dedent(f"""
         import json, sys, time
         sys.path.insert(0, {str(REPO)!r})
-        from comfy_parallel.durability.journal import RUNNING, Journal, prompt_row, row_bytes
-        from comfy_parallel.durability.staging import ACCEPT, FORGET, START, StagingLog
+        from comfy_parallel.durability.journal import Journal, finish_bytes, history_json, prompt_row, row_bytes
+        from comfy_parallel.durability.staging import ACCEPT, FINISH, FORGET, FORGET_HISTORY, START, StagingLog
         Journal({str(db)!r})  # the store exists; nothing is ever written to it
         log = StagingLog({str(db)!r} + ".staging")
         for n in range(5):
@@ -60,6 +61,11 @@ def test_staged_prompts_survive_kill_9_in_order_without_secrets(tmp_path: Path) 
             log.append(ACCEPT, row_bytes(prompt_row(str(n % 2), item, time.time())), lambda seq: None)
         log.append(FORGET, json.dumps(["p3"]).encode(), lambda seq: None)
         log.append(START, json.dumps(["p1", 1]).encode(), lambda seq: None)
+        log.append(START, json.dumps(["p2", 0]).encode(), lambda seq: None)
+        entry = {{"prompt": [2, "p2", {{}}, {{"api_key_comfy_org": "secret"}}, ["1"]], "outputs": {{}}}}
+        log.append(FINISH, finish_bytes("p2", history_json(entry), []), lambda seq: None)
+        log.append(FINISH, finish_bytes("p4", history_json({{"outputs": {{}}}}), []), lambda seq: None)
+        log.append(FORGET_HISTORY, json.dumps(["p4"]).encode(), lambda seq: None)
         print("staged", flush=True)
         time.sleep(600)
     """)
@@ -72,14 +78,15 @@ def test_staged_prompts_survive_kill_9_in_order_without_secrets(tmp_path: Path) 
     assert proc.returncode == -signal.SIGKILL
     journal, staging = reopen(db)
     stored = journal.unfinished()
-    assert [(p.prompt_id, p.route) for p in stored] == [("p0", "0"), ("p1", "1"), ("p2", "0"), ("p4", "0")]
+    assert [(p.prompt_id, p.route) for p in stored] == [("p0", "0"), ("p1", "1")]
     assert all(p.dropped_keys == ("api_key_comfy_org",) and "secret" not in json.dumps(p.item) for p in stored)
     assert [(p.prompt_id, p.state, p.device) for p in stored if p.device is not None] == [("p1", RUNNING, 1)]
-    assert staging is not None and staging.left == [] and staging.moved_seq == 7
+    assert history(journal) == ["p2"] and "secret" not in json.dumps(journal.history_entry("p2"))
+    assert staging is not None and staging.left == [] and staging.moved_seq == 11
     assert journal.count_crash() == ["p1"]
     journal.close()
     again, _ = reopen(db)  # applied once: a second start finds them in SQLite only
-    assert [p.prompt_id for p in again.unfinished()] == ["p0", "p1", "p2", "p4"]
+    assert [p.prompt_id for p in again.unfinished()] == ["p0", "p1"] and history(again) == ["p2"]
 
 
 def test_a_record_torn_by_a_death_mid_copy_is_never_read(tmp_path: Path) -> None:
@@ -118,6 +125,50 @@ def test_the_log_starts_over_once_everything_is_in_sqlite_and_refuses_what_does_
     assert [r.seq for r in StagingLog(tmp_path / "s").left][0] == 2  # seq 1 moved; 2.. the chain
 
 
+def test_a_full_region_goes_on_in_the_other_once_sqlite_has_it_and_a_start_reads_both(tmp_path: Path) -> None:
+    """Under a steady load some record is nearly always waiting, so the log never starts over at the front: the
+    records go on in the other region, never over a record SQLite lacks, and a start reads them in order."""
+    path = tmp_path / "s"
+    log = StagingLog(path, size=4096)
+    (front0, end0), (front1, end1) = log.regions
+    seqs = []
+    while log.region == 0:  # region 1 holds nothing unmoved: the records go on there
+        seqs.append(log.append(ACCEPT, b"x" * 300, lambda seq: None))
+    assert log.offset <= end1 and log.offset - 320 == front1
+    log.moved(2)  # SQLite has 1 and 2, not 3.. in region 0
+    while (seq := log.append(ACCEPT, b"y" * 300, lambda seq: None)) is not None:
+        seqs.append(seq)
+    assert log.region == 1  # region 0 still holds records SQLite lacks: refused, not written over
+    assert [r.seq for r in StagingLog(path, size=4096).left] == seqs[2:]
+    log.moved(seqs[-1] - 1)  # region 0 is all in SQLite now: the next record goes to its front
+    seqs.append(log.append(ACCEPT, b"z" * 300, lambda seq: None))
+    assert log.region == 0 and log.offset == front0 + 320
+    left = StagingLog(path).left  # grown to the default size: read as it was laid out
+    assert [(r.seq, r.payload[:1]) for r in left] == [(seqs[-2], b"y"), (seqs[-1], b"z")]
+
+
+def test_a_log_of_the_one_region_layout_is_read_then_laid_out_anew(tmp_path: Path) -> None:
+    """A log written before the two regions (``CPSTAGE1``, one chain from the front that may run past the middle) is
+    applied at the start; the first new record lays the file out anew, so nothing of the old chain comes back."""
+    db = tmp_path / "queue.sqlite3"
+    path = Path(f"{db}.staging")
+    old = StagingLog(path, size=1024)
+    old.map[:8] = OLD_MAGIC
+    offset = HEADER
+    for n in range(4):  # past the middle of the file
+        payload = row_bytes(prompt_row("0", item(n), 0.0))
+        old.map[offset:offset + RECORD_HEAD.size] = RECORD_HEAD.pack(len(payload), ACCEPT, n + 1)
+        old.map[offset + RECORD_HEAD.size:offset + RECORD_HEAD.size + len(payload)] = payload
+        offset += RECORD_HEAD.size + ((len(payload) + 7) & ~7)
+    assert offset > old.regions[1][0]
+    old.close()
+    journal, staging = reopen(db)
+    assert [p.prompt_id for p in journal.unfinished()] == [f"p{n}" for n in range(4)]
+    assert staging is not None and staging.moved_seq == 4
+    stage(staging, 9)
+    assert staging.map[:8] == MAGIC and [r.seq for r in StagingLog(path).left] == [5]
+
+
 def test_full_mode_applies_a_left_log_then_does_without_it(tmp_path: Path) -> None:
     """synchronous=FULL answers after SQLite's fsync, so it uses no staging log; one a NORMAL run left is applied
     and removed."""
@@ -142,9 +193,14 @@ class BlockingJournal(Journal):
         super().accepted_rows(rows, keep_existing)
 
 
-def test_a_staged_prompt_is_queued_at_once_and_its_history_entry_waits_for_its_row(tmp_path: Path) -> None:
-    """The answer and the worker's start need no SQLite; the history entry (which ends the prompt's row) waits
-    until the row is there, or the thread's late INSERT would bring a finished prompt back."""
+def history(journal: Journal) -> list[str]:
+    return [r[0] for r in journal.conn.execute("SELECT prompt_id FROM history ORDER BY seq")]
+
+
+def test_a_prompts_whole_life_is_staged_and_written_in_order(tmp_path: Path) -> None:
+    """The answer, the worker's start and its history entry need no SQLite; the thread then writes them in the
+    order they happened: a prompt accepted and finished while the thread was behind never gets a row, one finished
+    later loses its row with its history entry, and a deletion is never undone by a late INSERT."""
     db = tmp_path / "queue.sqlite3"
     journal = BlockingJournal(db)
     staging = recovery.open_staging(journal, "NORMAL")
@@ -152,21 +208,48 @@ def test_a_staged_prompt_is_queued_at_once_and_its_history_entry_waits_for_its_r
     placed: list[bool] = []
     assert writer.accept("1", item(1), placed.append) is None  # durable already: the answer need not wait
     writer.started("p1", 1)  # staged too: the worker does not wait
-    assert placed == [True] and journal.count() == 0
-    assert writer.wait_stored("p1", timeout=0.05) is False  # its history entry would find no row
-    waiter = threading.Thread(target=writer.wait_stored, args=("p1",))
-    waiter.start()
+    writer.finished("p1", {"prompt": list(item(1)), "outputs": {}, "status": None}, [])  # nor for this
+    assert writer.accept("0", item(2), placed.append) is None
+    writer.started("p2", 0)
+    assert placed == [True, True] and journal.count() == 0 and history(journal) == []
     journal.release.set()
-    waiter.join(30)
-    assert not waiter.is_alive() and writer.wait_stored("p1", timeout=0) is True
     assert writer.flush()
-    assert [(p.prompt_id, p.state, p.device) for p in journal.unfinished()] == [("p1", RUNNING, 1)]
-    writer.requeued(["p1"])  # out of memory: it runs again, so it is not running now
-    writer.accept("0", item(2), placed.append)
-    writer.forget(["p2"])  # deleted right after it was accepted: it must not come back from the thread's insert
+    assert [(p.prompt_id, p.state, p.device) for p in journal.unfinished()] == [("p2", RUNNING, 0)]
+    assert history(journal) == ["p1"]
+    assert "secret" not in json.dumps(journal.history_entry("p1"))
+    writer.requeued(["p2"])  # out of memory: it runs again, so it is not running now
+    assert writer.flush() and [(p.prompt_id, p.state) for p in journal.unfinished()] == [("p2", "queued")]
+    writer.finished("p2", {"prompt": list(item(2)), "outputs": {}, "status": None}, ["p1"])
+    writer.accept("0", item(3), placed.append)
+    writer.forget(["p3"])  # deleted right after it was accepted: it must not come back from the thread's insert
+    writer.forget_history(["p2"])
     assert writer.flush()
-    assert [(p.prompt_id, p.state) for p in journal.unfinished()] == [("p1", "queued")] and staging is not None
-    assert staging.moved_seq == staging.last_seq == 4
+    assert journal.unfinished() == [] and history(journal) == ["p1"]  # p1's eviction waits for 100 more
+    assert staging is not None and staging.moved_seq == staging.last_seq == 9
+
+
+def test_a_prompt_id_used_again_keeps_its_order_within_one_batch(tmp_path: Path) -> None:
+    """ComfyUI lets a client send a prompt id again once it finished: the second prompt's row must survive the
+    first one's history entry, though the thread writes both in one go."""
+    journal = BlockingJournal(tmp_path / "queue.sqlite3")
+    writer = JournalWriter(journal, None, recovery.open_staging(journal, "NORMAL"))
+    placed: list[bool] = []
+    writer.accept("0", item(1, "same"), placed.append)
+    writer.finished("same", {"prompt": list(item(1, "same")), "outputs": {}, "status": None}, [])
+    writer.accept("1", item(2, "same"), placed.append)
+    journal.release.set()
+    assert writer.flush()
+    assert [(p.prompt_id, p.route) for p in journal.unfinished()] == [("same", "1")] and history(journal) == ["same"]
+
+
+def test_a_history_entry_that_does_not_fit_is_written_before_the_worker_goes_on(tmp_path: Path) -> None:
+    """No room in the staging log: the worker waits until the thread has written the entry, behind its row."""
+    journal = Journal(tmp_path / "queue.sqlite3")
+    writer = JournalWriter(journal, None, StagingLog(tmp_path / "queue.sqlite3.staging", size=4096))
+    placed: list[bool] = []
+    assert writer.accept("0", item(1), placed.append) is None
+    writer.finished("p1", {"prompt": list(item(1)), "outputs": {"9": {"text": ["x" * 8000]}}, "status": None}, [])
+    assert history(journal) == ["p1"] and journal.unfinished() == []
 
 
 def test_a_prompt_that_cannot_be_stored_is_refused_and_not_queued(tmp_path: Path) -> None:

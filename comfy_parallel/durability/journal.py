@@ -47,7 +47,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .staging import ACCEPT, START
+from .staging import ACCEPT, FINISH, FORGET_HISTORY, START
 
 # WARNING: mirrors ComfyUI's execution.SENSITIVE_EXTRA_DATA_KEYS (0.3.52-0.33.0); a key added upstream and not
 # here would be written to disk in clear by items that carry secrets in extra_data.
@@ -120,6 +120,11 @@ def prompt_row(route: str, item: tuple, now: float) -> tuple:
             now)
 
 
+def history_json(entry: dict) -> str:
+    """A history entry as the store keeps it: JSON, its prompt's secrets removed."""
+    return json.dumps(public_entry(entry), default=str)
+
+
 def row_bytes(row: tuple) -> bytes:
     """A ``prompt_row`` as the staging log keeps it: the small fields as JSON, a newline, the item's JSON as is
     (JSON text has no raw newline, so the item is not encoded twice)."""
@@ -132,6 +137,18 @@ def row_from_bytes(data: bytes) -> tuple:
     prompt_id, route, number, dropped, accepted_at = json.loads(head)
     json.loads(item)  # a record the kernel did not keep whole (a power loss) is refused, not stored
     return (prompt_id, route, number, QUEUED, 0, item.decode(), dropped, accepted_at)
+
+
+def finish_bytes(prompt_id: str, entry_json: str, evicted: Sequence[str]) -> bytes:
+    """A history entry as the staging log keeps it: id and evicted ids as JSON, a newline, the entry's JSON."""
+    return json.dumps([prompt_id, list(evicted)]).encode() + b"\n" + entry_json.encode()
+
+
+def finish_from_bytes(data: bytes) -> tuple[str, str, list[str]]:
+    head, _, entry = data.partition(b"\n")
+    prompt_id, evicted = json.loads(head)
+    json.loads(entry)  # a record the kernel did not keep whole (a power loss) is refused, not stored
+    return str(prompt_id), entry.decode(), [str(p) for p in evicted]
 
 
 def _number_key(number: Any) -> float:
@@ -259,19 +276,27 @@ class Journal:
                         (QUEUED, *chunk))
 
     def finished(self, prompt_id: str, entry: dict, evicted: Iterable[str] = ()) -> None:
-        """One statement (the ``finished`` trigger): the history entry is written and the prompt leaves the queue.
+        """The history entry is written and the prompt leaves the queue (the ``finished`` trigger), one statement."""
+        self.finished_many([(prompt_id, history_json(entry))], evicted)
+
+    def finished_many(self, entries: Sequence[tuple[str, str]], evicted: Iterable[str] = ()) -> None:
+        """History entries ``(prompt id, history_json)`` in the order they finished, ``MAX_ROWS_PER_STATEMENT`` a
+        statement; each also ends its prompt's row (the ``finished`` trigger).
 
         The ``evicted`` entries (beyond ComfyUI's history limit: one per prompt once it is reached) are deleted
         ``MAX_ROWS_PER_STATEMENT`` at a time, not one statement each; until then the store holds a few more than
         the limit, which ``history_ids`` trims at the next start.
         """
-        encoded = json.dumps(public_entry(entry), default=str)
         with self._evicting:
-            self._evicted.discard(prompt_id)
+            self._evicted.difference_update(prompt_id for prompt_id, _ in entries)
             self._evicted.update(str(p) for p in evicted)
             due = list(self._evicted) if len(self._evicted) >= MAX_ROWS_PER_STATEMENT else []
             self._evicted.difference_update(due)
-        self._write("INSERT OR REPLACE INTO history (prompt_id, entry) VALUES (?, ?)", (prompt_id, encoded))
+        for start in range(0, len(entries), MAX_ROWS_PER_STATEMENT):
+            chunk = entries[start:start + MAX_ROWS_PER_STATEMENT]
+            values = ", ".join(["(?, ?)"] * len(chunk))
+            self._write(f"INSERT OR REPLACE INTO history (prompt_id, entry) VALUES {values}",
+                        [value for row in chunk for value in row])
         if due:
             self.forget_history(due)
 
@@ -292,7 +317,8 @@ class Journal:
     def apply_staged(self, operations: Sequence[tuple[int, Any]]) -> None:
         """The staging log's records of the last run (``recovery.apply_staged``), in order, in one transaction:
         ``(ACCEPT, row)`` an accepted prompt (a prompt already stored keeps its row), ``(START, (id, device))`` a
-        worker took it, ``(FORGET, ids)`` deleted prompts."""
+        worker took it, ``(FORGET, ids)`` deleted prompts, ``(FINISH, (id, entry JSON, evicted ids))`` a history
+        entry, ``(FORGET_HISTORY, ids or None)`` deleted history entries."""
         with self.lock, self._transaction():
             for kind, value in operations:
                 if kind == ACCEPT:
@@ -301,10 +327,22 @@ class Journal:
                     prompt_id, device = value
                     self.conn.execute("UPDATE prompts SET state = ?, device = ? WHERE prompt_id = ?",
                                       (RUNNING, device, prompt_id))
+                elif kind == FINISH:
+                    prompt_id, entry, evicted = value
+                    self.conn.execute("INSERT OR REPLACE INTO history (prompt_id, entry) VALUES (?, ?)",
+                                      (prompt_id, entry))
+                    self._delete("history", evicted)
+                elif kind == FORGET_HISTORY:
+                    if value is None:
+                        self.conn.execute("DELETE FROM history")
+                    else:
+                        self._delete("history", value)
                 else:
-                    for chunk in _chunks(value):
-                        self.conn.execute(f"DELETE FROM prompts WHERE prompt_id IN ({', '.join('?' * len(chunk))})",
-                                          chunk)
+                    self._delete("prompts", value)
+
+    def _delete(self, table: str, prompt_ids: Iterable[str]) -> None:
+        for chunk in _chunks(prompt_ids):
+            self.conn.execute(f"DELETE FROM {table} WHERE prompt_id IN ({', '.join('?' * len(chunk))})", chunk)
 
     def unfinished(self) -> list[StoredPrompt]:
         """Every prompt in the store, in queue order: number, then prompt id (the order of ComfyUI's heap)."""

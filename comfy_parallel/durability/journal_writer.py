@@ -1,28 +1,28 @@
-"""Accepted prompts reach the write-ahead queue: into the staging log at once, into SQLite on this module's thread.
+"""What the write-ahead queue stores reaches it: into the staging log at once, into SQLite on this module's thread.
 
 Every SQLite statement gives up the GIL, and the thread that gave it up then waits for it behind busy worker threads:
 10-25 ms a statement beside one to three spinning threads on a 16-core host (``bench/gil_handover.py``). Measured
 there (``bench/results/crash_safe_queue_device.md``, run 3), against the accepted prompts per second without a
 store: one INSERT per request in its handler -38%; one INSERT per event-loop pass, the answer waiting for it
 (this module until then) -17% (-59% in run 2); the same without the wait -15%; a copy into the memory-mapped
-staging log and the INSERT on a thread -6%. The store as shipped (runs 5 and 6, 38 rounds): -2%, where the
-store as it was before cost 41-60% of the mean rate.
+staging log and the INSERT on a thread -6%. On a 2-core host the SQLite statements cost nothing measurable
+(``--variant no_sqlite``, ``bench/results/crash_safe_queue_cpu_variants.md``), but every wake-up of
+this thread does: it then competes for the GIL with the event loop.
 
-So with ``synchronous=NORMAL`` (``staging.py`` says why that is as safe) the handler copies the prompt into the
-staging log, queues it, and answers; no system call on the event loop. A worker records a prompt's start the same
-way (``started``): a crash from then on counts for the prompt, and the worker never waits for SQLite before it runs
-it. Deletions from the queue (``forget``) take the same path. This thread then writes what was staged to SQLite in
-order, one INSERT and one UPDATE for whatever arrived since its last batch, and marks it moved in the log. (Waiting
-5 ms after each wake-up to write larger batches was measured too: no difference beyond the benchmark's noise, so
-the thread writes as soon as it wakes.) A worker writes a prompt's history entry itself, which also takes the
-prompt out of SQLite, so it first waits until the prompt's row is there (``wait_stored``; by then it nearly always
-is): a finished prompt's row never comes back.
+So with ``synchronous=NORMAL`` (``staging.py`` says why that is as safe) everything a prompt's life writes is a copy
+into the staging log, and nobody waits for SQLite: the ``POST /prompt`` handler copies the prompt in, queues it and
+answers (``accept``); a worker records the prompt's start (``started``: a crash from then on counts for it) and its
+history entry (``finished``, which also ends its row) the same way; deletions from the queue and from history
+(``forget``, ``forget_history``) too. This thread then writes what was staged to SQLite in order, in gathered
+batches: after its first entry it waits ``GATHER_S`` for more (or less, when someone waits for it or the log is
+filling), then writes one INSERT of accepted prompts, one UPDATE of starts and one INSERT of history entries, and
+marks them moved in the log. A prompt accepted and finished within one batch never gets a row at all.
 
 Without the staging log (``synchronous=FULL``, whose fsync the answer must wait for, or a record that does not
-fit) the answer waits for SQLite: on the event loop, one statement per loop pass (the handlers of a pass all add
-their prompts, and the HTTP answers await the commit, ``MultiDeviceServer._handle``), and only then is the prompt
-queued, so no worker starts a prompt the store does not have; from another thread (a custom node) this module's
-thread writes it.
+fit) the writer waits for SQLite: an accepted prompt is queued only once it is stored, on the event loop with one
+statement per loop pass (the handlers of a pass all add their prompts, and the HTTP answers await the commit,
+``MultiDeviceServer._handle``), from another thread (a custom node) on this module's thread; a history entry that
+does not fit waits for this thread to write it, behind everything staged before it.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, Callable, Union
 
-from .journal import MAX_ROWS_PER_STATEMENT, prompt_row, row_bytes
-from .staging import ACCEPT, FORGET, START
+from .journal import MAX_ROWS_PER_STATEMENT, finish_bytes, history_json, prompt_row, row_bytes
+from .staging import ACCEPT, FINISH, FORGET, FORGET_HISTORY, START
 
 if TYPE_CHECKING:
     from .journal import Journal
@@ -47,12 +47,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("comfy_parallel")
 
 Place = Callable[[bool], None]  # queues a stored prompt (True), or lets go of one that could not be stored (False)
-STORED_WAIT_S = 30.0  # how long a worker waits for its prompt's row before it writes the history entry anyway
-RETRY_DELAYS_S = (0.1, 0.5, 2.0)  # a failed write of staged prompts is tried again after these
+GATHER_S = 0.05  # how long the thread gathers staged records after its first one before it writes them
+MAX_BATCH = 10 * MAX_ROWS_PER_STATEMENT  # entries the thread writes at most in one go
+STORED_WAIT_S = 30.0  # how long a worker waits for an unstaged history entry before it goes on anyway
+RETRY_DELAYS_S = (0.1, 0.5, 2.0)  # a failed write of staged records is tried again after these
 
 
 @dataclass(frozen=True)
-class _Staged:  # in the staging log and queued already; its row goes to SQLite
+class _Staged:  # an accepted prompt, in the staging log and queued already; its row goes to SQLite
     seq: int
     row: tuple
 
@@ -62,6 +64,15 @@ class _Started:  # a worker took it (staged, or None: the staging log was full)
     seq: int | None
     prompt_id: str
     device: int
+
+
+@dataclass(frozen=True)
+class _Finished:  # its history entry (staged; or None, and the worker waits for ``done``)
+    seq: int | None
+    prompt_id: str
+    entry: str  # journal.history_json
+    evicted: list[str]
+    done: threading.Event | None = None
 
 
 @dataclass(frozen=True)
@@ -78,9 +89,15 @@ class _Accept:  # not staged: stored, then placed, then its future is done
 
 
 @dataclass(frozen=True)
-class _Forget:
+class _Forget:  # deleted from the queue
     seq: int | None  # None: not in the staging log
     prompt_ids: list[str]
+
+
+@dataclass(frozen=True)
+class _ForgetHistory:  # deleted from history (None: all of it)
+    seq: int | None
+    prompt_ids: list[str] | None
 
 
 @dataclass(frozen=True)
@@ -88,7 +105,7 @@ class _Flush:
     done: threading.Event
 
 
-_Entry = Union[_Staged, _Started, _Requeued, _Accept, _Forget, _Flush]
+_Entry = Union[_Staged, _Started, _Finished, _Requeued, _Accept, _Forget, _ForgetHistory, _Flush]
 
 
 class JournalWriter:
@@ -101,13 +118,12 @@ class JournalWriter:
         self.staging = staging
         self.loop_batch: list[_Accept] = []
         self.inbox: SimpleQueue[_Entry] = SimpleQueue()  # put never blocks nor gives the GIL up
-        self.stored = threading.Condition()  # workers wait on it for their prompt's row; the loop never takes it
-        self.unstored: set[str] = set()  # staged and queued, not in SQLite yet
+        self.urgent = threading.Event()  # someone waits for the thread, or the log fills: write without gathering
         self.staging_full_logged = False
         self.thread = threading.Thread(target=self._run, name="comfy-parallel-journal", daemon=True)
         self.thread.start()
 
-    # -- producers: the event loop, and any other thread --------------------------------------------------------
+    # -- producers: the event loop, workers, any other thread ---------------------------------------------------
     def accept(self, route: str, item: tuple, place: Place) -> "Future | asyncio.Future | None":
         """Store ``item`` with ``route`` and ``place`` it (queue or pool it). None: both happened, the prompt is
         in the staging log. Otherwise a future, done once it is in SQLite and placed (or failed: then
@@ -118,12 +134,9 @@ class JournalWriter:
             except (TypeError, ValueError) as err:
                 place(False)
                 return self._failed(err)
-            prompt_id = row[0]
-            self.unstored.add(prompt_id)  # before the thread can see it, which takes it out again
-            if self.staging.append(ACCEPT, row_bytes(row), lambda seq: self.inbox.put(_Staged(seq, row))):
+            if self._stage(ACCEPT, row_bytes(row), lambda seq: _Staged(seq, row)):
                 place(True)
                 return None
-            self.unstored.discard(prompt_id)
             self._log_staging_full()
         if self.loop is not None and _running_loop() is self.loop:
             loop_future: asyncio.Future = self.loop.create_future()
@@ -132,7 +145,7 @@ class JournalWriter:
             self.loop_batch.append(_Accept(route, item, place, loop_future))
             return loop_future
         future: Future = Future()
-        self.inbox.put(_Accept(route, item, place, future))
+        self._put_urgent(_Accept(route, item, place, future))
         return future
 
     def forget(self, prompt_ids: list[str]) -> None:
@@ -141,15 +154,15 @@ class JournalWriter:
             self.journal.forget_prompts(prompt_ids)
             return
         ids = [str(p) for p in prompt_ids]
-        if not self.staging.append(FORGET, json.dumps(ids).encode(), lambda seq: self.inbox.put(_Forget(seq, ids))):
+        if not self._stage(FORGET, json.dumps(ids).encode(), lambda seq: _Forget(seq, ids)):
             self.inbox.put(_Forget(None, ids))
 
     def started(self, prompt_id: str, device: int) -> None:
         """A worker took ``prompt_id`` on ``device``: from now on a crash counts for it. Staged at once; without
         the staging log, written to SQLite before the worker goes on."""
         if self.staging is not None:
-            if not self.staging.append(START, json.dumps([prompt_id, device]).encode(),
-                                       lambda seq: self.inbox.put(_Started(seq, prompt_id, device))):
+            if not self._stage(START, json.dumps([prompt_id, device]).encode(),
+                               lambda seq: _Started(seq, prompt_id, device)):
                 self.inbox.put(_Started(None, prompt_id, device))  # full: behind its accept, but not crash-safe
             return
         try:
@@ -158,9 +171,53 @@ class JournalWriter:
             log.error("comfy-parallel: start of %s not written to %s (%s: %s)", prompt_id, self.journal.path,
                       type(err).__name__, err)
 
+    def finished(self, prompt_id: str, entry: dict, evicted: list[str]) -> None:
+        """A worker's history entry for ``prompt_id`` (which ends its row); ``evicted``: entries beyond the
+        history limit. Staged, or written before this returns; raises if it cannot be encoded or written."""
+        encoded = history_json(entry)
+        if self.staging is None:  # its row was written before it was queued
+            self.journal.finished_many([(prompt_id, encoded)], evicted)
+            return
+        if self._stage(FINISH, finish_bytes(prompt_id, encoded, evicted),
+                       lambda seq: _Finished(seq, prompt_id, encoded, evicted)):
+            return
+        done = threading.Event()  # full: written by the thread, behind its prompt's row
+        self._put_urgent(_Finished(None, prompt_id, encoded, evicted, done))
+        if not done.wait(STORED_WAIT_S):
+            log.error("comfy-parallel: the history entry of %s is still not written to %s after %.0f s; a restart "
+                      "may run it again", prompt_id, self.journal.path, STORED_WAIT_S)
+
+    def forget_history(self, prompt_ids: list[str] | None) -> None:
+        """History entries a client deleted (None: all of them), after every entry written before."""
+        if self.staging is None:
+            self.journal.forget_history(prompt_ids)
+            return
+        ids = None if prompt_ids is None else [str(p) for p in prompt_ids]
+        if not self._stage(FORGET_HISTORY, json.dumps(ids).encode(), lambda seq: _ForgetHistory(seq, ids)):
+            self.inbox.put(_ForgetHistory(None, ids))
+
     def requeued(self, prompt_ids: list[str]) -> None:
         """Running prompts that will run again (after out of memory): queued, behind their start."""
         self.inbox.put(_Requeued([str(p) for p in prompt_ids]))
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until the thread has written what it was handed (before a clean exit); False if that took too long."""
+        done = threading.Event()
+        self._put_urgent(_Flush(done))
+        return done.wait(timeout)
+
+    def _stage(self, kind: int, payload: bytes, entry: Callable[[int], _Entry]) -> bool:
+        """Into the staging log and the thread's inbox, in sequence order; False: it does not fit."""
+        assert self.staging is not None
+        if self.staging.append(kind, payload, lambda seq: self.inbox.put(entry(seq))) is None:
+            return False
+        if self.staging.filling:
+            self.urgent.set()
+        return True
+
+    def _put_urgent(self, entry: _Entry) -> None:
+        self.inbox.put(entry)
+        self.urgent.set()
 
     def _failed(self, err: Exception) -> "Future | asyncio.Future":
         if self.loop is not None and _running_loop() is self.loop:
@@ -176,7 +233,7 @@ class JournalWriter:
             assert self.staging is not None
             self.staging_full_logged = True
             log.warning("comfy-parallel: the staging log %s is full (the journal thread is behind, or a prompt is "
-                        "larger than the log); until it has room, POST /prompt answers wait for SQLite (logged "
+                        "larger than half the log); until it has room, POST /prompt answers wait for SQLite (logged "
                         "once)", self.staging.path)
 
     def _commit_loop_batch(self) -> None:
@@ -184,62 +241,58 @@ class JournalWriter:
         for start in range(0, len(batch), MAX_ROWS_PER_STATEMENT):
             self._accept_statement(batch[start:start + MAX_ROWS_PER_STATEMENT])
 
-    # -- consumers: workers and a clean exit ------------------------------------------------------------------
-    def wait_stored(self, prompt_id: str, timeout: float = STORED_WAIT_S) -> bool:
-        """Until ``prompt_id``'s row is in SQLite (a worker, before it writes the prompt's history entry)."""
-        if prompt_id not in self.unstored:
-            return True
-        with self.stored:
-            ok = self.stored.wait_for(lambda: prompt_id not in self.unstored, timeout)
-        if not ok:
-            log.error("comfy-parallel: %s is still not written to %s after %.0f s; its history entry is written "
-                      "anyway, and a restart may run it again", prompt_id, self.journal.path, timeout)
-        return ok
-
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until the thread has written what it was handed (before a clean exit); False if that took too long."""
-        done = threading.Event()
-        self.inbox.put(_Flush(done))
-        return done.wait(timeout)
-
     # -- the thread -------------------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             entries = [self.inbox.get()]
-            while len(entries) < 10 * MAX_ROWS_PER_STATEMENT:
+            if not self.urgent.is_set():
+                self.urgent.wait(GATHER_S)
+            self.urgent.clear()
+            while len(entries) < MAX_BATCH:
                 try:
                     entries.append(self.inbox.get_nowait())
                 except Empty:
                     break
             try:
                 self._write(entries)
-            except Exception:  # a bug here must not stop the thread: every later prompt would wait for it
+            except Exception:  # a bug here must not stop the thread: every later write would wait for it
                 log.exception("comfy-parallel: the journal thread failed on %d entries", len(entries))
 
     def _write(self, entries: list[_Entry]) -> None:
-        """In order: staged accepts and starts gather into one INSERT and one UPDATE (a start after its accept),
-        prompts put from other threads without the staging log into INSERTs of their own; everything else waits
-        until those are written."""
-        rows: list[_Staged] = []
+        """In order: staged accepts, starts and history entries gather into one statement each (a prompt
+        accepted and finished in the gathering gets no row), prompts put from other threads without the staging
+        log into INSERTs of their own; everything else waits until those are written."""
+        rows: dict[str, _Staged] = {}
         starts: dict[str, int] = {}
+        finishes: list[_Finished] = []
+        ended: set[str] = set()
         accepts: list[_Accept] = []
         seq = 0
 
         def written() -> None:
-            nonlocal rows, starts, accepts
-            if rows or starts:
-                self._store_staged(rows, starts, seq)
+            nonlocal rows, starts, finishes, ended, accepts
+            if rows or starts or finishes:
+                self._store_staged([e.row for pid, e in rows.items() if pid not in ended],
+                                   {pid: d for pid, d in starts.items() if pid not in ended}, finishes, seq)
             for start in range(0, len(accepts), MAX_ROWS_PER_STATEMENT):
                 self._accept_statement(accepts[start:start + MAX_ROWS_PER_STATEMENT])
-            rows, starts, accepts = [], {}, []
+            rows, starts, finishes, ended, accepts = {}, {}, [], set(), []
 
         for entry in entries:
             if isinstance(entry, _Staged):
-                rows.append(entry)
+                prompt_id = entry.row[0]
+                if prompt_id in rows or prompt_id in ended:  # a prompt id used again: the earlier one first
+                    written()
+                rows[prompt_id] = entry
                 seq = entry.seq
                 continue
             if isinstance(entry, _Started):
                 starts[entry.prompt_id] = entry.device
+                seq = entry.seq or seq
+                continue
+            if isinstance(entry, _Finished):
+                finishes.append(entry)
+                ended.add(entry.prompt_id)
                 seq = entry.seq or seq
                 continue
             if isinstance(entry, _Accept):
@@ -248,35 +301,40 @@ class JournalWriter:
             written()
             if isinstance(entry, _Forget):
                 self._forget(entry)
+            elif isinstance(entry, _ForgetHistory):
+                self._forget_history(entry)
             elif isinstance(entry, _Requeued):
                 self._requeue(entry)
             else:
                 entry.done.set()
         written()
 
-    def _store_staged(self, rows: list[_Staged], starts: dict[str, int], seq: int) -> None:
-        """Rows, then starts; then the log is marked (a restart must not bring back a prompt that finished), and
-        only then may workers write the history entries that end those rows."""
+    def _store_staged(self, rows: list[tuple], starts: dict[str, int], finishes: list[_Finished], seq: int) -> None:
+        """Rows, then starts, then history entries (which end their rows); then the log is marked: a restart must
+        not bring back a prompt that finished."""
         for delay in (*RETRY_DELAYS_S, None):
             try:
                 for start in range(0, len(rows), MAX_ROWS_PER_STATEMENT):
-                    self.journal.accepted_rows([e.row for e in rows[start:start + MAX_ROWS_PER_STATEMENT]])
+                    self.journal.accepted_rows(rows[start:start + MAX_ROWS_PER_STATEMENT])
                 if starts:
                     self.journal.started_many(starts)
+                if finishes:
+                    self.journal.finished_many([(f.prompt_id, f.entry) for f in finishes],
+                                               [p for f in finishes for p in f.evicted])
                 break
             except Exception as err:
                 if delay is None:
-                    log.error("comfy-parallel: %d accepted prompts and %d starts could not be written to %s (%s: %s); "
-                              "they run, but a crash before they end loses them: %s", len(rows), len(starts),
-                              self.journal.path, type(err).__name__, err, ", ".join(e.row[0] for e in rows))
+                    log.error("comfy-parallel: %d accepted prompts, %d starts and %d history entries could not be "
+                              "written to %s (%s: %s); they run, but a crash before they end loses them: %s",
+                              len(rows), len(starts), len(finishes), self.journal.path, type(err).__name__, err,
+                              ", ".join(row[0] for row in rows))
                 else:
                     time.sleep(delay)
         if seq and self.staging is not None:
             self.staging.moved(seq)
-        if rows:
-            with self.stored:
-                self.unstored.difference_update(e.row[0] for e in rows)
-                self.stored.notify_all()
+        for f in finishes:
+            if f.done is not None:
+                f.done.set()
 
     def _requeue(self, entry: _Requeued) -> None:
         try:
@@ -291,6 +349,16 @@ class JournalWriter:
         except Exception as err:  # they would run again after a restart
             log.error("comfy-parallel: deleted prompts %s could not be taken out of %s (%s: %s)",
                       ", ".join(entry.prompt_ids), self.journal.path, type(err).__name__, err)
+        if entry.seq is not None and self.staging is not None:
+            self.staging.moved(entry.seq)
+
+    def _forget_history(self, entry: _ForgetHistory) -> None:
+        try:
+            self.journal.forget_history(entry.prompt_ids)
+        except Exception as err:  # they would come back after a restart
+            log.error("comfy-parallel: deleted history entries %s could not be taken out of %s (%s: %s)",
+                      "(all)" if entry.prompt_ids is None else ", ".join(entry.prompt_ids), self.journal.path,
+                      type(err).__name__, err)
         if entry.seq is not None and self.staging is not None:
             self.staging.moved(entry.seq)
 

@@ -1,7 +1,8 @@
 """At start: the history and the unfinished prompts of the write-ahead queue (``journal.py``) come back.
 
-The staging log first (``staging.py``): the prompts the last run accepted and had not written to SQLite yet go
-there, and prompts it deleted from the queue leave it, in the order they happened. Then history, before the HTTP
+The staging log first (``staging.py``): what the last run staged and had not written to SQLite yet goes there, in
+the order it happened: accepted prompts, starts, deletions from the queue, history entries (each ending its
+prompt's row) and deletions of history. Then history, before the HTTP
 listener serves ``/history``: the ids of the stored entries, which
 ``GET /history/{id}`` answers from the store (the ``/history`` listing starts empty, as stock's; see
 ``queues.History``). Then, before the workers start, every unfinished prompt is queued again through the queues'
@@ -24,8 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..scheduling.queues import MAXIMUM_HISTORY_SIZE
-from .journal import RUNNING, Journal, StoredPrompt, as_queue_item, row_from_bytes
-from .staging import ACCEPT, FORGET, START, StagingLog
+from .journal import RUNNING, Journal, StoredPrompt, as_queue_item, finish_from_bytes, row_from_bytes
+from .staging import ACCEPT, FINISH, FORGET, FORGET_HISTORY, START, StagingLog
 
 if TYPE_CHECKING:
     from ..scheduling.queues import DeviceQueues
@@ -106,21 +107,25 @@ def apply_staged(journal: Journal, staging: StagingLog) -> int:
                 operations.append((START, (str(prompt_id), int(device))))
             elif record.kind == FORGET:
                 operations.append((FORGET, [str(p) for p in json.loads(record.payload)]))
+            elif record.kind == FINISH:
+                operations.append((FINISH, finish_from_bytes(record.payload)))
+            elif record.kind == FORGET_HISTORY:
+                ids = json.loads(record.payload)
+                operations.append((FORGET_HISTORY, None if ids is None else [str(p) for p in ids]))
             else:
                 raise ValueError(f"unknown kind {record.kind} (written by a newer comfy-parallel?)")
         except (ValueError, TypeError) as err:  # a power loss can leave a record half there
             log.error("comfy-parallel: staged record %d in %s cannot be read (%s: %s); it is left out",
                       record.seq, staging.path, type(err).__name__, err)
     journal.apply_staged(operations)
-    accepted = sum(kind == ACCEPT for kind, _ in operations)
-    starts = sum(kind == START for kind, _ in operations)
+    counts = {kind: sum(k == kind for k, _ in operations) for kind in (ACCEPT, START, FORGET, FINISH, FORGET_HISTORY)}
     if staging.left:
         staging.moved(staging.left[-1].seq)
-        log.info("comfy-parallel: %d prompts accepted, %d starts and %d deletions from the queue in the last run's "
-                 "staging log %s are now in %s", accepted, starts, len(operations) - accepted - starts, staging.path,
-                 journal.path)
+        log.info("comfy-parallel: %d prompts accepted, %d starts, %d deletions from the queue, %d history entries and "
+                 "%d deletions of history in the last run's staging log %s are now in %s", counts[ACCEPT],
+                 counts[START], counts[FORGET], counts[FINISH], counts[FORGET_HISTORY], staging.path, journal.path)
     staging.left = []
-    return accepted
+    return counts[ACCEPT]
 
 
 def load_history(queues: "DeviceQueues", journal: Journal, prompt_server: Any) -> int:

@@ -11,14 +11,18 @@ kernel crash loses either. So the log is used with ``synchronous=NORMAL`` (and `
 waits for SQLite's fsync as before.
 
 Layout: a 64-byte header (``MAGIC``, then at offset 8 the highest sequence number whose record is in SQLite), then
-records, each a 16-byte head (payload length, kind, sequence number) and the payload, padded to 8 bytes. Reading at
-a start follows the chain from the front: each record's number is its predecessor's plus one, and a 0 (a record
-being copied when the process died) ends it.
+two equal regions of records, each record a 16-byte head (payload length, kind, sequence number) and the payload,
+padded to 8 bytes. Records are appended in one region; when every record is in SQLite the next one starts at that
+region's front again, so under a light load the log stays in its first pages. The journal writer's thread writes
+to SQLite in gathered batches (``journal_writer.py``), so under a steady load some record is nearly always waiting;
+a region that is full then goes on at the front of the other one, which by then is wholly in SQLite (a record is
+never written over before SQLite has it). Reading at a start follows the chain from each region's front (each
+record's number is its predecessor's plus one, and a 0, a record being copied when the process died, ends it) and
+keeps the records SQLite does not have, in order.
 
-When every record is in SQLite, the next one starts at the front again, so under a steady load the log stays in its
-first pages. The file is allocated on disk in full when it is created: writing a page of a sparse file on a full
-disk would kill the process with SIGBUS. A record that does not fit (the thread is far behind, or one prompt is
-larger than the log) is not staged; its answer then waits for SQLite (``journal_writer.py``).
+The file is allocated on disk in full when it is created: writing a page of a sparse file on a full disk would kill
+the process with SIGBUS. A record that does not fit (the thread is far behind, or one prompt is larger than a
+region) is not staged; the caller then waits for SQLite (``journal_writer.py``).
 
 Plain Python (stdlib), no ComfyUI imports.
 """
@@ -34,15 +38,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-MAGIC = b"CPSTAGE1"
+MAGIC = b"CPSTAGE2"  # CPSTAGE1: one region (until 2026-11-30), read once at a start, then laid out anew
+OLD_MAGIC = b"CPSTAGE1"
 HEADER = 64
 RECORD_HEAD = struct.Struct("<IIQ")  # payload length, kind, sequence number (the last 8 bytes: written last)
 SEQ = struct.Struct("<Q")
-DEFAULT_SIZE = 32 << 20  # holds at least ~150 of the largest workflows people send (~200 KB of JSON)
+DEFAULT_SIZE = 32 << 20  # a region holds at least ~80 of the largest workflows people send (~200 KB of JSON)
 
 ACCEPT = 1  # payload: the ``prompts`` row of one accepted prompt (``journal.row_bytes``)
 FORGET = 2  # payload: JSON list of prompt ids a client deleted from the queue
 START = 3  # payload: JSON [prompt id, device index]: a worker took it (a crash from now on counts for it)
+FINISH = 4  # payload: JSON [prompt id, evicted history ids], a newline, the history entry's JSON (``journal.py``)
+FORGET_HISTORY = 5  # payload: JSON list of history entries a client deleted, or null: all of them
 
 
 @dataclass(frozen=True)
@@ -73,25 +80,47 @@ class StagingLog:
         finally:
             os.close(fd)
         self.size = size
-        if self.map[:len(MAGIC)] != MAGIC:
-            self.map[:HEADER] = MAGIC + bytes(HEADER - len(MAGIC))
-        self.moved_seq = SEQ.unpack_from(self.map, 8)[0]
-        self.left = self._read_chain()  # what the last run accepted and SQLite does not have yet
+        magic = self.map[:len(MAGIC)]
+        self.moved_seq = SEQ.unpack_from(self.map, 8)[0] if magic in (MAGIC, OLD_MAGIC) else 0
+        # What the last run accepted and SQLite does not have yet, read as that run laid the file out.
+        written_size = existing if existing > HEADER else size
+        fronts = (HEADER,) if magic == OLD_MAGIC else tuple(front for front, _ in _regions(written_size))
+        self.left = self._read_chains(fronts)
         self.last_seq = max([self.moved_seq] + [r.seq for r in self.left])
+        self.regions = _regions(size)
+        # Else laid out at the first append, once the left records are applied.
+        self.laid_out = magic == MAGIC and written_size == size
+        self.region = 0
         self.offset = HEADER
+        # The highest sequence number written into each region: a region is written again only once SQLite has
+        # every record in it. Until the left records are applied (``recovery.apply_staged``), neither is.
+        self.region_last = [self.last_seq, self.last_seq]
 
-    def _read_chain(self) -> list[Record]:
-        records: list[Record] = []
-        offset, previous = HEADER, None
-        while offset + RECORD_HEAD.size <= self.size:
-            length, kind, seq = RECORD_HEAD.unpack_from(self.map, offset)
-            end = offset + RECORD_HEAD.size + length
-            if seq == 0 or (previous is not None and seq != previous + 1) or end > self.size:
+    def _read_chains(self, fronts: tuple[int, ...]) -> list[Record]:
+        """The records after ``moved_seq`` of the chains starting at ``fronts``, in sequence order, up to a gap."""
+        found: dict[int, Record] = {}
+        for front in fronts:
+            offset, previous = front, None
+            while offset + RECORD_HEAD.size <= self.size:
+                length, kind, seq = RECORD_HEAD.unpack_from(self.map, offset)
+                end = offset + RECORD_HEAD.size + length
+                if seq == 0 or (previous is not None and seq != previous + 1) or end > self.size:
+                    break
+                if seq > self.moved_seq:
+                    found[seq] = Record(seq, kind, bytes(self.map[offset + RECORD_HEAD.size:end]))
+                previous, offset = seq, offset + RECORD_HEAD.size + _padded(length)
+        records = []
+        for seq in sorted(found):
+            if seq != self.moved_seq + 1 + len(records):
                 break
-            if seq > self.moved_seq:
-                records.append(Record(seq, kind, bytes(self.map[offset + RECORD_HEAD.size:end])))
-            previous, offset = seq, offset + RECORD_HEAD.size + _padded(length)
+            records.append(found[seq])
         return records
+
+    @property
+    def filling(self) -> bool:
+        """The current region is more than half full: the writer's thread should not wait to gather more."""
+        front, end = self.regions[self.region]
+        return self.offset - front > (end - front) // 2
 
     def append(self, kind: int, payload: bytes, then: Callable[[int], None]) -> int | None:
         """Copy one record in and call ``then(seq)`` before anyone can append the next (the writer's inbox must see
@@ -102,9 +131,15 @@ class StagingLog:
         was told it was accepted)."""
         need = RECORD_HEAD.size + _padded(len(payload))
         with self.lock:
-            offset = HEADER if self.last_seq == self.moved_seq else self.offset
-            if offset + need > self.size:
-                return None
+            if not self.laid_out:
+                self._lay_out()
+            offset = self.regions[self.region][0] if self.last_seq == self.moved_seq else self.offset
+            if offset + need > self.regions[self.region][1]:
+                other = 1 - self.region
+                front, end = self.regions[other]
+                if self.region_last[other] > self.moved_seq or front + need > end:
+                    return None
+                self.region, offset = other, front
             seq = self.last_seq + 1
             head = offset + RECORD_HEAD.size
             self.map[head - SEQ.size:head] = bytes(SEQ.size)  # 0 ends the chain until the record is whole
@@ -112,8 +147,16 @@ class StagingLog:
             self.map[head:head + len(payload)] = payload
             self.map[head - SEQ.size:head] = SEQ.pack(seq)
             self.last_seq, self.offset = seq, offset + need
+            self.region_last[self.region] = seq
             then(seq)
         return seq
+
+    def _lay_out(self) -> None:
+        """A new file, or one of the one-region layout: the header, and each region's chain empty."""
+        self.map[:HEADER] = MAGIC + SEQ.pack(self.moved_seq) + bytes(HEADER - len(MAGIC) - SEQ.size)
+        for front, _ in self.regions:
+            self.map[front:front + RECORD_HEAD.size] = bytes(RECORD_HEAD.size)
+        self.laid_out = True
 
     def moved(self, seq: int) -> None:
         """Records up to ``seq`` are in SQLite: a restart must not apply them again (only the writer's thread)."""
@@ -124,6 +167,12 @@ class StagingLog:
     def close(self) -> None:
         with self.lock:
             self.map.close()
+
+
+def _regions(size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The two regions' (front, end) in a log of ``size`` bytes."""
+    half = ((size - HEADER) // 2) & ~7
+    return (HEADER, HEADER + half), (HEADER + half, HEADER + 2 * half)
 
 
 def _allocate(fd: int, start: int, size: int) -> None:

@@ -99,6 +99,7 @@ class History:
         self.entries: dict[str, dict] = {}
         self.earlier: dict[str, None] = {}  # ids of the stored entries of earlier processes, oldest first
         self.journal: "Journal | None" = None
+        self.writer: "JournalWriter | None" = None  # with a journal: stages each entry (journal_writer.py)
 
     def record(self, prompt_id: str, entry: dict, write: bool = True) -> list[str]:
         """Add ``entry``; return the ids evicted beyond the limit. ``write=False``: the caller calls ``write``
@@ -123,7 +124,10 @@ class History:
         if self.journal is None:
             return
         try:
-            self.journal.finished(prompt_id, entry, evicted)
+            if self.writer is not None:
+                self.writer.finished(prompt_id, entry, evicted)
+            else:
+                self.journal.finished(prompt_id, entry, evicted)
         except Exception as err:  # the prompt ran; a store failure must not take the worker down
             log.error("comfy-parallel: history entry of %s not written to %s (%s: %s); it runs again if the server "
                       "crashes before the store works", prompt_id, self.journal.path, type(err).__name__, err)
@@ -172,15 +176,20 @@ class History:
         with self.lock:
             self.entries.clear()
             self.earlier.clear()
-        if self.journal is not None:
-            self.journal.forget_history()
+        self._forget(None)
 
     def delete(self, prompt_id: str) -> None:
         with self.lock:
             self.entries.pop(prompt_id, None)
             self.earlier.pop(prompt_id, None)
-        if self.journal is not None:
-            self.journal.forget_history([prompt_id])
+        self._forget([prompt_id])
+
+    def _forget(self, prompt_ids: list[str] | None) -> None:
+        """Out of the journal too (None: every entry), after the entries written before."""
+        if self.writer is not None:
+            self.writer.forget_history(prompt_ids)
+        elif self.journal is not None:
+            self.journal.forget_history(prompt_ids)
 
 
 class _SharedHistoryAccess:
@@ -340,7 +349,8 @@ class DeviceQueue(_SharedHistoryAccess):
                 self.currently_running.pop(item_id, None)
                 self.started_at.pop(item_id, None)
                 return
-            self._wake_peers()
+            if self.crash_retries:  # only they wait for running prompts to end (``_next``)
+                self._wake_peers()
             item = self.currently_running.pop(item_id)
             started = self.started_at.pop(item_id, time.monotonic())
             status_dict = copy.deepcopy(status._asdict()) if status is not None else None
@@ -367,15 +377,14 @@ class DeviceQueue(_SharedHistoryAccess):
                 for listener in self.listeners:
                     listener.on_done(self.index, prompt[1], status_dict, time.monotonic() - started)
                 self.on_change()
-        # Outside the queue lock: the store writes give up the GIL.
+        # Outside the queue lock, which every device and the HTTP handlers share.
         if retried is None:
-            if self.writer is not None:  # its entry ends its row, which must be stored first (journal_writer.py)
-                self.writer.wait_stored(prompt[1])
             self.history_store.write(prompt[1], entry, evicted)
             if self.journal is not None:
                 with self.mutex:
                     self.finishing.discard(prompt[1])
-                    self._wake_peers()
+                    if self.crash_retries:
+                        self._wake_peers()
         elif self.writer is not None:
             self.writer.requeued([retried])  # it runs again: not running, so not a crash if the server dies now
 
@@ -571,6 +580,7 @@ class DeviceQueues(_SharedHistoryAccess):
     @writer.setter
     def writer(self, writer: "JournalWriter | None") -> None:
         self._writer = writer
+        self.history_store.writer = writer
         for q in self.devices:
             q.writer = writer
 
