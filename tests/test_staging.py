@@ -22,7 +22,8 @@ import pytest
 from comfy_parallel.durability import recovery
 from comfy_parallel.durability.journal import RUNNING, Journal, prompt_row, row_bytes
 from comfy_parallel.durability.journal_writer import JournalWriter
-from comfy_parallel.durability.staging import ACCEPT, HEADER, MAGIC, OLD_MAGIC, RECORD_HEAD, StagingLog
+from comfy_parallel.durability.staging import (ACCEPT, HEADER, HOT_BYTES, MAGIC, OLD_MAGIC, RECORD_HEAD,
+                                               StagingLog)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -145,6 +146,28 @@ def test_a_full_region_goes_on_in_the_other_once_sqlite_has_it_and_a_start_reads
     assert log.region == 0 and log.offset == front0 + 320
     left = StagingLog(path).left  # grown to the default size: read as it was laid out
     assert [(r.seq, r.payload[:1]) for r in left] == [(seqs[-2], b"y"), (seqs[-1], b"z")]
+
+
+def test_under_a_steady_load_the_log_keeps_to_the_first_pages_of_its_regions(tmp_path: Path) -> None:
+    """Some record always waiting: past ``HOT_BYTES`` a region goes on at the other's front as soon as SQLite has
+    all of that one, so appends keep to pages already mapped instead of running through the whole file."""
+    path = tmp_path / "s"
+    log = StagingLog(path)
+    (front0, _), (front1, _) = log.regions
+    need = RECORD_HEAD.size + 1000
+    seqs = []
+    while log.region == 0:
+        seqs.append(log.append(ACCEPT, b"a" * 1000, lambda seq: None))
+    last_in_0 = seqs[-2]  # the last one went to region 1, as soon as region 0 held HOT_BYTES
+    assert log.offset == front1 + need and (last_in_0 - 1) * need < HOT_BYTES <= last_in_0 * need
+    while log.offset - front1 < HOT_BYTES + 10 * need:  # region 0 still waits for SQLite: region 1 goes on
+        seqs.append(log.append(ACCEPT, b"b" * 1000, lambda seq: None))
+    assert log.region == 1
+    assert [r.seq for r in StagingLog(path).left] == seqs  # read in order across both regions
+    log.moved(last_in_0)  # SQLite has region 0: the next record goes to its front
+    seqs.append(log.append(ACCEPT, b"c" * 1000, lambda seq: None))
+    assert log.region == 0 and log.offset == front0 + need
+    assert [r.seq for r in StagingLog(path).left] == seqs[seqs.index(last_in_0) + 1:]
 
 
 def test_a_log_of_the_one_region_layout_is_read_then_laid_out_anew(tmp_path: Path) -> None:

@@ -108,16 +108,21 @@ def as_queue_item(prompt: StoredPrompt, item_length: int) -> tuple:
     return base + ({},) if item_length >= 6 else base
 
 
-def prompt_row(route: str, item: tuple, now: float) -> tuple:
-    """The ``prompts`` row of a newly accepted ``item`` (its secrets dropped); raises ``TypeError`` or
-    ``ValueError`` naming the prompt if it cannot be stored as JSON."""
+def encode_item(item: tuple) -> tuple[str, str]:
+    """The stored JSON of ``item`` (its secrets dropped) and of the names of what was dropped; raises ``TypeError``
+    or ``ValueError`` naming the prompt if it cannot be stored as JSON."""
     fields, dropped = public_fields(item)
     try:
         encoded = json.dumps(fields)
     except (TypeError, ValueError) as err:
         raise type(err)(f"prompt {item[1]} cannot be stored as JSON: {err}") from err
-    return (str(item[1]), route, _number_key(item[0]), QUEUED, 0, encoded, json.dumps(dropped) if dropped else "[]",
-            now)
+    return encoded, json.dumps(dropped) if dropped else "[]"
+
+
+def prompt_row(route: str, item: tuple, now: float, encoded: tuple[str, str] | None = None) -> tuple:
+    """The ``prompts`` row of a newly accepted ``item``; ``encoded``: its ``encode_item``, if done already."""
+    fields, dropped = encoded if encoded is not None else encode_item(item)
+    return (str(item[1]), route, _number_key(item[0]), QUEUED, 0, fields, dropped, now)
 
 
 def history_json(entry: dict) -> str:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, Callable, Union
 
-from .journal import MAX_ROWS_PER_STATEMENT, finish_bytes, history_json, prompt_row, row_bytes
+from .journal import MAX_ROWS_PER_STATEMENT, encode_item, finish_bytes, history_json, prompt_row, row_bytes
 from .staging import ACCEPT, FINISH, FORGET, FORGET_HISTORY, START
 
 if TYPE_CHECKING:
@@ -51,6 +51,14 @@ GATHER_S = 0.05  # how long the thread gathers staged records after its first on
 MAX_BATCH = 10 * MAX_ROWS_PER_STATEMENT  # entries the thread writes at most in one go
 STORED_WAIT_S = 30.0  # how long a worker waits for an unstaged history entry before it goes on anyway
 RETRY_DELAYS_S = (0.1, 0.5, 2.0)  # a failed write of staged records is tried again after these
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An item encoded for the staging log (``journal.encode_item``), or why it cannot be."""
+
+    encoded: tuple[str, str] | None
+    error: Exception | None
 
 
 @dataclass(frozen=True)
@@ -124,16 +132,28 @@ class JournalWriter:
         self.thread.start()
 
     # -- producers: the event loop, workers, any other thread ---------------------------------------------------
-    def accept(self, route: str, item: tuple, place: Place) -> "Future | asyncio.Future | None":
+    def prepare(self, item: tuple) -> "Prepared | None":
+        """``item`` encoded as ``accept`` stages it; the caller does this before it takes its lock, inside which it
+        accepts (a large workflow's JSON takes milliseconds to encode). None: nothing to encode ahead."""
+        if self.staging is None:
+            return None
+        try:
+            return Prepared(encode_item(item), None)
+        except (TypeError, ValueError) as err:
+            return Prepared(None, err)
+
+    def accept(self, route: str, item: tuple, place: Place,
+               prepared: "Prepared | None" = None) -> "Future | asyncio.Future | None":
         """Store ``item`` with ``route`` and ``place`` it (queue or pool it). None: both happened, the prompt is
         in the staging log. Otherwise a future, done once it is in SQLite and placed (or failed: then
-        ``place(False)``)."""
+        ``place(False)``). ``prepared``: ``prepare(item)``, if done already."""
         if self.staging is not None:
-            try:
-                row = prompt_row(route, item, time.time())
-            except (TypeError, ValueError) as err:
+            prepared = prepared or self.prepare(item)
+            assert prepared is not None
+            if prepared.encoded is None:
                 place(False)
-                return self._failed(err)
+                return self._failed(prepared.error or ValueError(f"prompt {item[1]} cannot be stored"))
+            row = prompt_row(route, item, time.time(), prepared.encoded)
             if self._stage(ACCEPT, row_bytes(row), lambda seq: _Staged(seq, row)):
                 place(True)
                 return None

@@ -370,7 +370,9 @@ class DeviceQueue(_SharedHistoryAccess):
                 entry.update(history_result)
                 entry["gpu_id"] = self.index
                 evicted = self.history_store.record(prompt[1], entry, write=False)
-                if self.journal is not None:
+                # Only a crash retry waits for it (``_next``); none is added once the workers run.
+                tracked = self.journal is not None and bool(self.crash_retries)
+                if tracked:
                     self.finishing.add(prompt[1])
                 if self.pool is not None:
                     self.pool.finished(prompt[1])
@@ -380,11 +382,10 @@ class DeviceQueue(_SharedHistoryAccess):
         # Outside the queue lock, which every device and the HTTP handlers share.
         if retried is None:
             self.history_store.write(prompt[1], entry, evicted)
-            if self.journal is not None:
+            if tracked:
                 with self.mutex:
                     self.finishing.discard(prompt[1])
-                    if self.crash_retries:
-                        self._wake_peers()
+                    self._wake_peers()
         elif self.writer is not None:
             self.writer.requeued([retried])  # it runs again: not running, so not a crash if the server dies now
 
@@ -636,6 +637,9 @@ class DeviceQueues(_SharedHistoryAccess):
         ``"pool"``), and queued or pooled once stored; the current request's ``stored`` future is done then.
         """
         traits = self.traits(item)
+        writer = self.writer if durable else None
+        prepared = writer.prepare(item) if writer is not None else None  # its JSON, before the lock
+        stored: Future | Any = None
         with self.mutex:
             index: int | None
             if route is not None and route.isdigit() and int(route) < len(self.devices):
@@ -647,15 +651,15 @@ class DeviceQueues(_SharedHistoryAccess):
                 index = None
             else:
                 index = self.choose_device()
-            writer = self.writer if durable else None
             if writer is None:
                 self._place(item, index, traits)
-            elif index is not None:
-                self.devices[index].incoming += 1
-        stored: Future | Any = None
-        if writer is not None:
-            stored = writer.accept(POOL_ROUTE if index is None else str(index), item,
-                                   lambda queue_it: self._place(item, index, traits, queue_it, True))
+            else:
+                # In the lock, so that the handler takes it once: a copy into the staging log (no system call)
+                # that places the prompt at once, or a future that places it once SQLite has it.
+                if index is not None:
+                    self.devices[index].incoming += 1
+                stored = writer.accept(POOL_ROUTE if index is None else str(index), item,
+                                       lambda queue_it: self._place(item, index, traits, queue_it, True), prepared)
         current = self.current_route()
         if current is not None:
             current.assigned = index
