@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -60,6 +61,9 @@ def request(method: str, url: str, body: Any = None, headers: dict | None = None
 
 
 #: Namespace of the prompt ids tests choose (uuid5 of their tags).
+# The line a start logs when it applies what the last run left in the staging log (durability/recovery.py).
+STAGED_RE = re.compile(r"(\d+) prompts accepted, (\d+) starts, (\d+) deletions from the queue, (\d+) history "
+                       r"entries and (\d+) deletions of history in the last run's staging log")
 PROMPT_ID_NAMESPACE = uuid.UUID("6c1f3a52-9a0e-4d1b-8f4e-2b7d5c0e9a31")
 _TAGS: dict[str, str] = {}
 

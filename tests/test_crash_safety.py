@@ -24,7 +24,7 @@ import aiohttp
 import psutil
 import pytest
 import reliability_results
-from harness import ARTIFACTS, Server, prompt_id_for, sleep_prompt, tag_of
+from harness import ARTIFACTS, STAGED_RE, Server, prompt_id_for, sleep_prompt, tag_of
 
 from comfy_parallel.scheduling import cuda_fatal
 from comfy_parallel.durability import recovery
@@ -34,7 +34,6 @@ from comfy_parallel.durability.recovery import CRASHED_TWICE_MESSAGE, RETRY_EVEN
 N_PROMPTS = 1000
 KILLS = 3
 ROUTES = ("header", "port", "prefix", "default")  # default: no target, so the pool (the default route)
-STAGED_RE = re.compile(r"(\d+) prompts accepted, (\d+) starts and (\d+) deletions from the queue in the last run")
 STARTED_RE = re.compile(r"\[GPU (\d+)\] prompt (\S+) started")
 FINISHED_RE = re.compile(r"\[GPU \d+\] prompt (\S+) finished: ")
 STORE = Path("__comfy_parallel") / "queue.sqlite3"
@@ -527,7 +526,8 @@ async def test_kill_9_three_times_under_load(comfy_dir: Path) -> None:
             str(k["at_accepted"]) for k in kills), "retried_after_crash": len(flagged),
         "retry_ws_messages": len(retry_told), "posts_without_answer_found_accepted": ambiguous,
         "crash_to_ready_s_max": round(max((k["crash_to_ready_s"] for k in kills), default=0), 1), "seed": seed,
-        "from_staging_log_after_kills": sum(int(n) for n, _, _ in STAGED_RE.findall(log)),
+        "from_staging_log_after_kills": sum(int(found[0]) for found in STAGED_RE.findall(log)),
+        "history_entries_from_staging_log_after_kills": sum(int(found[3]) for found in STAGED_RE.findall(log)),
     })
     where = f"seed {seed}, kills {kills}"
     # Accepted prompts go through the memory-mapped staging log (durability/staging.py) before SQLite; prompts a

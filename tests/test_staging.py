@@ -9,6 +9,7 @@ and check that the writer keeps a worker from starting a prompt before its row i
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import STAGED_RE
 
 from comfy_parallel.durability import recovery
 from comfy_parallel.durability.journal import RUNNING, Journal, prompt_row, row_bytes
@@ -44,7 +46,8 @@ def reopen(path: Path, synchronous: str = "NORMAL") -> tuple[Journal, StagingLog
     return journal, recovery.open_staging(journal, synchronous)
 
 
-def test_staged_prompts_survive_kill_9_in_order_without_secrets(tmp_path: Path) -> None:
+def test_staged_prompts_survive_kill_9_in_order_without_secrets(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
     """A process stages prompts, a deletion, starts, history entries and a deletion of history, never writes
     SQLite, and is killed: the next start has exactly the accepted prompts that were neither deleted nor finished,
     in order, with their routes and no secret, the started one counts a crash, and the history entry that was not
@@ -77,7 +80,10 @@ def test_staged_prompts_survive_kill_9_in_order_without_secrets(tmp_path: Path) 
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     assert proc.returncode == -signal.SIGKILL
-    journal, staging = reopen(db)
+    with caplog.at_level(logging.INFO, logger="comfy_parallel"):
+        journal, staging = reopen(db)
+    # The line test_crash_safety.py counts what its kills left in the staging log by.
+    assert [found.groups() for found in map(STAGED_RE.search, caplog.messages) if found] == [("5", "2", "1", "2", "1")]
     stored = journal.unfinished()
     assert [(p.prompt_id, p.route) for p in stored] == [("p0", "0"), ("p1", "1")]
     assert all(p.dropped_keys == ("api_key_comfy_org",) and "secret" not in json.dumps(p.item) for p in stored)
