@@ -55,7 +55,8 @@ RETRY_DELAYS_S = (0.1, 0.5, 2.0)  # a failed write of staged records is tried ag
 
 @dataclass(frozen=True)
 class Prepared:
-    """An item encoded for the staging log (``journal.encode_item``), or why it cannot be."""
+    """An item encoded for the staging log (``journal.encode_item``), or why it cannot be (then ``encoded`` is
+    None)."""
 
     encoded: tuple[str, str] | None
     error: Exception | None
@@ -150,9 +151,9 @@ class JournalWriter:
         if self.staging is not None:
             prepared = prepared or self.prepare(item)
             assert prepared is not None
-            if prepared.encoded is None:
+            if prepared.error is not None:
                 place(False)
-                return self._failed(prepared.error or ValueError(f"prompt {item[1]} cannot be stored"))
+                return self._failed(prepared.error)
             row = prompt_row(route, item, time.time(), prepared.encoded)
             if self._stage(ACCEPT, row_bytes(row), lambda seq: _Staged(seq, row)):
                 place(True)
