@@ -150,6 +150,21 @@ class OtherLoad:
                 return load
 
 
+THREAD_CPU: dict[str, list[list[float]]] = {}  # per configuration, per counted round: _cpu_since's figures
+
+
+def _thread_cpu(s: Server) -> dict[int, float]:
+    """CPU seconds so far of each thread of the server process (by thread id)."""
+    return {t.id: t.user_time + t.system_time for t in psutil.Process(s.proc.pid).threads()}
+
+
+def _cpu_since(before: dict[int, float], after: dict[int, float]) -> list[float]:
+    """The process's CPU seconds between two samples, then its busiest threads' (largest first): which threads a
+    configuration makes busier (the event loop, the workers, the journal thread)."""
+    deltas = sorted((after[tid] - before.get(tid, 0.0) for tid in after), reverse=True)
+    return [sum(deltas), *deltas[:6]]
+
+
 def throughput(comfy_dir: Path, rounds: int, other: OtherLoad, wait_s: float,
                budget_s: float | None = None) -> tuple[dict[str, list[float]], int]:
     """Accepted prompts per second of each configuration, one figure per round (rounds in the same order), and how
@@ -179,12 +194,15 @@ def throughput(comfy_dir: Path, rounds: int, other: OtherLoad, wait_s: float,
             other.wait_quiet(wait_s)
             got: dict[str, float] = {}
             worst = 0.0
+            cpu: dict[str, list[float]] = {}
             for name in names[r % len(names):] + names[:r % len(names)]:  # each configuration goes first in turn
                 s = servers[name]
+                before = _thread_cpu(s)
                 mark = other.mark()
                 got[name] = asyncio.run(submit_all(s, N_PROMPTS, 0.0, f"{r}-{uuid.uuid4().hex[:6]}"))
                 worst = max(worst, other.since(mark))
                 s.wait_idle(timeout=120)
+                cpu[name] = _cpu_since(before, _thread_cpu(s))
             rates = ", ".join(f"{name}: {rate:.0f}" for name, rate in got.items())
             if worst >= other.limit and repeated < 4 * rounds:
                 repeated += 1
@@ -192,6 +210,7 @@ def throughput(comfy_dir: Path, rounds: int, other: OtherLoad, wait_s: float,
                 continue
             for name, rate in got.items():
                 out[name].append(rate)
+                THREAD_CPU.setdefault(name, []).append(cpu[name])
             print(f"round {r + 1} (other processes {worst:.2f} cores): {rates} accepted prompts/s", flush=True)
             r += 1
     finally:
@@ -331,7 +350,14 @@ def main() -> int:
                      f"{min(values):.0f} | {max(values):.0f} |")
     lines += ["", "`90% interval`: bootstrap over rounds of the median of per-round ratios. Per-round rates: "
               f"`crash_safe_queue_{args.label}_rounds.json`.",
-              "", "The store's SQLite writes alone, microseconds per write (2,000 prompts; with `NORMAL` the journal "
+              "", f"CPU seconds of the server process per {N_PROMPTS:,} prompts (from the first request until the "
+              "server is idle; median over rounds), in all and its six busiest threads, busiest first (the event "
+              "loop and the three workers lead; the journal thread is in the store's columns):", "",
+              "| configuration | process | 1st | 2nd | 3rd | 4th | 5th | 6th |", "|---|---|---|---|---|---|---|---|"]
+    for name, per_round in THREAD_CPU.items():
+        columns = [statistics.median(r[i] for r in per_round if len(r) > i) for i in range(len(per_round[0]))]
+        lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in columns) + " |")
+    lines += ["", "The store's SQLite writes alone, microseconds per write (2,000 prompts; with `NORMAL` the journal "
               "writer's thread makes them, in batches, off every request's and worker's path; with `FULL` a worker "
               "makes `started` and `finished` itself, between prompts):", "",
               "| synchronous | accepted | started | finished |", "|---|---|---|---|"]
@@ -365,7 +391,8 @@ def main() -> int:
         if " + " in name:  # a --variant server
             figures[f"{name} vs no store pct"] = round(paired_change(rates, name, base_name), 1)
     out.with_suffix(".json").write_text(json.dumps(figures, indent=2) + "\n")
-    (args.out / f"crash_safe_queue_{args.label}_rounds.json").write_text(json.dumps(rates, indent=1) + "\n")
+    (args.out / f"crash_safe_queue_{args.label}_rounds.json").write_text(
+        json.dumps({"rates": rates, "thread_cpu_s": THREAD_CPU}, indent=1) + "\n")
     print("\n".join(lines))
     return 0
 
