@@ -153,6 +153,20 @@ class OtherLoad:
 THREAD_CPU: dict[str, list[list[float]]] = {}  # per configuration, per counted round: _cpu_since's figures
 
 
+GC: dict[str, list[list[float]]] = {}  # per configuration, per counted round: full collections run, their seconds
+
+
+def _gc(s: Server) -> tuple[float, float]:
+    """The workers' full garbage collections so far and their seconds (``/metrics``; each holds the GIL)."""
+    values = {"run": 0.0, "seconds": 0.0}
+    for line in s.get("/metrics").body.decode().splitlines():
+        if line.startswith('comfy_parallel_gc_collections_total{result="run"}'):
+            values["run"] = float(line.split()[-1])
+        elif line.startswith("comfy_parallel_gc_seconds_total "):
+            values["seconds"] = float(line.split()[-1])
+    return values["run"], values["seconds"]
+
+
 def _thread_cpu(s: Server) -> dict[int, float]:
     """CPU seconds so far of each thread of the server process (by thread id)."""
     return {t.id: t.user_time + t.system_time for t in psutil.Process(s.proc.pid).threads()}
@@ -195,14 +209,16 @@ def throughput(comfy_dir: Path, rounds: int, other: OtherLoad, wait_s: float,
             got: dict[str, float] = {}
             worst = 0.0
             cpu: dict[str, list[float]] = {}
+            gcs: dict[str, list[float]] = {}
             for name in names[r % len(names):] + names[:r % len(names)]:  # each configuration goes first in turn
                 s = servers[name]
-                before = _thread_cpu(s)
+                before, gc_before = _thread_cpu(s), _gc(s)
                 mark = other.mark()
                 got[name] = asyncio.run(submit_all(s, N_PROMPTS, 0.0, f"{r}-{uuid.uuid4().hex[:6]}"))
                 worst = max(worst, other.since(mark))
                 s.wait_idle(timeout=120)
                 cpu[name] = _cpu_since(before, _thread_cpu(s))
+                gcs[name] = [b - a for a, b in zip(gc_before, _gc(s))]
             rates = ", ".join(f"{name}: {rate:.0f}" for name, rate in got.items())
             if worst >= other.limit and repeated < 4 * rounds:
                 repeated += 1
@@ -211,6 +227,7 @@ def throughput(comfy_dir: Path, rounds: int, other: OtherLoad, wait_s: float,
             for name, rate in got.items():
                 out[name].append(rate)
                 THREAD_CPU.setdefault(name, []).append(cpu[name])
+                GC.setdefault(name, []).append(gcs[name])
             print(f"round {r + 1} (other processes {worst:.2f} cores): {rates} accepted prompts/s", flush=True)
             r += 1
     finally:
@@ -357,6 +374,14 @@ def main() -> int:
     for name, per_round in THREAD_CPU.items():
         columns = [statistics.median(r[i] for r in per_round if len(r) > i) for i in range(len(per_round[0]))]
         lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in columns) + " |")
+    lines += ["", "Full garbage collections of ComfyUI's worker loop (`/metrics`; each holds the GIL, so requests "
+              "wait): rounds with at least one, and their mean number and seconds per round (from the first request "
+              "until the server is idle):", "", "| configuration | rounds with one | per round | seconds per round |",
+              "|---|---|---|---|"]
+    for name, per_round in GC.items():
+        runs, secs = statistics.mean(r[0] for r in per_round), statistics.mean(r[1] for r in per_round)
+        hit = sum(1 for r in per_round if r[0] > 0)
+        lines.append(f"| {name} | {hit} of {len(per_round)} | {runs:.2f} | {secs:.3f} |")
     lines += ["", "The store's SQLite writes alone, microseconds per write (2,000 prompts; with `NORMAL` the journal "
               "writer's thread makes them, in batches, off every request's and worker's path; with `FULL` a worker "
               "makes `started` and `finished` itself, between prompts):", "",
@@ -392,7 +417,7 @@ def main() -> int:
             figures[f"{name} vs no store pct"] = round(paired_change(rates, name, base_name), 1)
     out.with_suffix(".json").write_text(json.dumps(figures, indent=2) + "\n")
     (args.out / f"crash_safe_queue_{args.label}_rounds.json").write_text(
-        json.dumps({"rates": rates, "thread_cpu_s": THREAD_CPU}, indent=1) + "\n")
+        json.dumps({"rates": rates, "thread_cpu_s": THREAD_CPU, "gc_runs_and_s": GC}, indent=1) + "\n")
     print("\n".join(lines))
     return 0
 

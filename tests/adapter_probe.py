@@ -33,7 +33,7 @@ def snapshot(comfy) -> dict:
         (mm, "processing_interrupted"), (mm, "throw_exception_if_processing_interrupted"),
         (progress, "get_progress_state"), (progress, "reset_progress_state"),
         (comfy.execution, "get_progress_state"), (comfy.execution, "reset_progress_state"),
-        (main, "get_progress_state"), (main, "prompt_worker"), (server, "send_socket_catch_exception"),
+        (main, "get_progress_state"), (main, "prompt_worker"), (main, "gc"), (server, "send_socket_catch_exception"),
     }
     sd, controlnet, utils = (sys.modules[n] for n in ("comfy.sd", "comfy.controlnet", "comfy.utils"))
     names |= {(sd, "load_checkpoint_guess_config"), (sd, "load_diffusion_model"), (sd, "load_clip"),

@@ -31,10 +31,10 @@ def test_patches_apply_are_idempotent_and_undo(comfy_dir: Path) -> None:
         "scoped-queue-status",
         "websocket-send-per-client", "quiet-retried-attempt",
         "host-load-on-cpu", "host-weights-read-only", "view-bulk-load", "shared-model-loaders",
-        "cuda-graphs", "devices-per-worker", "ram-release-per-worker", "patch-switch-in-place",
+        "cuda-graphs", "devices-per-worker", "ram-release-per-worker", "gc-once-per-interval", "patch-switch-in-place",
         "count-model-loads", "device-in-execution-start", "worker-vram-limit"}
     for name in ("comfy.model_management.current_loaded_models", "comfy.model_management.soft_empty_cache",
-                 "execution.get_progress_state", "main.get_progress_state", "main.prompt_worker",
+                 "execution.get_progress_state", "main.get_progress_state", "main.prompt_worker", "main.gc",
                  "PromptServer.client_id", "PromptServer.add_routes", "server.send_socket_catch_exception",
                  "PromptServer.send_sync", "comfy.sd.load_checkpoint_guess_config", "comfy.sd.load_clip",
                  "comfy.controlnet.load_controlnet", "comfy.utils.copy_to_param", "VAELoader.load_vae",

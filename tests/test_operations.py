@@ -15,8 +15,8 @@ def metric(server: Server, name: str, **labels: str) -> float:
     for line in text.splitlines():
         if line.startswith("#"):
             continue
-        m = re.match(r"^([a-zA-Z_:]+)\{([^}]*)\} (\S+)$", line)
-        if m and m.group(1) == name and ",".join(sorted(m.group(2).split(","))) == want:
+        m = re.match(r"^([a-zA-Z_:]+)(?:\{([^}]*)\})? (\S+)$", line)
+        if m and m.group(1) == name and ",".join(sorted((m.group(2) or "").split(","))) == want:
             return float(m.group(3))
     raise AssertionError(f"{name}{{{want}}} not in /metrics")
 

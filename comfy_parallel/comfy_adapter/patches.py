@@ -13,6 +13,7 @@ globals on threads that are not device workers, so code on the event loop thread
 | model_patcher | ModelPatcher's switch between weight-patch sets (LoRA on/off) |
 | model_management | comfy.model_management (interrupts, loaded models, cache flushes, devices, load counts, VRAM cap) |
 | ram_cache | comfy.memory_management's RAM-pressure cache hook (0.33) |
+| garbage_collection | main.prompt_worker's periodic gc.collect() |
 | save_image | folder_paths, SaveImage (file numbers) |
 | shared_weights | comfy.sd / nodes loaders, ModelPatcher, comfy.utils (one host copy per file) |
 | cuda_graphs | the SD1.x/SDXL UNet's forward |
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from .attention import AttentionPriorityAtomic
 from .base import CHECKED, Patch
+from .garbage_collection import GcOncePerInterval
 from .model_management import (CountModelLoads, DevicesPerWorker, EmptyCachePerDevice, InterruptPerWorker,
                                LoadedModelsPerWorker, PerWorkerList, WorkerVramLimit)
 from .model_patcher import PatchSwitchInPlace
@@ -45,6 +47,7 @@ WORKER_STATE_PATCHES: tuple[type[Patch], ...] = (
     EmptyCachePerDevice,
     DevicesPerWorker,
     RamReleasePerWorker,
+    GcOncePerInterval,
     UniqueSaveCounters,
     PatchSwitchInPlace,
     CountModelLoads,

@@ -24,6 +24,7 @@ class WorkerContext:
     progress_registry: Any = None
     loaded_models: list = field(default_factory=list)
     allow_empty_cache: bool = False
+    collect_requested: bool = False  # /free asked this worker to unload: its next gc.collect() runs
     model_loads: int = 0  # models (or parts of them) ComfyUI moved onto this worker's device
     model_load_bytes: int = 0
     _interrupt: threading.Event = field(default_factory=threading.Event)

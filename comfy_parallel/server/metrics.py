@@ -67,6 +67,7 @@ class DeviceMetrics:
             self.websocket_dropped.labels(reason)
         self.websocket_clients: Callable[[], int] = lambda: 0  # set once ComfyUI's server exists
         self.graph_stats: Callable[[], dict] | None = None  # CUDA graph counts, set when graphs are on
+        self.gc_stats: Callable[[], dict | None] = lambda: None  # the workers' full collections, set by the server
         self.clients_left = Counter("comfy_parallel_http_clients_left",
                                     "HTTP requests whose client closed the connection before they were answered",
                                     registry=self.registry)
@@ -159,6 +160,7 @@ class _LiveCollector:
         yield from self._pool()
         if m.graph_stats is not None:
             yield from _graph_families(m.graph_stats())
+        yield from _gc_families(m.gc_stats())
 
     def _loads(self):  # type: ignore[no-untyped-def]
         loads = CounterMetricFamily("comfy_parallel_model_loads", "Models (or parts of them) ComfyUI loaded onto "
@@ -192,6 +194,21 @@ class _LiveCollector:
             hits.add_metric([index, "model"], device["model_hits"])
             hits.add_metric([index, "cache"], device["cache_hits"])
         yield from (picks, hits)
+
+
+def _gc_families(stats: dict | None) -> Iterable:
+    """ComfyUI's periodic full garbage collections (comfy_adapter/garbage_collection.py): each holds the GIL, so
+    every worker and the HTTP server wait while it runs."""
+    if stats is None:
+        return
+    runs = CounterMetricFamily("comfy_parallel_gc_collections", "Full garbage collections ComfyUI's worker loop "
+                               "asked for: run, or skipped because another worker ran one less than 10 s before",
+                               labels=["result"])
+    runs.add_metric(["run"], stats["runs"])
+    runs.add_metric(["skipped"], stats["skipped"])
+    yield runs
+    yield CounterMetricFamily("comfy_parallel_gc_seconds", "Time the workers' full garbage collections took (every "
+                              "thread of the process waits for the GIL meanwhile)", value=stats["seconds"])
 
 
 def _graph_families(stats: dict) -> Iterable:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from aiohttp import web
 
-from ..comfy_adapter import custom_node_dirs
+from ..comfy_adapter import custom_node_dirs, garbage_collection
 from ..comfy_adapter.model_files import find_model_file
 from ..durability import recovery, shutdown
 from ..durability.journal import Journal
@@ -85,6 +85,7 @@ class MultiDeviceServer:
     def before_routes(self, prompt_server: Any) -> None:
         self.prompt_server = prompt_server
         self.metrics.websocket_clients = lambda: len(prompt_server.sockets)
+        self.metrics.gc_stats = garbage_collection.stats
         if self.settings.graphs_enabled:
             from ..comfy_adapter.cuda_graphs import STATS  # ComfyUI (and torch) are imported by now
 
