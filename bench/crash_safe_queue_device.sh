@@ -21,7 +21,7 @@ source "$(dirname "$0")/device_unpack.sh"  # unpack_xz
   rm -rf /tmp/site /tmp/comfyui
   unpack_xz .device/site-0.33.tar.xz /tmp/site || { echo "package unpack failed"; exit 1; }
   unpack_xz .device/comfyui-0.33.0.tar.xz /tmp || { echo "ComfyUI unpack failed"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=/tmp/site:$PWD${EXTRA_SITE:+:$EXTRA_SITE}  # EXTRA_SITE: packages carried beside the payload
   python3 bench/gil_handover.py --out "$OUT/gil_handover_device.md"
   python3 bench/crash_safe_queue.py --comfyui /tmp/comfyui --rounds "${ROUNDS:-48}" \
     --comfy-arg="--front-end-root=$PWD/.device/frontend" ${VARIANTS:+$(printf -- "--variant %s " ${VARIANTS//,/ })} \

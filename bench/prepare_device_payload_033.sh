@@ -32,7 +32,7 @@ WHEELS=(
   alembic==1.20.1 SQLAlchemy==2.1.9 Mako==1.4.3 greenlet==3.4.0
   pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings==2.16.3 python-dotenv==1.2.4
   typing-inspection==0.4.5 annotated-types==0.8.0
-  comfy-kitchen==0.2.31 comfy-aimdo==0.4.13 simpleeval==1.0.8 blake3==1.0.11
+  comfy-kitchen==0.2.31 comfy-aimdo==0.4.13 simpleeval==1.0.8 blake3==1.0.11 orjson==3.13.0
 )
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64
            manylinux2014_x86_64 manylinux_2_12_x86_64 manylinux2010_x86_64 manylinux1_x86_64 any)

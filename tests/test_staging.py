@@ -317,3 +317,40 @@ def test_a_record_the_kernel_did_not_keep_whole_is_left_out(tmp_path: Path) -> N
     journal, staging = reopen(db)
     assert [p.prompt_id for p in journal.unfinished()] == ["p1", "p3"]
     assert staging is not None and staging.moved_seq == 3  # not applied again at the next start either
+
+
+def test_what_the_store_encodes_reads_back_as_json_wrote_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """journal.dumps (orjson) against json.dumps: the same values after json.loads, including what orjson refuses
+    (json writes it then) and what only default= can write; the one difference is NaN (null, as a browser writes
+    it). Without orjson, json writes everything."""
+    import dataclasses
+    import datetime
+
+    from comfy_parallel.durability import journal
+
+    @dataclasses.dataclass
+    class Box:
+        size: int
+
+    assert journal.orjson is not None  # a dependency: the fast path is the one that runs
+    cases = [
+        {"1": {"class_type": "KSampler", "inputs": {"seed": 2**63 - 1, "cfg": 7.5, "name": "\u00e9\u4e2d", "x": None}}},
+        {7: "int key", 2.5: "float key", True: "bool key", None: "null key"},
+        [("tuple", 1), ["list", -0.0, 1e300]],
+        {"big": 2**70, "neg": -(2**80)},
+        {"surrogate": "\ud800"},
+    ]
+    for obj in cases:
+        assert json.loads(journal.dumps(obj)) == json.loads(json.dumps(obj)), obj
+    odd = {"when": datetime.datetime(2026, 11, 30, 12, 0), "box": Box(3), "other": object}
+    assert json.loads(journal.dumps(odd, default=str)) == json.loads(json.dumps(odd, default=str))
+    assert json.loads(journal.dumps({"x": float("nan")})) == {"x": None}
+    circular: dict = {}
+    circular["self"] = [circular]
+    for bad, error in ((circular, ValueError), ({(1, 2): "tuple key"}, TypeError), ({"x": object()}, TypeError)):
+        with pytest.raises(error):
+            journal.dumps(bad)
+    monkeypatch.setattr(journal, "orjson", None)
+    for obj in cases:
+        assert journal.dumps(obj) == json.dumps(obj).encode()
+    assert journal.dumps(odd, default=str) == json.dumps(odd, default=str).encode()

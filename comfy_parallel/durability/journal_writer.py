@@ -28,7 +28,6 @@ does not fit waits for this thread to write it, behind everything staged before 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -37,7 +36,7 @@ from dataclasses import dataclass
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, Callable, Union
 
-from .journal import MAX_ROWS_PER_STATEMENT, encode_item, finish_bytes, history_json, prompt_row, row_bytes
+from .journal import MAX_ROWS_PER_STATEMENT, dumps, encode_item, finish_bytes, history_json, prompt_row, row_bytes
 from .staging import ACCEPT, FINISH, FORGET, FORGET_HISTORY, START
 
 if TYPE_CHECKING:
@@ -175,14 +174,14 @@ class JournalWriter:
             self.journal.forget_prompts(prompt_ids)
             return
         ids = [str(p) for p in prompt_ids]
-        if not self._stage(FORGET, json.dumps(ids).encode(), lambda seq: _Forget(seq, ids)):
+        if not self._stage(FORGET, dumps(ids), lambda seq: _Forget(seq, ids)):
             self.inbox.put(_Forget(None, ids))
 
     def started(self, prompt_id: str, device: int) -> None:
         """A worker took ``prompt_id`` on ``device``: from now on a crash counts for it. Staged at once; without
         the staging log, written to SQLite before the worker goes on."""
         if self.staging is not None:
-            if not self._stage(START, json.dumps([prompt_id, device]).encode(),
+            if not self._stage(START, dumps([prompt_id, device]),
                                lambda seq: _Started(seq, prompt_id, device)):
                 self.inbox.put(_Started(None, prompt_id, device))  # full: behind its accept, but not crash-safe
             return
@@ -214,7 +213,7 @@ class JournalWriter:
             self.journal.forget_history(prompt_ids)
             return
         ids = None if prompt_ids is None else [str(p) for p in prompt_ids]
-        if not self._stage(FORGET_HISTORY, json.dumps(ids).encode(), lambda seq: _ForgetHistory(seq, ids)):
+        if not self._stage(FORGET_HISTORY, dumps(ids), lambda seq: _ForgetHistory(seq, ids)):
             self.inbox.put(_ForgetHistory(None, ids))
 
     def requeued(self, prompt_ids: list[str]) -> None:
