@@ -7,7 +7,10 @@
    turn; a configuration's cost is the median over rounds of its rate divided by the no-store rate of the same
    round (on a shared machine the speed drifts between rounds more than the store costs), and the median rates
    are shown beside it. A round in which the machine's other processes took more than ``--other-load`` cores is
-   run again (after waiting up to ``--wait-quiet`` seconds for them to quieten).
+   run again (after waiting up to ``--wait-quiet`` seconds for them to quieten). Before each server's round its
+   workers run ComfyUI's full garbage collection (``/free``), so that none lands inside the round: the store's cost
+   is measured apart from the collections, which cost every server the same per second (their count and seconds
+   per round are in the results, a collection that still lands in a round included).
 2. The store's own cost per prompt, without a server: one ``accepted`` (a batch of one), ``started`` and
    ``finished`` (history entry) write, with ``synchronous=NORMAL`` and ``FULL``; the last two run on the worker
    thread between prompts, so ``FULL``'s fsyncs would add to every prompt's time on its device.
@@ -167,6 +170,20 @@ def _gc(s: Server) -> tuple[float, float]:
     return values["run"], values["seconds"]
 
 
+def _collect_now(s: Server, timeout: float = 60) -> None:
+    """Have every worker of ``s`` run its full garbage collection now (``/free``), so that none runs in the round
+    that follows: ComfyUI's next one is 10 s away. Each holds the GIL for a third of a second on the VM; one that
+    lands in a 1,000-prompt round halves that round's rate, whichever server it is, and with rounds lasting about
+    as long as the collection interval, the rotation of configurations kept landing them in the same slots."""
+    runs = _gc(s)[0]
+    assert s.post("/free", {"unload_models": True, "free_memory": True}).status == 200
+    deadline = time.monotonic() + timeout
+    while _gc(s)[0] < runs + s.n_devices:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{s.name}: the workers did not collect after /free")
+        time.sleep(0.05)
+
+
 def _thread_cpu(s: Server) -> dict[int, float]:
     """CPU seconds so far of each thread of the server process (by thread id)."""
     return {t.id: t.user_time + t.system_time for t in psutil.Process(s.proc.pid).threads()}
@@ -212,6 +229,7 @@ def throughput(comfy_dir: Path, rounds: int, other: OtherLoad, wait_s: float,
             gcs: dict[str, list[float]] = {}
             for name in names[r % len(names):] + names[:r % len(names)]:  # each configuration goes first in turn
                 s = servers[name]
+                _collect_now(s)
                 before, gc_before = _thread_cpu(s), _gc(s)
                 mark = other.mark()
                 got[name] = asyncio.run(submit_all(s, N_PROMPTS, 0.0, f"{r}-{uuid.uuid4().hex[:6]}"))
