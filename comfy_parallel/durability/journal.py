@@ -107,9 +107,14 @@ def dumps(obj: Any, default: Any = None) -> bytes:
 
 
 def public_fields(item: tuple) -> tuple[list, list[str]]:
-    """The first five fields with every secret removed, and the names of what was removed."""
+    """The first five fields with every secret removed, and the names of what was removed. The fields are only
+    encoded, never changed, so ``extra_data`` is copied only when a secret is taken out of it (the common prompt,
+    without secrets, costs no copy on the event loop)."""
     number, prompt_id, prompt, extra_data, outputs = item[:5]
-    dropped = [str(k) for k in (item[5] if len(item) > 5 and isinstance(item[5], dict) else {})]
+    sensitive = item[5] if len(item) > 5 and isinstance(item[5], dict) else None
+    if not sensitive and not (extra_data and any(key in extra_data for key in SENSITIVE_EXTRA_DATA_KEYS)):
+        return [number, prompt_id, prompt, extra_data or {}, list(outputs)], []
+    dropped = [str(k) for k in (sensitive or {})]
     extra = dict(extra_data or {})
     for key in SENSITIVE_EXTRA_DATA_KEYS:
         if key in extra:
