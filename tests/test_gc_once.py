@@ -1,15 +1,11 @@
 """gc-once-per-interval (comfy_adapter/garbage_collection.py): the workers share one full collection per 10 s.
 
 The schedule is tested here with a clock the test moves; tests/test_adapter.py applies and undoes the patch on a
-real ComfyUI, and the server test below sees it at work in a running one."""
+real ComfyUI, and tests/test_operations.py sees /free collect on every worker of a running server."""
 
 from __future__ import annotations
 
 import threading
-import time
-
-from harness import Server
-from test_operations import metric
 
 from comfy_parallel.comfy_adapter.garbage_collection import INTERVAL_S, SharedCollector
 from comfy_parallel.scheduling import worker_context
@@ -61,17 +57,3 @@ def test_workers_share_one_collection_per_interval() -> None:
     assert shared.collect() == 7  # not a worker (no context): passed on
     assert run_as_worker(0, lambda ctx: shared.collect(0)) == 7  # a young generation: passed on
     assert shared.isenabled() is True  # everything else is the gc module's
-
-
-def test_free_collects_on_every_worker(idle_multi: Server) -> None:
-    """/free makes each of the three workers unload and collect at once; none is skipped for another's (a worker
-    may also make its periodic call meanwhile, so at least three)."""
-    s = idle_multi
-    runs = metric(s, "comfy_parallel_gc_collections_total", result="run")
-    seconds = metric(s, "comfy_parallel_gc_seconds_total")
-    assert s.post("/free", {"unload_models": True, "free_memory": True}).status == 200
-    deadline = time.monotonic() + 60
-    while metric(s, "comfy_parallel_gc_collections_total", result="run") < runs + 3:
-        assert time.monotonic() < deadline, "fewer than 3 full collections after /free"
-        time.sleep(0.1)
-    assert metric(s, "comfy_parallel_gc_seconds_total") > seconds

@@ -110,3 +110,17 @@ def test_three_consecutive_failures_rebuild_the_executor(idle_multi: Server) -> 
     assert s.wait_history(nxt["prompt_id"])["status"]["status_str"] == "success"
     assert metric(s, "comfy_parallel_worker_restarts_total", device="0", reason="rebuild") >= 1
     assert "[GPU 0] 3 consecutive failures: rebuilding the executor" in s.log()
+
+
+def test_free_collects_on_every_worker(idle_multi: Server) -> None:
+    """/free makes each of the three workers unload and collect at once; none is skipped for another's (a worker
+    may also make its periodic call meanwhile, so at least three)."""
+    s = idle_multi
+    runs = metric(s, "comfy_parallel_gc_collections_total", result="run")
+    seconds = metric(s, "comfy_parallel_gc_seconds_total")
+    assert s.post("/free", {"unload_models": True, "free_memory": True}).status == 200
+    deadline = time.monotonic() + 60
+    while metric(s, "comfy_parallel_gc_collections_total", result="run") < runs + 3:
+        assert time.monotonic() < deadline, "fewer than 3 full collections after /free"
+        time.sleep(0.1)
+    assert metric(s, "comfy_parallel_gc_seconds_total") > seconds
