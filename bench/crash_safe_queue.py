@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 import psutil  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from harness import ARTIFACTS, Server, prompt_id_for  # noqa: E402
 
 from comfy_parallel.comfy_adapter.loader import read_version  # noqa: E402
@@ -161,27 +162,30 @@ GC: dict[str, list[list[float]]] = {}  # per configuration, per counted round: f
 
 def _gc(s: Server) -> tuple[float, float]:
     """The workers' full garbage collections so far and their seconds (``/metrics``; each holds the GIL)."""
-    values = {"run": 0.0, "seconds": 0.0}
-    for line in s.get("/metrics").body.decode().splitlines():
-        if line.startswith('comfy_parallel_gc_collections_total{result="run"}'):
-            values["run"] = float(line.split()[-1])
-        elif line.startswith("comfy_parallel_gc_seconds_total "):
-            values["seconds"] = float(line.split()[-1])
-    return values["run"], values["seconds"]
+    runs = seconds = 0.0
+    for family in text_string_to_metric_families(s.get("/metrics").body.decode()):
+        for sample in family.samples:
+            if sample.name == "comfy_parallel_gc_collections_total" and sample.labels.get("result") == "run":
+                runs = sample.value
+            elif sample.name == "comfy_parallel_gc_seconds_total":
+                seconds = sample.value
+    return runs, seconds
 
 
-def _collect_now(s: Server, timeout: float = 60) -> None:
+def _collect_now(s: Server, timeout: float = 60) -> tuple[float, float]:
     """Have every worker of ``s`` run its full garbage collection now (``/free``), so that none runs in the round
     that follows: ComfyUI's next one is 10 s away. Each holds the GIL for a third of a second on the VM; one that
     lands in a 1,000-prompt round halves that round's rate, whichever server it is, and with rounds lasting about
-    as long as the collection interval, the rotation of configurations kept landing them in the same slots."""
+    as long as the collection interval, the rotation of configurations kept landing them in the same slots.
+    Returns ``_gc(s)`` once they have."""
     runs = _gc(s)[0]
     assert s.post("/free", {"unload_models": True, "free_memory": True}).status == 200
     deadline = time.monotonic() + timeout
-    while _gc(s)[0] < runs + s.n_devices:
+    while (now := _gc(s))[0] < runs + s.n_devices:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{s.name}: the workers did not collect after /free")
         time.sleep(0.05)
+    return now
 
 
 def _thread_cpu(s: Server) -> dict[int, float]:
@@ -229,8 +233,8 @@ def throughput(comfy_dir: Path, rounds: int, other: OtherLoad, wait_s: float,
             gcs: dict[str, list[float]] = {}
             for name in names[r % len(names):] + names[:r % len(names)]:  # each configuration goes first in turn
                 s = servers[name]
-                _collect_now(s)
-                before, gc_before = _thread_cpu(s), _gc(s)
+                gc_before = _collect_now(s)
+                before = _thread_cpu(s)
                 mark = other.mark()
                 got[name] = asyncio.run(submit_all(s, N_PROMPTS, 0.0, f"{r}-{uuid.uuid4().hex[:6]}"))
                 worst = max(worst, other.since(mark))

@@ -61,6 +61,10 @@ class SharedCollector:
                 self.skipped += 1
                 return 0
             self._last_run = now
+        return self.run(generation)
+
+    def run(self, generation: int = 2) -> int:
+        """Collect now, counted in ``stats``."""
         started = time.perf_counter()
         try:
             return self._collect(generation)
