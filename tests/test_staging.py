@@ -221,6 +221,10 @@ class BlockingJournal(Journal):
         assert self.release.wait(30)
         super().accepted_rows(rows, keep_existing)
 
+    def write_batch(self, rows, starts, finishes, evicted=()) -> None:  # type: ignore[no-untyped-def]
+        assert self.release.wait(30)
+        super().write_batch(rows, starts, finishes, evicted)
+
 
 def history(journal: Journal) -> list[str]:
     return [r[0] for r in journal.conn.execute("SELECT prompt_id FROM history ORDER BY seq")]
@@ -269,6 +273,32 @@ def test_a_prompt_id_used_again_keeps_its_order_within_one_batch(tmp_path: Path)
     journal.release.set()
     assert writer.flush()
     assert [(p.prompt_id, p.route) for p in journal.unfinished()] == [("same", "1")] and history(journal) == ["same"]
+
+
+def test_a_batch_of_any_size_is_one_statement_in_the_order_it_happened(tmp_path: Path) -> None:
+    """Every statement gives the GIL up and takes it back behind busy threads, so the thread writes a whole batch
+    (here 300 accepts, 300 starts, 150 history entries, past the 100 rows a statement took before) as one."""
+    journal = BlockingJournal(tmp_path / "queue.sqlite3")
+    writer = JournalWriter(journal, None, recovery.open_staging(journal, "NORMAL"))
+    placed: list[bool] = []
+    for n in range(300):
+        writer.accept(str(n % 3), item(n), placed.append)
+        writer.started(f"p{n}", n % 3)
+    for n in range(0, 300, 2):
+        writer.finished(f"p{n}", {"prompt": list(item(n)), "outputs": {"1": {"n": [n]}}, "status": None}, [])
+    statements: list[str] = []
+    journal.conn.set_trace_callback(statements.append)
+    journal.release.set()
+    assert writer.flush()
+    journal.conn.set_trace_callback(None)
+    # The trace repeats a statement for each row its triggers handle.
+    assert len(set(statements)) == 1 and statements[0].startswith("INSERT INTO staged") and placed == [True] * 300
+    left = journal.unfinished()
+    assert [(p.prompt_id, p.route, p.state, p.device) for p in left] == [
+        (f"p{n}", str(n % 3), RUNNING, n % 3) for n in range(1, 300, 2)]
+    assert left[0].item[2] == item(1)[2] and "secret" not in json.dumps([p.item for p in left])
+    assert history(journal) == [f"p{n}" for n in range(0, 300, 2)]
+    assert journal.history_entry("p298")["outputs"] == {"1": {"n": [298]}}
 
 
 def test_a_history_entry_that_does_not_fit_is_written_before_the_worker_goes_on(tmp_path: Path) -> None:

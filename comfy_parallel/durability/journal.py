@@ -68,6 +68,9 @@ RUNNING = "running"  # a worker took it; still RUNNING at the next start means t
 
 _PROMPT_COLUMNS = "(prompt_id, route, number, state, crashes, item, dropped_keys, accepted_at)"
 _PROMPT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?)"
+# Journal.write_batch: one row of the ``staged`` view per element of a JSON array, in the array's order.
+_BATCH_SQL = ("INSERT INTO staged SELECT " + ", ".join(f"json_extract(value, '$[{i}]')" for i in range(7))
+              + " FROM json_each(?) ORDER BY key")
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,7 @@ class Journal:
         self._evicting = threading.Lock()  # guards _evicted alone, never held during I/O
         self._evicted: set[str] = set()  # evicted history entries not deleted yet (see ``finished``)
         self._create()
+        self._create_batch_view()
 
     def _create(self) -> None:
         with self.lock, self._transaction():
@@ -251,6 +255,28 @@ class Journal:
                      for pid, gpu, route, item, dropped, saved in rows])
                 self.conn.execute("DROP TABLE prompts_drained")
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _create_batch_view(self) -> None:
+        """This connection's ``staged`` view (``write_batch``): each row inserted into it becomes, by its kind, an
+        accepted prompt's row, a start, or a history entry (whose ``finished`` trigger ends the prompt's row).
+        TEMP: nothing of it is in the file, so it needs no schema version."""
+        try:
+            self.conn.execute("SELECT count(*) FROM json_each('[1]')").fetchone()
+        except sqlite3.OperationalError as err:
+            raise RuntimeError(f"SQLite {sqlite3.sqlite_version} has no JSON functions (json_each), which the "
+                               f"write-ahead store needs; use a Python built with SQLite 3.38 or later (or one with "
+                               f"JSON1), or run with --no-persist") from err
+        self.conn.execute("CREATE TEMP VIEW IF NOT EXISTS staged (kind, prompt_id, a, b, c, d, e) AS"
+                          " SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE 0")
+        self.conn.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS staged_accept INSTEAD OF INSERT ON staged"
+                          f" WHEN NEW.kind = {ACCEPT} BEGIN INSERT OR REPLACE INTO prompts {_PROMPT_COLUMNS}"
+                          f" VALUES (NEW.prompt_id, NEW.a, NEW.b, '{QUEUED}', 0, NEW.c, NEW.d, NEW.e); END")
+        self.conn.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS staged_start INSTEAD OF INSERT ON staged"
+                          f" WHEN NEW.kind = {START} BEGIN UPDATE prompts SET state = '{RUNNING}', device = NEW.a"
+                          f" WHERE prompt_id = NEW.prompt_id; END")
+        self.conn.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS staged_finish INSTEAD OF INSERT ON staged"
+                          f" WHEN NEW.kind = {FINISH} BEGIN INSERT OR REPLACE INTO history (prompt_id, entry)"
+                          f" VALUES (NEW.prompt_id, NEW.a); END")
 
     def _transaction(self) -> "_Transaction":
         return _Transaction(self.conn)
@@ -322,16 +348,41 @@ class Journal:
         ``MAX_ROWS_PER_STATEMENT`` at a time, not one statement each; until then the store holds a few more than
         the limit, which ``history_ids`` trims at the next start.
         """
-        with self._evicting:
-            self._evicted.difference_update(prompt_id for prompt_id, _ in entries)
-            self._evicted.update(str(p) for p in evicted)
-            due = list(self._evicted) if len(self._evicted) >= MAX_ROWS_PER_STATEMENT else []
-            self._evicted.difference_update(due)
+        due = self._due_evictions([prompt_id for prompt_id, _ in entries], evicted)
         for start in range(0, len(entries), MAX_ROWS_PER_STATEMENT):
             chunk = entries[start:start + MAX_ROWS_PER_STATEMENT]
             values = ", ".join(["(?, ?)"] * len(chunk))
             self._write(f"INSERT OR REPLACE INTO history (prompt_id, entry) VALUES {values}",
                         [value for row in chunk for value in row])
+        if due:
+            self.forget_history(due)
+
+    def _due_evictions(self, finished: Iterable[str], evicted: Iterable[str]) -> list[str]:
+        """Evicted entries to delete now: none until ``MAX_ROWS_PER_STATEMENT`` have gathered (an entry written
+        again is not evicted)."""
+        with self._evicting:
+            self._evicted.difference_update(finished)
+            self._evicted.update(str(p) for p in evicted)
+            due = list(self._evicted) if len(self._evicted) >= MAX_ROWS_PER_STATEMENT else []
+            self._evicted.difference_update(due)
+        return due
+
+    def write_batch(self, rows: Sequence[tuple], starts: dict[str, int], finishes: Sequence[tuple[str, str]],
+                    evicted: Iterable[str] = ()) -> None:
+        """The journal thread's batch in one statement, whatever its size: ``prompt_row`` rows (replacing a row of
+        the same id), then starts (as ``started_many``), then history entries ``(prompt id, history_json)`` in the
+        order they finished (as ``finished_many``, evictions included).
+
+        Why one: the sqlite3 module gives up the GIL for every statement it prepares and steps, and taking it back
+        beside busy threads evicts whichever holds it, often the event loop (``journal_writer.py``). The batch goes
+        in as one JSON array through the ``staged`` view, so the SQL text never changes and is prepared once."""
+        ops: list[list[Any]] = [[ACCEPT, pid, route, number, item, dropped, accepted_at]
+                                for pid, route, number, _, _, item, dropped, accepted_at in rows]
+        ops.extend([START, pid, device] for pid, device in starts.items())
+        ops.extend([FINISH, pid, entry] for pid, entry in finishes)
+        due = self._due_evictions([pid for pid, _ in finishes], evicted)
+        if ops:
+            self._write(_BATCH_SQL, (dumps(ops).decode(),))
         if due:
             self.forget_history(due)
 

@@ -15,8 +15,9 @@ answers (``accept``); a worker records the prompt's start (``started``: a crash 
 history entry (``finished``, which also ends its row) the same way; deletions from the queue and from history
 (``forget``, ``forget_history``) too. This thread then writes what was staged to SQLite in order, in gathered
 batches: after its first entry it waits ``GATHER_S`` for more (or less, when someone waits for it or the log is
-filling), then writes one INSERT of accepted prompts, one UPDATE of starts and one INSERT of history entries, and
-marks them moved in the log. A prompt accepted and finished within one batch never gets a row at all.
+filling), then writes the accepted prompts, starts and history entries of the batch in one statement
+(``Journal.write_batch``), and marks them moved in the log. A prompt accepted and finished within one batch never
+gets a row at all.
 
 Without the staging log (``synchronous=FULL``, whose fsync the answer must wait for, or a record that does not
 fit) the writer waits for SQLite: an accepted prompt is queued only once it is stored, on the event loop with one
@@ -46,8 +47,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("comfy_parallel")
 
 Place = Callable[[bool], None]  # queues a stored prompt (True), or lets go of one that could not be stored (False)
-GATHER_S = 0.05  # how long the thread gathers staged records after its first one before it writes them
-MAX_BATCH = 10 * MAX_ROWS_PER_STATEMENT  # entries the thread writes at most in one go
+# How long the thread gathers staged records after its first one before it writes them: each batch costs it a
+# wake-up, the gathering wait and its statement, three takings of the GIL, whatever the batch's size.
+GATHER_S = 0.25
+MAX_BATCH = 4096  # entries the thread writes at most in one go (one JSON array of a few MB at most)
 STORED_WAIT_S = 30.0  # how long a worker waits for an unstaged history entry before it goes on anyway
 RETRY_DELAYS_S = (0.1, 0.5, 2.0)  # a failed write of staged records is tried again after these
 
@@ -263,9 +266,10 @@ class JournalWriter:
 
     # -- the thread -------------------------------------------------------------------------------------------
     def _run(self) -> None:
+        behind = False  # the last batch was full: write the next at once
         while True:
             entries = [self.inbox.get()]
-            if not self.urgent.is_set():
+            if not behind and not self.urgent.is_set():
                 self.urgent.wait(GATHER_S)
             self.urgent.clear()
             while len(entries) < MAX_BATCH:
@@ -273,6 +277,7 @@ class JournalWriter:
                     entries.append(self.inbox.get_nowait())
                 except Empty:
                     break
+            behind = len(entries) == MAX_BATCH
             try:
                 self._write(entries)
             except Exception:  # a bug here must not stop the thread: every later write would wait for it
@@ -334,13 +339,8 @@ class JournalWriter:
         not bring back a prompt that finished."""
         for delay in (*RETRY_DELAYS_S, None):
             try:
-                for start in range(0, len(rows), MAX_ROWS_PER_STATEMENT):
-                    self.journal.accepted_rows(rows[start:start + MAX_ROWS_PER_STATEMENT])
-                if starts:
-                    self.journal.started_many(starts)
-                if finishes:
-                    self.journal.finished_many([(f.prompt_id, f.entry) for f in finishes],
-                                               [p for f in finishes for p in f.evicted])
+                self.journal.write_batch(rows, starts, [(f.prompt_id, f.entry) for f in finishes],
+                                         [p for f in finishes for p in f.evicted])
                 break
             except Exception as err:
                 if delay is None:
