@@ -118,6 +118,17 @@ def test_records_already_in_sqlite_are_not_applied_again(tmp_path: Path) -> None
     assert [r.seq for r in StagingLog(path).left] == [4]
 
 
+def test_an_accept_applied_again_keeps_the_stored_row_and_its_crashes(tmp_path: Path) -> None:
+    """A death after SQLite has a record but before the log says so applies it again at the next start: a prompt
+    stored already keeps its row, so its crash count survives (else a poisonous prompt would crash-loop)."""
+    journal = Journal(tmp_path / "queue.sqlite3")
+    row = prompt_row("1", item(1), time.time())
+    journal.write_batch([row], {"p1": 1}, [])
+    assert journal.count_crash() == ["p1"]
+    journal.apply_staged([(ACCEPT, row), (ACCEPT, prompt_row("0", item(2), time.time()))])
+    assert [(p.prompt_id, p.route, p.crashes) for p in journal.unfinished()] == [("p1", "1", 1), ("p2", "0", 0)]
+
+
 def test_the_log_starts_over_once_everything_is_in_sqlite_and_refuses_what_does_not_fit(tmp_path: Path) -> None:
     log = StagingLog(tmp_path / "s", size=4096)
     stage(log, 0)
@@ -216,10 +227,6 @@ class BlockingJournal(Journal):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.release = threading.Event()
-
-    def accepted_rows(self, rows, keep_existing: bool = False) -> None:  # type: ignore[no-untyped-def]
-        assert self.release.wait(30)
-        super().accepted_rows(rows, keep_existing)
 
     def write_batch(self, rows, starts, finishes, evicted=()) -> None:  # type: ignore[no-untyped-def]
         assert self.release.wait(30)

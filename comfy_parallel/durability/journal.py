@@ -61,16 +61,28 @@ SENSITIVE_EXTRA_DATA_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
 # converted on open.
 SCHEMA_VERSION = 3
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
-MAX_ROWS_PER_STATEMENT = 100  # prompts (8 parameters each) or ids per statement: under SQLite's oldest limit, 999
+MAX_ROWS_PER_STATEMENT = 100  # ids per DELETE or UPDATE statement: under SQLite's oldest limit of 999 parameters
 
 QUEUED = "queued"
 RUNNING = "running"  # a worker took it; still RUNNING at the next start means the process died while it ran
 
 _PROMPT_COLUMNS = "(prompt_id, route, number, state, crashes, item, dropped_keys, accepted_at)"
 _PROMPT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?)"
-# Journal.write_batch: one row of the ``staged`` view per element of a JSON array, in the array's order.
+# Journal.write_batch: one row of the ``staged`` view per element of a JSON array (``_batch_json``), in order.
 _BATCH_SQL = ("INSERT INTO staged SELECT " + ", ".join(f"json_extract(value, '$[{i}]')" for i in range(7))
               + " FROM json_each(?) ORDER BY key")
+_ACCEPT_AGAIN = 0  # a kind of the ``staged`` view alone: an accept applied again at a start keeps a stored row
+
+
+def _batch_json(rows: Sequence[tuple], starts: dict[str, int], finishes: Sequence[tuple[str, str]],
+                keep_existing: bool = False) -> str:
+    """The rows of the ``staged`` view, as ``_BATCH_SQL`` reads them."""
+    accept = _ACCEPT_AGAIN if keep_existing else ACCEPT
+    ops: list[list[Any]] = [[accept, pid, route, number, item, dropped, accepted_at]
+                            for pid, route, number, _, _, item, dropped, accepted_at in rows]
+    ops.extend([START, pid, device] for pid, device in starts.items())
+    ops.extend([FINISH, pid, entry] for pid, entry in finishes)
+    return dumps(ops).decode()
 
 
 @dataclass(frozen=True)
@@ -219,7 +231,6 @@ class Journal:
         self.conn.execute("PRAGMA locking_mode=EXCLUSIVE")
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        self._insert_sql: dict[tuple[int, str], str] = {}
         self._evicting = threading.Lock()  # guards _evicted alone, never held during I/O
         self._evicted: set[str] = set()  # evicted history entries not deleted yet (see ``finished``)
         self._create()
@@ -258,8 +269,9 @@ class Journal:
 
     def _create_batch_view(self) -> None:
         """This connection's ``staged`` view (``write_batch``): each row inserted into it becomes, by its kind, an
-        accepted prompt's row, a start, or a history entry (whose ``finished`` trigger ends the prompt's row).
-        TEMP: nothing of it is in the file, so it needs no schema version."""
+        accepted prompt's row, a start, or a history entry (whose ``finished`` trigger ends the prompt's row), so
+        each of these writes is spelled once, here. TEMP: nothing of it is in the file, so it needs no schema
+        version."""
         try:
             self.conn.execute("SELECT count(*) FROM json_each('[1]')").fetchone()
         except sqlite3.OperationalError as err:
@@ -270,6 +282,9 @@ class Journal:
                           " SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE 0")
         self.conn.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS staged_accept INSTEAD OF INSERT ON staged"
                           f" WHEN NEW.kind = {ACCEPT} BEGIN INSERT OR REPLACE INTO prompts {_PROMPT_COLUMNS}"
+                          f" VALUES (NEW.prompt_id, NEW.a, NEW.b, '{QUEUED}', 0, NEW.c, NEW.d, NEW.e); END")
+        self.conn.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS staged_accept_again INSTEAD OF INSERT ON staged"
+                          f" WHEN NEW.kind = {_ACCEPT_AGAIN} BEGIN INSERT OR IGNORE INTO prompts {_PROMPT_COLUMNS}"
                           f" VALUES (NEW.prompt_id, NEW.a, NEW.b, '{QUEUED}', 0, NEW.c, NEW.d, NEW.e); END")
         self.conn.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS staged_start INSTEAD OF INSERT ON staged"
                           f" WHEN NEW.kind = {START} BEGIN UPDATE prompts SET state = '{RUNNING}', device = NEW.a"
@@ -295,40 +310,13 @@ class Journal:
         self.accepted_many([(route, item)])
 
     def accepted_many(self, prompts: list[tuple[str, tuple]]) -> None:
-        """Write up to ``MAX_ROWS_PER_STATEMENT`` prompts as queued in one statement, all or none
-        (``journal_writer.py``'s batches)."""
+        """Write prompts as queued in one statement, all or none (``journal_writer.py``'s batches)."""
         now = time.time()
-        self.accepted_rows([prompt_row(route, item, now) for route, item in prompts])
-
-    def accepted_rows(self, rows: Sequence[tuple], keep_existing: bool = False) -> None:
-        """Write up to ``MAX_ROWS_PER_STATEMENT`` rows of ``prompt_row`` in one statement; ``keep_existing``: a
-        prompt already stored keeps its row (the staging log's records applied again at a start)."""
-        if len(rows) > MAX_ROWS_PER_STATEMENT:
-            raise ValueError(f"{len(rows)} prompts in one statement; at most {MAX_ROWS_PER_STATEMENT}")
-        if rows:
-            self._write(self._insert(len(rows), "IGNORE" if keep_existing else "REPLACE"),
-                        [value for row in rows for value in row])
-
-    def _insert(self, rows: int, conflict: str) -> str:
-        sql = self._insert_sql.get((rows, conflict))
-        if sql is None:
-            sql = f"INSERT OR {conflict} INTO prompts {_PROMPT_COLUMNS} VALUES " + ", ".join([_PROMPT_ROW] * rows)
-            self._insert_sql[(rows, conflict)] = sql
-        return sql
+        self.write_batch([prompt_row(route, item, now) for route, item in prompts], {}, [])
 
     def started(self, prompt_id: str, device: int) -> None:
-        self.started_many({prompt_id: device})
-
-    def started_many(self, devices: dict[str, int]) -> None:
-        """Running, each on its device: one statement per ``MAX_ROWS_PER_STATEMENT`` prompts (the journal writer's
-        batches of staged starts); a prompt no longer stored (it finished already) is left alone."""
-        ids = list(devices)
-        for start in range(0, len(ids), MAX_ROWS_PER_STATEMENT):
-            chunk = ids[start:start + MAX_ROWS_PER_STATEMENT]
-            cases = " ".join(["WHEN ? THEN ?"] * len(chunk))
-            self._write(f"UPDATE prompts SET state = ?, device = CASE prompt_id {cases} END"
-                        f" WHERE prompt_id IN ({', '.join('?' * len(chunk))})",
-                        [RUNNING, *(v for pid in chunk for v in (pid, devices[pid])), *chunk])
+        """Running on ``device``; a prompt no longer stored (it finished already) is left alone."""
+        self.write_batch([], {prompt_id: device}, [])
 
     def requeued(self, prompt_ids: Iterable[str]) -> None:
         """Back to queued without counting a crash: prompts a drain cut off, or a retry after out of memory."""
@@ -338,22 +326,25 @@ class Journal:
 
     def finished(self, prompt_id: str, entry: dict, evicted: Iterable[str] = ()) -> None:
         """The history entry is written and the prompt leaves the queue (the ``finished`` trigger), one statement."""
-        self.finished_many([(prompt_id, history_json(entry))], evicted)
+        self.write_batch([], {}, [(prompt_id, history_json(entry))], evicted)
 
-    def finished_many(self, entries: Sequence[tuple[str, str]], evicted: Iterable[str] = ()) -> None:
-        """History entries ``(prompt id, history_json)`` in the order they finished, ``MAX_ROWS_PER_STATEMENT`` a
-        statement; each also ends its prompt's row (the ``finished`` trigger).
+    def write_batch(self, rows: Sequence[tuple], starts: dict[str, int], finishes: Sequence[tuple[str, str]],
+                    evicted: Iterable[str] = ()) -> None:
+        """Accepted prompts (``prompt_row`` rows, replacing a row of the same id), then starts, then history
+        entries ``(prompt id, history_json)`` in the order they finished, each ending its prompt's row: one
+        statement whatever their number, all or none. Every write of these goes through here.
+
+        Why one: the sqlite3 module gives up the GIL for every statement it prepares and steps, and taking it back
+        beside busy threads evicts whichever holds it, often the event loop (``journal_writer.py``). The batch goes
+        in as one JSON array through the ``staged`` view, so the SQL text never changes and is prepared once.
 
         The ``evicted`` entries (beyond ComfyUI's history limit: one per prompt once it is reached) are deleted
         ``MAX_ROWS_PER_STATEMENT`` at a time, not one statement each; until then the store holds a few more than
         the limit, which ``history_ids`` trims at the next start.
         """
-        due = self._due_evictions([prompt_id for prompt_id, _ in entries], evicted)
-        for start in range(0, len(entries), MAX_ROWS_PER_STATEMENT):
-            chunk = entries[start:start + MAX_ROWS_PER_STATEMENT]
-            values = ", ".join(["(?, ?)"] * len(chunk))
-            self._write(f"INSERT OR REPLACE INTO history (prompt_id, entry) VALUES {values}",
-                        [value for row in chunk for value in row])
+        due = self._due_evictions([pid for pid, _ in finishes], evicted)
+        if rows or starts or finishes:
+            self._write(_BATCH_SQL, (_batch_json(rows, starts, finishes),))
         if due:
             self.forget_history(due)
 
@@ -366,25 +357,6 @@ class Journal:
             due = list(self._evicted) if len(self._evicted) >= MAX_ROWS_PER_STATEMENT else []
             self._evicted.difference_update(due)
         return due
-
-    def write_batch(self, rows: Sequence[tuple], starts: dict[str, int], finishes: Sequence[tuple[str, str]],
-                    evicted: Iterable[str] = ()) -> None:
-        """The journal thread's batch in one statement, whatever its size: ``prompt_row`` rows (replacing a row of
-        the same id), then starts (as ``started_many``), then history entries ``(prompt id, history_json)`` in the
-        order they finished (as ``finished_many``, evictions included).
-
-        Why one: the sqlite3 module gives up the GIL for every statement it prepares and steps, and taking it back
-        beside busy threads evicts whichever holds it, often the event loop (``journal_writer.py``). The batch goes
-        in as one JSON array through the ``staged`` view, so the SQL text never changes and is prepared once."""
-        ops: list[list[Any]] = [[ACCEPT, pid, route, number, item, dropped, accepted_at]
-                                for pid, route, number, _, _, item, dropped, accepted_at in rows]
-        ops.extend([START, pid, device] for pid, device in starts.items())
-        ops.extend([FINISH, pid, entry] for pid, entry in finishes)
-        due = self._due_evictions([pid for pid, _ in finishes], evicted)
-        if ops:
-            self._write(_BATCH_SQL, (dumps(ops).decode(),))
-        if due:
-            self.forget_history(due)
 
     def forget_prompts(self, prompt_ids: Iterable[str]) -> None:
         """Queued prompts a client deleted (``POST /queue``): they will never run."""
@@ -408,15 +380,13 @@ class Journal:
         with self.lock, self._transaction():
             for kind, value in operations:
                 if kind == ACCEPT:
-                    self.conn.execute(self._insert(1, "IGNORE"), value)
+                    self.conn.execute(_BATCH_SQL, (_batch_json([value], {}, [], keep_existing=True),))
                 elif kind == START:
                     prompt_id, device = value
-                    self.conn.execute("UPDATE prompts SET state = ?, device = ? WHERE prompt_id = ?",
-                                      (RUNNING, device, prompt_id))
+                    self.conn.execute(_BATCH_SQL, (_batch_json([], {prompt_id: device}, []),))
                 elif kind == FINISH:
                     prompt_id, entry, evicted = value
-                    self.conn.execute("INSERT OR REPLACE INTO history (prompt_id, entry) VALUES (?, ?)",
-                                      (prompt_id, entry))
+                    self.conn.execute(_BATCH_SQL, (_batch_json([], {}, [(prompt_id, entry)]),))
                     self._delete("history", evicted)
                 elif kind == FORGET_HISTORY:
                     if value is None:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, Callable, Union
 
-from .journal import MAX_ROWS_PER_STATEMENT, dumps, encode_item, finish_bytes, history_json, prompt_row, row_bytes
+from .journal import dumps, encode_item, finish_bytes, history_json, prompt_row, row_bytes
 from .staging import ACCEPT, FINISH, FORGET, FORGET_HISTORY, START
 
 if TYPE_CHECKING:
@@ -199,7 +199,7 @@ class JournalWriter:
         history limit. Staged, or written before this returns; raises if it cannot be encoded or written."""
         encoded = history_json(entry)
         if self.staging is None:  # its row was written before it was queued
-            self.journal.finished_many([(prompt_id, encoded)], evicted)
+            self.journal.write_batch([], {}, [(prompt_id, encoded)], evicted)
             return
         if self._stage(FINISH, finish_bytes(prompt_id, encoded, evicted),
                        lambda seq: _Finished(seq, prompt_id, encoded, evicted)):
@@ -261,8 +261,7 @@ class JournalWriter:
 
     def _commit_loop_batch(self) -> None:
         batch, self.loop_batch = self.loop_batch, []
-        for start in range(0, len(batch), MAX_ROWS_PER_STATEMENT):
-            self._accept_statement(batch[start:start + MAX_ROWS_PER_STATEMENT])
+        self._accept_statement(batch)
 
     # -- the thread -------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -284,9 +283,9 @@ class JournalWriter:
                 log.exception("comfy-parallel: the journal thread failed on %d entries", len(entries))
 
     def _write(self, entries: list[_Entry]) -> None:
-        """In order: staged accepts, starts and history entries gather into one statement each (a prompt
-        accepted and finished in the gathering gets no row), prompts put from other threads without the staging
-        log into INSERTs of their own; everything else waits until those are written."""
+        """In order: staged accepts, starts and history entries gather into one statement (a prompt accepted and
+        finished in the gathering gets no row), prompts put from other threads without the staging log into one
+        of their own; everything else waits until those are written."""
         rows: dict[str, _Staged] = {}
         starts: dict[str, int] = {}
         finishes: list[_Finished] = []
@@ -299,8 +298,8 @@ class JournalWriter:
             if rows or starts or finishes:
                 self._store_staged([e.row for pid, e in rows.items() if pid not in ended],
                                    {pid: d for pid, d in starts.items() if pid not in ended}, finishes, seq)
-            for start in range(0, len(accepts), MAX_ROWS_PER_STATEMENT):
-                self._accept_statement(accepts[start:start + MAX_ROWS_PER_STATEMENT])
+            if accepts:
+                self._accept_statement(accepts)
             rows, starts, finishes, ended, accepts = {}, {}, [], set(), []
 
         for entry in entries:
