@@ -7,18 +7,16 @@ import time
 import uuid
 
 from harness import Server, record_of, sleep_prompt
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def metric(server: Server, name: str, **labels: str) -> float:
-    text = server.get("/metrics").body.decode()
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        m = re.match(r"^([a-zA-Z_:]+)(?:\{([^}]*)\})? (\S+)$", line)
-        if m and m.group(1) == name and ",".join(sorted((m.group(2) or "").split(","))) == want:
-            return float(m.group(3))
-    raise AssertionError(f"{name}{{{want}}} not in /metrics")
+    """One sample of ``/metrics``, read with prometheus_client's own parser."""
+    for family in text_string_to_metric_families(server.get("/metrics").body.decode()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    raise AssertionError(f"{name}{labels} not in /metrics")
 
 
 def oom_prompt(times: int) -> dict:
