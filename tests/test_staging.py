@@ -129,6 +129,17 @@ def test_an_accept_applied_again_keeps_the_stored_row_and_its_crashes(tmp_path: 
     assert [(p.prompt_id, p.route, p.crashes) for p in journal.unfinished()] == [("p1", "1", 1), ("p2", "0", 0)]
 
 
+def test_a_batch_holding_an_infinite_queue_number_is_written_whole(tmp_path: Path) -> None:
+    """JSON has no infinity and a batch is one statement, all or none: a client's ``"number": 1e999`` must not
+    fail the batch, and the prompt comes back with a number ComfyUI's queue can compare, behind the others."""
+    journal = Journal(tmp_path / "queue.sqlite3")
+    huge = (float("inf"), *item(2)[1:])
+    journal.write_batch([prompt_row("0", huge, time.time()), prompt_row("0", item(1), time.time())], {}, [])
+    stored = journal.unfinished()
+    assert [p.prompt_id for p in stored] == ["p1", "p2"] and stored[0].item[0] == 1
+    assert stored[1].item[0] == sys.float_info.max
+
+
 def test_the_log_starts_over_once_everything_is_in_sqlite_and_refuses_what_does_not_fit(tmp_path: Path) -> None:
     log = StagingLog(tmp_path / "s", size=4096)
     stage(log, 0)

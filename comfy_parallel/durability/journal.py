@@ -39,6 +39,7 @@ import contextlib
 import json
 import math
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -202,11 +203,21 @@ def finish_from_bytes(data: bytes) -> tuple[str, str, list[str]]:
 
 
 def _number_key(number: Any) -> float:
+    """The queue position as the store orders by: finite (JSON has no infinity, and ``write_batch`` goes through
+    JSON; a client can send ``"number": 1e999``), NaN as 0."""
     try:
         value = float(number)
     except (TypeError, ValueError):
         return 0.0
-    return value if not math.isnan(value) else 0.0
+    if math.isnan(value):
+        return 0.0
+    return max(-sys.float_info.max, min(sys.float_info.max, value))
+
+
+def _with_number(item: list, number: float) -> tuple:
+    """A stored item as a tuple; a number JSON could not hold (infinite: orjson wrote null) is the stored key,
+    since ComfyUI's queue compares numbers."""
+    return tuple(item) if item[0] is not None else (number, *item[1:])
 
 
 class Journal:
@@ -403,10 +414,11 @@ class Journal:
     def unfinished(self) -> list[StoredPrompt]:
         """Every prompt in the store, in queue order: number, then prompt id (the order of ComfyUI's heap)."""
         with self.lock:
-            rows = self.conn.execute("SELECT route, state, crashes, item, dropped_keys, device FROM prompts"
+            rows = self.conn.execute("SELECT route, state, crashes, item, dropped_keys, device, number FROM prompts"
                                      " ORDER BY number, prompt_id").fetchall()
-        return [StoredPrompt(route, tuple(json.loads(item)), state, crashes, tuple(json.loads(dropped)), device)
-                for route, state, crashes, item, dropped, device in rows]
+        return [StoredPrompt(route, _with_number(json.loads(item), number), state, crashes,
+                             tuple(json.loads(dropped)), device)
+                for route, state, crashes, item, dropped, device, number in rows]
 
     def count_crash(self) -> list[str]:
         """The server died while the prompts still marked running ran: one more crash each, and queued again;
