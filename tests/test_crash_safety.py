@@ -146,6 +146,35 @@ def test_store_is_one_process_own(tmp_path: Path) -> None:
     assert [p.prompt_id for p in open_journal(tmp_path / "queue.sqlite3").unfinished()] == ["p"]
 
 
+def test_a_sqlite_without_json_functions_is_refused_and_the_store_left_alone(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store writes its batches through SQLite's JSON functions. A Python whose SQLite lacks them (here: denied
+    by an authorizer) gets an error that says so, and the store file is not moved aside as if it were unreadable."""
+    import sqlite3
+
+    from comfy_parallel.durability.journal import StoreUnsupported
+    from comfy_parallel.durability.recovery import open_journal
+
+    path = tmp_path / "queue.sqlite3"
+    stored = Journal(path)
+    stored.accepted("0", (1, "p", {}, {}, [], {}))
+    stored.close()
+    connect = sqlite3.connect
+
+    def without_json(*args, **kwargs):  # type: ignore[no-untyped-def]
+        conn = connect(*args, **kwargs)
+        conn.set_authorizer(lambda action, _a, name, _db, _t: sqlite3.SQLITE_DENY
+                            if action == sqlite3.SQLITE_FUNCTION and name.startswith("json") else sqlite3.SQLITE_OK)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", without_json)
+    with pytest.raises(StoreUnsupported, match="no JSON functions.*--no-persist"):
+        open_journal(path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["queue.sqlite3"]
+    assert [p.prompt_id for p in open_journal(path).unfinished()] == ["p"]
+
+
 def test_history_of_earlier_runs_answers_by_id_while_the_listing_starts_empty(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The one rule for every start (crash or clean stop): /history/{id} finds what finished before it; the

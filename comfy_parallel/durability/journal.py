@@ -214,6 +214,21 @@ def _number_key(number: Any) -> float:
     return max(-sys.float_info.max, min(sys.float_info.max, value))
 
 
+class StoreUnsupported(RuntimeError):
+    """This Python's SQLite lacks what the store needs; the store file itself is fine."""
+
+
+def check_sqlite() -> None:
+    """Raise ``StoreUnsupported`` unless SQLite has the JSON functions ``Journal.write_batch`` uses."""
+    try:
+        with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+            conn.execute("SELECT json_extract(value, '$[0]') FROM json_each('[[1]]')").fetchall()
+    except sqlite3.OperationalError as err:
+        raise StoreUnsupported(f"SQLite {sqlite3.sqlite_version} has no JSON functions ({err}), which the "
+                               "write-ahead store needs: use a Python whose SQLite is 3.38 or later (or built with "
+                               "JSON1), or run without the store (--no-persist)") from err
+
+
 def _with_number(item: list, number: float) -> tuple:
     """A stored item as a tuple; a number JSON could not hold (infinite: orjson wrote null) is the stored key,
     since ComfyUI's queue compares numbers."""
@@ -231,6 +246,7 @@ class Journal:
     def __init__(self, path: Path | str, synchronous: str = "NORMAL") -> None:
         if synchronous.upper() not in SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous={synchronous!r}; use one of {', '.join(SYNCHRONOUS_MODES)}")
+        check_sqlite()
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Only where SQLite does not serialize a shared connection itself do statements take a lock of ours.
@@ -283,12 +299,6 @@ class Journal:
         accepted prompt's row, a start, or a history entry (whose ``finished`` trigger ends the prompt's row), so
         each of these writes is spelled once, here. TEMP: nothing of it is in the file, so it needs no schema
         version."""
-        try:
-            self.conn.execute("SELECT count(*) FROM json_each('[1]')").fetchone()
-        except sqlite3.OperationalError as err:
-            raise RuntimeError(f"SQLite {sqlite3.sqlite_version} has no JSON functions (json_each), which the "
-                               f"write-ahead store needs; use a Python built with SQLite 3.38 or later (or one with "
-                               f"JSON1), or run with --no-persist") from err
         self.conn.execute("CREATE TEMP VIEW IF NOT EXISTS staged (kind, prompt_id, a, b, c, d, e) AS"
                           " SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE 0")
         self.conn.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS staged_accept INSTEAD OF INSERT ON staged"

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..scheduling.queues import MAXIMUM_HISTORY_SIZE
-from .journal import RUNNING, Journal, StoredPrompt, as_queue_item, finish_from_bytes, row_from_bytes
+from .journal import (RUNNING, Journal, StoredPrompt, StoreUnsupported, as_queue_item, finish_from_bytes,
+                      row_from_bytes)
 from .staging import ACCEPT, FINISH, FORGET, FORGET_HISTORY, START, StagingLog
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ def open_journal(path: Path, synchronous: str = "NORMAL") -> Journal:
                                "server on the same user directory?); give each server its own --persist-path, or "
                                "stop the other one") from err
         return _move_aside(path, synchronous, err)
+    except StoreUnsupported:  # this Python's fault, not the file's: keep it where it is
+        raise
     except Exception as err:
         return _move_aside(path, synchronous, err)
 
