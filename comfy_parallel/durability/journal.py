@@ -238,9 +238,9 @@ def _with_number(item: list, number: float) -> tuple:
 class Journal:
     """One SQLite file in WAL mode, one connection shared by the HTTP thread and the workers.
 
-    Every method has committed when it returns; the answer to ``POST /prompt`` waits for the commit that holds the
-    prompt (``journal_writer.py``). Each write is one statement, atomic on its own; the few steps that take several
-    (opening, ``history_ids``, ``count_crash``) run at start, before anything else writes.
+    Every method has committed when it returns (who calls which, and who waits for it: ``journal_writer.py``).
+    Each write is one statement, atomic on its own; the few steps that take several (opening, ``apply_staged``,
+    ``history_ids``, ``count_crash``) run at start, before anything else writes.
     """
 
     def __init__(self, path: Path | str, synchronous: str = "NORMAL") -> None:
