@@ -199,7 +199,8 @@ for attr in ("model_options", "load_device", "offload_device"):
     log("patcher", attr, repr(getattr(stock[0], attr))[:200], "|", repr(getattr(view[0], attr))[:200])
 for attr in ("manual_cast_dtype", "memory_usage_factor", "device"):
     log("basemodel", attr, getattr(stock[0].model, attr, "<none>"), "|", getattr(view[0].model, attr, "<none>"))
-log("model_config dicts equal keys", sorted(set(vars(stock[0].model.model_config)) ^ set(vars(view[0].model.model_config))))
+log("model_config dicts equal keys",
+    sorted(set(vars(stock[0].model.model_config)) ^ set(vars(view[0].model.model_config))))
 lat = 8 * 0 + SIZE // 8
 direct(stock[0], view[0], "stock vs view", [(1, 4, lat, lat), (2, 4, lat, lat), (2, 4, lat, lat // 2)])
 for p in reversed(patches):

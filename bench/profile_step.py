@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections import Counter, defaultdict
+from collections import Counter
 
 P = argparse.ArgumentParser()
 P.add_argument("--comfyui", required=True)
@@ -252,7 +252,8 @@ def analyze(prof, marks, nsteps, my_syncs_per_step=0):
     memcpy = Counter(e.name for e in dev if e.name.startswith("Memcpy"))
     aten_all = sum(c for n, c in cnt.items() if n.startswith("aten::"))
     # top-level aten ops = direct children of our marks
-    top_ops = [e for e in cpu if e.cpu_parent is not None and e.cpu_parent.name in marks and e.name.startswith("aten::")]
+    top_ops = [e for e in cpu
+               if e.cpu_parent is not None and e.cpu_parent.name in marks and e.name.startswith("aten::")]
     sync_calls = {n: c for n, c in cnt.items() if "Synchronize" in n}
     if my_syncs_per_step and "cudaDeviceSynchronize" in sync_calls:
         sync_calls["cudaDeviceSynchronize"] -= my_syncs_per_step * nsteps
@@ -307,9 +308,9 @@ def profile_sampler(ctx, steps, label, tables):
 def diff_profiles(a, b, dsteps):
     """Per-step values from two sampler profiles (b has dsteps more steps than a)."""
     out = {}
-    for key in ("profiled_cpu_ms_per_step", "profiled_host_ms_per_step", "aten_ops_per_step", "top_level_aten_ops_per_step",
-                "launch_cpu_ms_per_step", "gpu_kernels_per_step", "gpu_kernel_ms_per_step",
-                "local_scalar_dense_per_step", "item_per_step"):
+    for key in ("profiled_cpu_ms_per_step", "profiled_host_ms_per_step", "aten_ops_per_step",
+                "top_level_aten_ops_per_step", "launch_cpu_ms_per_step", "gpu_kernels_per_step",
+                "gpu_kernel_ms_per_step", "local_scalar_dense_per_step", "item_per_step"):
         out[key] = round((b[key] - a[key]) / dsteps, 3)
     for key in ("self_cpu_ms_per_step", "launch_calls_per_step", "memcpy_per_step", "sync_calls_per_step"):
         ks = set(a[key]) | set(b[key])
@@ -332,7 +333,8 @@ def sync_sites(fn):
             torch.cuda.set_sync_debug_mode(0)
     for x in w:
         msg = str(x.message).split("\n")[0][:80]
-        sites[f"{os.path.relpath(x.filename, A.comfyui) if x.filename.startswith(A.comfyui) else x.filename}:{x.lineno} {msg}"] += 1
+        where = os.path.relpath(x.filename, A.comfyui) if x.filename.startswith(A.comfyui) else x.filename
+        sites[f"{where}:{x.lineno} {msg}"] += 1
     return dict(sites.most_common(30))
 
 
@@ -380,7 +382,8 @@ def run_pyspy(target, ckpts, sizes):
     cmd = [sys.executable, SCRIPT, "--comfyui", A.comfyui, "--out", OUT, "--child", mode, "--child-ckpt", ckpts[wl],
            "--child-size", str(sizes[wl]), "--child-seconds", str(A.pyspy_seconds + 4)] + (["--cpu"] if A.cpu else [])
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    res = {"cmd": f"py-spy record --pid PID -r {A.pyspy_rate} -d {A.pyspy_seconds} -f raw -o {os.path.basename(outfile)}"}
+    res = {"cmd": f"py-spy record --pid PID -r {A.pyspy_rate} -d {A.pyspy_seconds} -f raw "
+                  f"-o {os.path.basename(outfile)}"}
     try:
         t0 = time.time()
         ready = None
@@ -444,7 +447,8 @@ A_STEPS = [int(x) for x in A.prof_sampler.split(",")]
 
 
 def setup(label, ckpt, size):
-    r = {"label": label, "ckpt": os.path.basename(ckpt), "image": f"{size}x{size}", "latent": f"{size // 8}x{size // 8}"}
+    r = {"label": label, "ckpt": os.path.basename(ckpt), "image": f"{size}x{size}",
+         "latent": f"{size // 8}x{size // 8}"}
     log(f"\n=== {label}: {r['ckpt']} {r['image']}")
     ctx = load(ckpt, size)
     r["load_s"] = round(ctx["load_s"], 2)
@@ -512,7 +516,8 @@ def phase_clean(st):
     smp = {}
     smp[f"long_{A.sampler_steps}_steps_ms"] = [round(x, 1) for x in time_sampler(ctx, A.sampler_steps, A.sampler_reps)]
     smp[f"short_{A.sampler_short}_steps_ms"] = [round(x, 1) for x in time_sampler(ctx, A.sampler_short, A.sampler_reps)]
-    tl, tsh = statistics.median(smp[f"long_{A.sampler_steps}_steps_ms"]), statistics.median(smp[f"short_{A.sampler_short}_steps_ms"])
+    tl = statistics.median(smp[f"long_{A.sampler_steps}_steps_ms"])
+    tsh = statistics.median(smp[f"short_{A.sampler_short}_steps_ms"])
     slope = (tl - tsh) / (A.sampler_steps - A.sampler_short)
     smp["ms_per_step_slope"] = round(slope, 3)
     smp["fixed_ms_per_run"] = round(tsh - slope * A.sampler_short, 3)
@@ -557,7 +562,10 @@ def phase_profile(st, tables):
     r, ctx, label = st["r"], st["ctx"], st["r"]["label"]
     ensure_loaded(st)
     r["profile_bare"] = profile_bare(st["fwd_inf"], A.prof_steps, label, tables)
-    log(f"  {label} profiler (bare): {json.dumps({x: r['profile_bare'][x] for x in ('profiled_cpu_ms_per_step', 'profiled_host_ms_per_step', 'aten_ops_per_step', 'top_level_aten_ops_per_step', 'self_cpu_ms_per_step', 'gpu_kernels_per_step', 'gpu_kernel_ms_per_step', 'launch_calls_per_step', 'sync_calls_per_step', 'memcpy_per_step', 'local_scalar_dense_per_step')})}")
+    shown = ("profiled_cpu_ms_per_step", "profiled_host_ms_per_step", "aten_ops_per_step",
+             "top_level_aten_ops_per_step", "self_cpu_ms_per_step", "gpu_kernels_per_step", "gpu_kernel_ms_per_step",
+             "launch_calls_per_step", "sync_calls_per_step", "memcpy_per_step", "local_scalar_dense_per_step")
+    log(f"  {label} profiler (bare): {json.dumps({x: r['profile_bare'][x] for x in shown})}")
     pa = profile_sampler(ctx, A_STEPS[0], label, tables)
     pb = profile_sampler(ctx, A_STEPS[1], label, tables)
     r["profile_sampler_per_step"] = diff_profiles(pa, pb, A_STEPS[1] - A_STEPS[0])
@@ -590,7 +598,8 @@ def fmt_table(results):
         p = r["profile_bare"]
         s = r["sampler"]
         sc = p["self_cpu_ms_per_step"]
-        nsync = sum(p["sync_calls_per_step"].values()) + sum(v for kk, v in p["memcpy_per_step"].items() if "DtoH" in kk)
+        nsync = (sum(p["sync_calls_per_step"].values())
+                 + sum(v for kk, v in p["memcpy_per_step"].items() if "DtoH" in kk))
         rows.append((r["label"], b["wall_ms"], b["host_ms"], b["gpu_event_ms"], b["pipelined_ms"],
                      g.get("wall_ms", g.get("error", "-")[:12] if g else "-"), g.get("host_ms", "-"),
                      p["gpu_kernels_per_step"], round(p["gpu_kernel_ms_per_step"], 2),
@@ -667,8 +676,8 @@ def main():
     dump({"pyspy": pys})
     log("\n=== summary (ms per UNet step, batch 2 = cond+uncond; wall/host/gpu_ev/pipe = bare forward under "
         "inference_mode; graph = CUDA graph replay; kern = GPU kernels from the profiler; py_gap/aten_self/launch = "
-        "profiled self CPU ms; syncs = sync calls + DtoH copies per step; smp = common_ksampler slope, fixed ms per run, "
-        "and slope minus bare pipelined; after: = bare wall and sampler ms/step re-timed after the profiler ran)")
+        "profiled self CPU ms; syncs = sync calls + DtoH copies per step; smp = common_ksampler slope, fixed ms per "
+        "run, and slope minus bare pipelined; after: = bare wall and sampler ms/step re-timed after the profiler ran)")
     log(fmt_table(results))
 
 

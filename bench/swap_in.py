@@ -263,7 +263,7 @@ def main() -> int:
         for p in reversed(patches):
             p.undo()
     mm.unload_all_models()
-    view = clip = vae = entry = store = None  # the RAM host copy goes before the page-cache one is built
+    del view, clip, vae, entry, store  # the RAM host copy goes before the page-cache one is built
     res["page_cache"] = page_cache_swap_in(comfy_bundle, path, nbytes, cycle)
     print(json.dumps(res, indent=2))
     (out / "swap_in.json").write_text(json.dumps(res, indent=2))

@@ -135,7 +135,8 @@ def test_workers_saving_under_one_prefix_never_overwrite_each_other(idle_multi: 
         images = s.wait_history(prompt_id)["outputs"]["2"]["images"]
         assert len(images) == 2
         for img in images:
-            assert img["filename"] not in owner, f"{img['filename']} given to {owner.get(img['filename'])} and {prompt_id}"
+            assert img["filename"] not in owner, (
+                f"{img['filename']} given to {owner.get(img['filename'])} and {prompt_id}")
             owner[img["filename"]] = prompt_id
             resp = s.get(f"/view?filename={img['filename']}&subfolder={img['subfolder']}&type={img['type']}")
             assert resp.status == 200

@@ -130,7 +130,8 @@ def test_launcher_does_not_import_torch_before_comfyui() -> None:
 
     code = ("import sys, comfy_parallel.cli, comfy_parallel.activation, comfy_parallel.dropin\n"
             "from comfy_parallel.cli import build_parser, serve_settings\n"
-            "serve_settings(build_parser().parse_args(['serve', '--devices', 'cpu,cpu', '--weights-ram-limit', '8G']))\n"
+            "serve_settings(build_parser().parse_args(\n"
+            "    ['serve', '--devices', 'cpu,cpu', '--weights-ram-limit', '8G']))\n"
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

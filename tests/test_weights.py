@@ -265,7 +265,8 @@ def _rss_file_kib() -> int:
 
 
 def test_page_cache_host_copy_uses_the_files_pages_and_drops_them_between_uses(tmp_path: Path) -> None:
-    """What --host-copy page-cache does with a module loaded the way ComfyUI loads one (safetensors, load_state_dict)."""
+    """What --host-copy page-cache does with a module loaded the way ComfyUI loads one (safetensors,
+    load_state_dict)."""
     import safetensors.torch
     from safetensors import safe_open
 
