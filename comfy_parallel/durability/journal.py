@@ -301,12 +301,12 @@ class Journal:
         version."""
         self.conn.execute("CREATE TEMP VIEW IF NOT EXISTS staged (kind, prompt_id, a, b, c, d, e) AS"
                           " SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE 0")
-        self.conn.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS staged_accept INSTEAD OF INSERT ON staged"
-                          f" WHEN NEW.kind = {ACCEPT} BEGIN INSERT OR REPLACE INTO prompts {_PROMPT_COLUMNS}"
-                          f" VALUES (NEW.prompt_id, NEW.a, NEW.b, '{QUEUED}', 0, NEW.c, NEW.d, NEW.e); END")
-        self.conn.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS staged_accept_again INSTEAD OF INSERT ON staged"
-                          f" WHEN NEW.kind = {_ACCEPT_AGAIN} BEGIN INSERT OR IGNORE INTO prompts {_PROMPT_COLUMNS}"
-                          f" VALUES (NEW.prompt_id, NEW.a, NEW.b, '{QUEUED}', 0, NEW.c, NEW.d, NEW.e); END")
+        # An accept replaces a row of the same id; one applied again at a start keeps it (and its crash count).
+        accepts = (("staged_accept", ACCEPT, "REPLACE"), ("staged_accept_again", _ACCEPT_AGAIN, "IGNORE"))
+        for name, kind, conflict in accepts:
+            self.conn.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS {name} INSTEAD OF INSERT ON staged"
+                              f" WHEN NEW.kind = {kind} BEGIN INSERT OR {conflict} INTO prompts {_PROMPT_COLUMNS}"
+                              f" VALUES (NEW.prompt_id, NEW.a, NEW.b, '{QUEUED}', 0, NEW.c, NEW.d, NEW.e); END")
         self.conn.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS staged_start INSTEAD OF INSERT ON staged"
                           f" WHEN NEW.kind = {START} BEGIN UPDATE prompts SET state = '{RUNNING}', device = NEW.a"
                           f" WHERE prompt_id = NEW.prompt_id; END")
