@@ -522,13 +522,14 @@ class DeviceQueue(_SharedHistoryAccess):
             if not reset:
                 return self.flags.copy()
             ret, self.flags = self.flags, {}
+        freeing = bool(ret.get("unload_models") or ret.get("free_memory"))
         ctx = worker_context.current()
         if ret and ctx is not None:
             # /free asked this device to release memory: let the next soft_empty_cache really empty it.
             ctx.allow_empty_cache = True
             # and its next full garbage collection run, not be skipped for another worker's (gc-once-per-interval)
-            ctx.collect_requested = bool(ret.get("unload_models") or ret.get("free_memory"))
-        if self.pool is not None and (ret.get("unload_models") or ret.get("free_memory")):
+            ctx.collect_requested = freeing
+        if self.pool is not None and freeing:
             with self.mutex:
                 self.pool.forget_worker(self.index)  # ComfyUI's loop now unloads models / resets its executor
         return ret
